@@ -1,0 +1,211 @@
+"""Checkpoints in the release's format, loaded and saved the same way by every script, on one process or many.
+
+A release directory holds config.json (InternVL-style: vision_config + llm_config), the weights as
+`model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json` (or one `model.safetensors`), and the
+tokenizer files. Loading builds the model on the meta device (no memory, no random init of 38B parameters),
+materialises it empty on the target device, then copies tensors in one at a time with `safe_open`, so host memory
+peaks near one tensor, not one model. Under FSDP2 (`shard`, see train.py) a parameter is a DTensor whose local
+part is a block of rows: each rank reads only those rows with `get_slice`.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from model import R1VConfig, SkyworkR1V
+
+INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "special_tokens_map.json", "generation_config.json")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def weight_map(ckpt_dir: str) -> dict:
+    """{tensor name: shard path} from the index, or from the single model.safetensors."""
+    index = os.path.join(ckpt_dir, INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            try:
+                names = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+        missing = sorted({s for s in names.values() if not os.path.isfile(os.path.join(ckpt_dir, s))})
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard(s) that are not in {ckpt_dir}: {missing}")
+        return {k: os.path.join(ckpt_dir, s) for k, s in names.items()}
+    single = os.path.join(ckpt_dir, "model.safetensors")
+    if os.path.isfile(single):
+        with _open(single) as f:
+            return {k: single for k in f.keys()}
+    raise FileNotFoundError(f"no {INDEX} and no model.safetensors in {ckpt_dir!r}")
+
+
+def _open(path: str):
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:  # truncated / corrupt header
+        raise ValueError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def check_keys(model: torch.nn.Module, names: dict, ckpt_dir: str):
+    """Strict loading: the checkpoint must hold exactly the model's parameters, with the right shapes.
+    Checked on headers only, before any tensor is read."""
+    params = dict(model.named_parameters())
+    missing, unexpected = sorted(params.keys() - names.keys()), sorted(names.keys() - params.keys())
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir}: checkpoint does not match the config: missing keys {missing[:20]}"
+                         f"{' ...' if len(missing) > 20 else ''} ({len(missing)}), unexpected keys "
+                         f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})")
+    for path in sorted(set(names.values())):
+        with _open(path) as f:
+            for name in f.keys():
+                shape = list(f.get_slice(name).get_shape())
+                if name in params and shape != list(params[name].shape):
+                    raise ValueError(f"{path}: tensor {name} has shape {shape}, the config needs "
+                                     f"{list(params[name].shape)}")
+
+
+def local_rows(param):
+    """(start, stop) rows of the full tensor that this rank holds: FSDP2 shards dim 0 like torch.chunk."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(param, DTensor):
+        return 0, param.shape[0] if param.dim() else None
+    n, world, rank = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
+    step = -(-n // world)
+    return min(rank * step, n), min((rank + 1) * step, n)
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, ckpt_dir: str):
+    """Fill every parameter of `model` (already materialised, possibly FSDP-sharded) from the shards."""
+    names = weight_map(ckpt_dir)
+    check_keys(model, names, ckpt_dir)
+    params = dict(model.named_parameters())
+    by_shard = {}
+    for name, path in names.items():
+        by_shard.setdefault(path, []).append(name)
+    for path, shard_names in by_shard.items():
+        with _open(path) as f:
+            for name in shard_names:
+                p = params[name]
+                local = p.to_local() if hasattr(p, "to_local") else p
+                start, stop = local_rows(p)
+                try:
+                    t = f.get_tensor(name) if start is None else f.get_slice(name)[start:stop]
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"{path}: cannot read tensor {name} ({e})") from None
+                local.copy_(t.to(local.dtype))
+
+
+def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu", shard=None) -> SkyworkR1V:
+    """Config -> model on meta -> (optional `shard(model)`, e.g. FSDP2) -> empty on device -> weights -> eval().
+    Any error raises before a model is returned, so nothing half-loaded escapes."""
+    config = R1VConfig.from_dir(ckpt_dir)
+    with torch.device("meta"):
+        model = SkyworkR1V(config)
+    model.to(dtype)
+    if shard is not None:
+        shard(model)
+    model.to_empty(device=device)
+    load_weights(model, ckpt_dir)
+    model.ckpt_dir = ckpt_dir  # save_pretrained copies the tokenizer files from here
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------- saving
+def config_dict(config: R1VConfig) -> dict:
+    """The release's config.json layout (InternVL chat config), so the output loads in the ecosystem too."""
+    from dataclasses import asdict
+    top = {k: v for k, v in asdict(config).items() if k not in ("vision", "llm", "img_context_token_id")}
+    vision = {**asdict(config.vision), "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b"}
+    llm = {**asdict(config.llm), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+           "hidden_act": "silu", "attention_dropout": 0.0, "use_sliding_window": False, "torch_dtype": "bfloat16"}
+    return {"architectures": ["SkyworkR1VChatModel"], "model_type": "skywork_chat", **top,
+            "vision_config": vision, "llm_config": llm, "torch_dtype": "bfloat16"}
+
+
+def save_state_dict(tensors, config: dict, out_dir: str, max_shard_bytes: int = 5 * 2**30, src_dir: str = None):
+    """Write an iterable of (name, tensor) as release-format shards + index + config.json (+ tokenizer files from
+    src_dir). The directory appears complete or not at all: written to a temp dir beside it, then renamed."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    shards, current, size = [], {}, 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t.detach().cpu().contiguous(), size + nbytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    with open(os.path.join(tmp, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in TOKENIZER_FILES if src_dir else ():
+        if os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copy(os.path.join(src_dir, name), tmp)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+
+
+def save_model(model: SkyworkR1V, out_dir: str, max_shard_bytes: int = 5 * 2**30, src_dir: str = None):
+    """save_pretrained: the model's tensors (gathered tensor by tensor when FSDP-sharded; only rank 0 writes)."""
+    import torch.distributed as dist
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+
+    def tensors():
+        for name, p in model.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p  # collective: every rank takes part
+            yield name, full.detach().cpu() if rank0 else None
+
+    src = src_dir or getattr(model, "ckpt_dir", None)
+    if rank0:  # keep the source's config.json verbatim (auto_map, template, ...) when there is one
+        src_config = os.path.join(src or "", "config.json")
+        config = json.load(open(src_config)) if src and os.path.isfile(src_config) else config_dict(model.config)
+        save_state_dict(tensors(), config, out_dir, max_shard_bytes, src)
+    else:
+        for _ in tensors():
+            pass
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------- tiny models
+def write_tiny_checkpoint(out_dir: str, config: str = "tiny", seed: int = 0, max_shard_bytes: int = 256 * 2**10) -> str:
+    """A random-weight checkpoint in the release format from tiny_configs/<config>.json, with a small BPE tokenizer
+    carrying the release's special tokens. Weights are non-trivial (norms, layer scales and biases away from their
+    init) so tests can tell a mis-loaded tensor. Small shards so that even tiny models exercise the index."""
+    from data import train_tokenizer
+    with open(os.path.join(HERE, "tiny_configs", f"{config}.json")) as f:
+        cfg_dict = json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    tok_dir = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(out_dir)))
+    train_tokenizer(tok_dir)
+    config = R1VConfig.from_dict(cfg_dict, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = SkyworkR1V(config)
+    tensors = [(name, init_tensor(name, tuple(p.shape), gen)) for name, p in model.named_parameters()]
+    save_state_dict(tensors, cfg_dict, out_dir, max_shard_bytes, tok_dir)
+    shutil.rmtree(tok_dir)
+    return out_dir
+
+
+def init_tensor(name: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    if name.endswith((".ls1", ".ls2")) or "norm" in name or name.startswith("mlp1.0."):
+        base = 0.0 if name.endswith(".bias") else 1.0  # scales near 1, shifts near 0, neither exactly at init
+        return base + 0.1 * torch.randn(shape, generator=gen)
+    return 0.02 * torch.randn(shape, generator=gen) * (5.0 if "embed" in name else 1.0)

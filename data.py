@@ -1,0 +1,463 @@
+"""Data for nanoR1V: tokenizer, image tiling, chat prompts, JSONL datasets and a synthetic visual task.
+
+Everything here mirrors what the Skywork-R1V3 release feeds its model (InternVL's preprocessing, Qwen2's
+byte-level BPE and the ChatML template), written with tokenizers + Pillow + numpy only.
+"""
+import json
+import os
+import re
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+# Qwen2's pre-tokenisation split (tokenization_qwen2.py PRETOKENIZE_REGEX): contractions, letter runs with one
+# leading non-letter, single digits (numbers are split digit by digit), punctuation runs, newlines, whitespace.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Added tokens in the release's order (ids follow the BPE vocabulary, as 151643.. do in Qwen2). The chat and
+# image markers are "special" (dropped by decode(skip_special=True)); <think> / </think> are ordinary added
+# tokens, as in Qwen3 / DeepSeek-R1, so a decoded response keeps its reasoning markers for parse_response.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+ADDED_TOKENS = SPECIAL_TOKENS + ["<think>", "</think>"]
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json")
+
+DEFAULT_CORPUS = [
+    "<|im_start|>user\n<image>\nHow many red shapes are in the image?<|im_end|>\n<|im_start|>assistant\n",
+    "<think>\nI see a red circle, a blue square and a red triangle. That makes 2 red shapes. Wait, let me check "
+    "the image again. The triangle is red, so the count is 2.\n</think>\n\nThe answer is \\boxed{2}.",
+    "Let x = 3. Then x^2 + 2x + 1 = 16, so \\frac{16}{4} = 4 and \\sqrt{16} = 4. Alternatively, (x+1)^2 = 16.",
+    "Wait, maybe I made a mistake. Alternatively, we can compute 12 * 7 = 84 and 84 / 2 = 42. Hence \\boxed{42}.",
+    "Suppose the area is \\pi r^2 with r = 5; then the area is 25\\pi \\approx 78.54. Thus the answer is 78.54.",
+    "The green shape is on the left, the blue one is at the top. However, there are 3 circles in total.",
+    "题目：图中有几个红色的形状？答案是3。让我们一步一步地思考。等一下，再检查一遍。",
+    "Great job! 🎉 The answer is correct ✅ 😀 Let's try the next problem 🚀.",
+    "Solve for y: 2y - 7 = 11 \\implies y = 9. Check: 2 \\cdot 9 - 7 = 11. \\boxed{9}",
+    "Hmm, the angle \\theta satisfies \\sin\\theta = \\frac{1}{2}, so \\theta = 30^\\circ. Wait, or 150^\\circ?",
+    "Options: (A) 1 (B) 2 (C) 3 (D) 4. Counting carefully, the answer is (C).\n\nThe answer is \\boxed{C}.",
+    "<img><IMG_CONTEXT></img> There are 0 red shapes, 1 green shape and 4 blue shapes in the image.",
+]
+
+
+def _byte_level_bpe(model):
+    """Wrap a BPE model with Qwen2's normaliser, pre-tokeniser and decoder (same as its tokenizer.json)."""
+    tok = HFTokenizer(model)
+    tok.normalizer = normalizers.NFC()  # Qwen2Tokenizer NFC-normalises text before splitting
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _added_token_entry(token, special):
+    return {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": special}
+
+
+def train_tokenizer(out_dir, texts=None, vocab_size=512):
+    """Train a small byte-level BPE on `texts` (default: a built-in reasoning corpus) and write the files a Qwen2
+    tokenizer checkpoint ships. The BPE gets vocab_size - 8 entries; the 8 added tokens follow it."""
+    n_bpe = vocab_size - len(ADDED_TOKENS)
+    if n_bpe < 256:
+        raise ValueError(f"vocab_size={vocab_size} is too small: need 256 byte tokens + {len(ADDED_TOKENS)} added")
+    tok = _byte_level_bpe(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=n_bpe, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts if texts is not None else DEFAULT_CORPUS, trainer=trainer)
+    # Added after training so their ids come last and they live outside vocab.json (added_tokens.json holds them).
+    tok.add_tokens([AddedToken(t, special=t in SPECIAL_TOKENS, normalized=False) for t in ADDED_TOKENS])
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    tok.model.save(out_dir)  # vocab.json + merges.txt ("#version: 0.2" header, as Qwen2 ships them)
+    ids = {t: tok.token_to_id(t) for t in ADDED_TOKENS}
+    _write_json(os.path.join(out_dir, "added_tokens.json"), ids)
+    added = [_added_token_entry(t, t in SPECIAL_TOKENS) for t in ADDED_TOKENS]
+    extra = [a for a in added if a["content"] not in ("<|endoftext|>", "<|im_end|>")]
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"), {
+        "additional_special_tokens": [a["content"] for a in extra if a["special"]],
+        "eos_token": added[2], "pad_token": added[0]})
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "add_bos_token": False, "add_prefix_space": False,
+        "added_tokens_decoder": {str(ids[a["content"]]): a for a in added},
+        "additional_special_tokens": [a["content"] for a in extra if a["special"]],
+        "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+        "model_max_length": 32768, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None})
+    return out_dir
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+class Tokenizer:
+    """Thin wrapper over a `tokenizers` byte-level BPE, loaded from a checkpoint directory."""
+
+    def __init__(self, tok, source):
+        self.tok, self.source = tok, source
+        self.eos_id = self.token_id("<|im_end|>")  # the chat turn terminator is what generation stops at
+        self.pad_id = self.token_id("<|endoftext|>")
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_dir(cls, ckpt_dir):
+        path = os.path.join(ckpt_dir, "tokenizer.json")
+        if os.path.exists(path):
+            return cls(HFTokenizer.from_file(path), path)
+        return cls(_from_vocab_merges(ckpt_dir), os.path.join(ckpt_dir, "vocab.json + merges.txt"))
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special=False):
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_id(self, token):
+        i = self.tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"token {token!r} is not in the tokenizer loaded from {self.source}")
+        return i
+
+
+def _from_vocab_merges(ckpt_dir):
+    """Rebuild the tokenizer from the slow-tokenizer files (vocab.json, merges.txt, added_tokens.json)."""
+    vocab, merges = (os.path.join(ckpt_dir, f) for f in ("vocab.json", "merges.txt"))
+    for p in (vocab, merges):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"no tokenizer in {ckpt_dir}: need tokenizer.json or vocab.json + merges.txt "
+                                    f"({p} is missing)")
+    tok = _byte_level_bpe(models.BPE.from_file(vocab, merges))
+    added_path = os.path.join(ckpt_dir, "added_tokens.json")
+    added = json.load(open(added_path, encoding="utf-8")) if os.path.exists(added_path) else {}
+    special = _special_flags(ckpt_dir)
+    for token, want in sorted(added.items(), key=lambda kv: kv[1]):  # added in id order -> ids come out in order
+        tok.add_tokens([AddedToken(token, special=special.get(token, True), normalized=False)])
+        if tok.token_to_id(token) != want:
+            raise ValueError(f"{added_path}: {token!r} has id {want} but would get {tok.token_to_id(token)} "
+                             f"(added-token ids must follow vocab.json contiguously)")
+    return tok
+
+
+def _special_flags(ckpt_dir):
+    """token -> special flag from tokenizer_config.json's added_tokens_decoder (all special if absent)."""
+    path = os.path.join(ckpt_dir, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return {}
+    decoder = json.load(open(path, encoding="utf-8")).get("added_tokens_decoder", {})
+    return {a["content"]: a.get("special", True) for a in decoder.values()}
+
+
+class StreamDecoder:
+    """Incremental detokenisation for streaming generation. A multi-byte character (Chinese, emoji) can span
+    several byte-level tokens; until its last byte arrives the partial text decodes to U+FFFD, so those tokens
+    are held back. Cutting only after a complete character makes the concatenated stream equal the full decode."""
+
+    def __init__(self, tokenizer, skip_special=False):
+        self.tok, self.skip_special = tokenizer, skip_special
+        self.pending = []  # ids not yet emitted; always starts on a character boundary
+
+    def push(self, token_id):
+        self.pending.append(int(token_id))
+        text = self.tok.decode(self.pending, skip_special=self.skip_special)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self):
+        """Emit whatever is held back (a truncated character comes out as U+FFFD, as in the full decode)."""
+        text = self.tok.decode(self.pending, skip_special=self.skip_special)
+        self.pending = []
+        return text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images: InternVL's dynamic tiling (dynamic_preprocess in the release's inference utils)
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def candidate_grids(min_tiles, max_tiles):
+    """All (cols, rows) with min_tiles <= cols*rows <= max_tiles, sorted by (cols*rows, cols). The release sorts a
+    Python set by cols*rows only, which leaves equal products in set-iteration order; we break that tie by cols
+    so the result never depends on hashing. It only matters when two grids with the same product are equally
+    close in aspect ratio, e.g. (1, 2) vs (2, 1) for a 5:4 image with min_tiles=max_tiles=2."""
+    grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
+             if min_tiles <= c * r <= max_tiles]
+    return sorted(grids, key=lambda g: (g[0] * g[1], g[0]))
+
+
+def tile_grid(width, height, min_tiles=1, max_tiles=12, tile=448):
+    """(cols, rows) of the grid whose aspect ratio is closest to the image's. On an exact tie a later (larger)
+    grid wins only if the image has more than half the pixels that grid would hold, so small images are not
+    blown up into many tiles."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if not 1 <= min_tiles <= max_tiles:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}")
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in candidate_grids(min_tiles, max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def _open_image(path):
+    """Open and fully decode an image file, turning PIL's failures into errors that name the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; a training run should not decode a bomb.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now so truncation is caught here, not deep inside a resize
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path}: refusing to decode a possible decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image format PIL can read") from None
+    except OSError as e:  # "image file is truncated", broken PNG chunks, ...
+        raise ValueError(f"{path}: truncated or corrupt image data ({e})") from None
+
+
+def to_rgb(img):
+    """Any PIL image -> RGB. The release just calls .convert("RGB"); we additionally honour EXIF rotation (phone
+    photos), rescale 16-bit data (PIL's convert clips it, leaving mostly white) and composite transparency on
+    white (convert drops alpha and exposes whatever colour hides under it, often black, so dark line art and
+    text on a transparent background would vanish). Opaque 8-bit images convert exactly as in the release."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):  # 'I;16*' are 16-bit; 'I' is 32-bit but in practice holds 16-bit PNG data
+        arr = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or arr.max() > 255:
+            arr = arr / 257.0  # 65535 -> 255
+        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def load_image(path_or_pil, max_tiles=12, tile=448, use_thumbnail=True, min_tiles=1):
+    """Image file or PIL image -> normalised tiles, float32 [n, 3, tile, tile]: the grid tiles in row-major order,
+    then (if there is more than one tile and use_thumbnail) the whole image resized to one tile, which gives the
+    model global context that the crops lack."""
+    img = to_rgb(path_or_pil) if isinstance(path_or_pil, Image.Image) else _open_image(path_or_pil)
+    cols, rows = tile_grid(img.width, img.height, min_tiles, max_tiles, tile)
+    resized = img.resize((cols * tile, rows * tile), Image.BICUBIC)
+    tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+             for r in range(rows) for c in range(cols)]
+    if use_thumbnail and len(tiles) > 1:
+        tiles.append(img.resize((tile, tile), Image.BICUBIC))
+    x = np.stack([np.asarray(t) for t in tiles]).astype(np.float32) / np.float32(255)  # [n, H, W, 3] in [0, 1]
+    x = (x - IMAGENET_MEAN) / IMAGENET_STD  # same float32 ops as torchvision ToTensor + Normalize
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat template: ChatML turns as in InternVL2.5's "internvl2_5" template that the release inherits
+
+IMAGE_PLACEHOLDER, IMG_START, IMG_END, IMG_CONTEXT = "<image>", "<img>", "</img>", "<IMG_CONTEXT>"
+THINK_START, THINK_END = "<think>", "</think>"
+# R1-style generation prompt: the assistant turn is opened with "<think>\n" so the model starts reasoning at once
+# (DeepSeek-R1 / Qwen3 use the same "<think>\n" prefix); the response then ends its reasoning with "</think>".
+THINK_PREFIX = THINK_START + "\n"
+
+
+def image_tokens(n_tiles, num_image_token=256):
+    """<img> + one <IMG_CONTEXT> per visual token of every tile (thumbnail included) + </img>."""
+    return IMG_START + IMG_CONTEXT * (num_image_token * n_tiles) + IMG_END
+
+
+def build_chat(messages, tiles_per_image=(), num_image_token=256):
+    """[{"role": "system"|"user"|"assistant", "content": str}, ...] -> [(text, trainable)] segments whose
+    concatenation is the ChatML conversation; trainable marks assistant content + <|im_end|> (the SFT targets).
+    `<image>` placeholders in user turns expand in order to the tiles_per_image[i] tiles of image i; with none
+    present, "<image>\\n" * n_images is prepended to the first user turn, as the release's inference does."""
+    tiles_per_image = list(tiles_per_image)
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)):
+            raise ValueError(f"message {i}: need role system/user/assistant and a string content, got {m!r:.200}")
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    n_found = sum(messages[i]["content"].count(IMAGE_PLACEHOLDER) for i in users)
+    if n_found == 0 and tiles_per_image and users:
+        messages = list(messages)
+        first = messages[users[0]]
+        prefix = (IMAGE_PLACEHOLDER + "\n") * len(tiles_per_image)
+        messages[users[0]] = {**first, "content": prefix + first["content"]}
+        n_found = len(tiles_per_image)
+    if n_found != len(tiles_per_image):
+        raise ValueError(f"the prompt has {n_found} {IMAGE_PLACEHOLDER} placeholders but {len(tiles_per_image)} "
+                         f"images were given")
+    images = iter(tiles_per_image)
+    segments = []
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "assistant":
+            segments += [("<|im_start|>assistant\n", False), (content + "<|im_end|>", True), ("\n", False)]
+            continue
+        if role == "user":  # each placeholder takes the next image's tile count
+            parts = content.split(IMAGE_PLACEHOLDER)
+            content = parts[0] + "".join(image_tokens(next(images), num_image_token) + p for p in parts[1:])
+        segments.append((f"<|im_start|>{role}\n{content}<|im_end|>\n", False))
+    return segments
+
+
+def build_prompt(question, tiles_per_image=(), num_image_token=256, system=None, thinking=True):
+    """Generation prompt: [system turn] + user turn + the opened assistant turn (+ "<think>\\n" if thinking).
+    No system turn unless one is given: the release's prompt text is "<image>\\n" * n + question in a user turn."""
+    messages = ([{"role": "system", "content": system}] if system is not None else [])
+    messages.append({"role": "user", "content": question})
+    text = "".join(t for t, _ in build_chat(messages, tiles_per_image, num_image_token))
+    return text + "<|im_start|>assistant\n" + (THINK_PREFIX if thinking else "")
+
+
+def encode_chat(tok, messages, tiles_per_image=(), num_image_token=256):
+    """Tokenise build_chat's segments -> (ids, loss_mask) with loss_mask 1 on assistant tokens. Segments are
+    tokenised separately; they meet at special tokens or newlines, where the pre-tokeniser splits anyway."""
+    ids, mask = [], []
+    for text, trainable in build_chat(messages, tiles_per_image, num_image_token):
+        seg = tok.encode(text)
+        ids += seg
+        mask += [int(trainable)] * len(seg)
+    return ids, mask
+
+
+def parse_response(text):
+    """Generated text -> (thinking or None, answer). Handles the reasoning with or without its leading <think>
+    (the prompt may already hold it); an unterminated <think> means the answer was never reached."""
+    for stop in ("<|im_end|>", "<|endoftext|>"):
+        text = text.split(stop)[0]
+    if THINK_END in text:
+        thinking, answer = text.split(THINK_END, 1)
+        thinking = thinking.split(THINK_START, 1)[-1]
+        return thinking.strip(), answer.strip()
+    if text.lstrip().startswith(THINK_START):
+        return text.lstrip()[len(THINK_START):].strip(), ""
+    return None, text.strip()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets: JSONL records {"images": [paths relative to the file], "question": ..., "answer": ...}
+
+def read_jsonl(path, required=("question",)):
+    """Read a JSONL dataset; image paths ("images": [...] or "image": str) come back absolute in "images".
+    Every error names the file and line, so a bad record in a 20K-line file is found at once."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    base, records = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                records.append(_parse_record(line, f"{path}:{lineno}", base, required))
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def _parse_record(line, where, base, required):
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    missing = [k for k in required if k not in rec]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+    images = rec.pop("image", None)
+    images = rec.get("images", [] if images is None else [images])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError(f"{where}: 'images' must be a list of file paths, got {images!r:.200}")
+    rec["images"] = [os.path.join(base, p) for p in images]  # join keeps absolute paths as they are
+    for p, full in zip(images, rec["images"]):
+        if not os.path.isfile(full):
+            raise FileNotFoundError(f"{where}: image file {p!r} not found (looked for {full})")
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic visual task for the default SFT / GRPO runs: count the red shapes in an image
+
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220)}
+SHAPES = ("circle", "square", "triangle")
+SPLITS = ("train", "heldout")
+GRID = 3  # shapes sit in distinct cells of a 3x3 grid: big, never overlapping, so counting is learnable
+QUESTION = "How many red shapes are in the image?"
+
+
+def _draw_shape(draw, kind, color, box):
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse(box, fill=color)
+    elif kind == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
+
+
+def make_visual_example(rng, size=448):
+    """-> (PIL image, shapes) with 1-5 shapes [{"color", "shape", "cell"}] in reading order."""
+    n = int(rng.integers(1, 6))
+    cells = sorted(rng.choice(GRID * GRID, size=n, replace=False).tolist())
+    img, cell = Image.new("RGB", (size, size), "white"), size // GRID
+    draw, shapes = ImageDraw.Draw(img), []
+    for c in cells:
+        color, kind = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+        side = int(rng.integers(cell * 6 // 10, cell * 9 // 10))  # 60-90% of the cell
+        x0 = (c % GRID) * cell + int(rng.integers(0, cell - side + 1))
+        y0 = (c // GRID) * cell + int(rng.integers(0, cell - side + 1))
+        _draw_shape(draw, kind, COLORS[color], (x0, y0, x0 + side - 1, y0 + side - 1))
+        shapes.append({"color": color, "shape": kind, "cell": c})
+    return img, shapes
+
+
+def make_visual_task(out_dir, n, seed=0, split="train"):
+    """Write n examples as PNGs + {split}.jsonl in out_dir; returns the JSONL path. Example i of a split is drawn
+    from the seed sequence (seed, split index, i), so splits never share a random stream and reruns are identical."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    path = os.path.join(out_dir, f"{split}.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            img, shapes = make_visual_example(np.random.default_rng([seed, SPLITS.index(split), i]))
+            name = f"images/{split}_{seed}_{i:05d}.png"
+            img.save(os.path.join(out_dir, name))
+            answer = str(sum(s["color"] == "red" for s in shapes))
+            rec = {"images": [name], "question": QUESTION, "answer": answer, "shapes": shapes}
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def reasoning_trace(problem):
+    """Cold-start SFT response for a synthetic problem (needs its "shapes"): walk the image in reading order,
+    keep a running count, then reflect once ("Wait, let me check") before the boxed answer."""
+    lines, count = ["Let me look at the shapes in the image one by one, left to right and top to bottom."], 0
+    for k, s in enumerate(problem["shapes"], 1):
+        count += s["color"] == "red"
+        lines.append(f"Shape {k} is a {s['color']} {s['shape']}, so the red count is {count}.")
+    reds = [s["shape"] for s in problem["shapes"] if s["color"] == "red"]
+    lines.append(f"Wait, let me check the red shapes again: {', '.join(reds) or 'none'}. "
+                 f"That is {len(reds)}, so the count of {count} is right.")
+    return THINK_PREFIX + "\n".join(lines) + f"\n{THINK_END}\n\nThe answer is \\boxed{{{problem['answer']}}}."

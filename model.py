@@ -1,0 +1,373 @@
+"""Skywork-R1V3: InternViT-6B -> pixel-shuffle MLP connector -> Qwen2.5-32B decoder, in plain PyTorch.
+
+    image tiles [N,3,448,448] --InternViT--> [N,1024,3200] --pixel shuffle + mlp1--> [N,256,5120] ----+
+    token ids   [B,T] --embed_tokens--> [B,T,5120], <IMG_CONTEXT> rows overwritten in order  <--------+
+                --64 x (RMSNorm -> GQA attention with RoPE -> RMSNorm -> SwiGLU MLP)--> norm --> lm_head --> [B,T,V]
+
+Module names equal the release's parameter names (`vision_model.*`, `mlp1.*`, `language_model.model.*`,
+`language_model.lm_head.*`), so a state dict moves in and out of the official checkpoint without renaming.
+Checkpoint files are handled in checkpoint.py; this file is the architecture, the config and `generate`.
+"""
+import json
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from connector import Connector
+from vision import InternViT, RMSNorm, VisionConfig
+
+
+# ----------------------------------------------------------------------------------------------------- config
+@dataclass
+class LLMConfig:
+    hidden_size: int = 5120
+    num_hidden_layers: int = 64
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 8
+    intermediate_size: int = 27648
+    vocab_size: int = 151674
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    tie_word_embeddings: bool = False
+    head_dim: int = None  # Qwen2 derives it as hidden / heads
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"llm_config: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.tie_word_embeddings:
+            raise ValueError("llm_config.tie_word_embeddings: the release has an untied lm_head; tied is not supported")
+
+
+@dataclass
+class R1VConfig:
+    vision: VisionConfig
+    llm: LLMConfig
+    select_layer: int = -1
+    downsample_ratio: float = 0.5
+    ps_version: str = "v2"
+    force_image_size: int = 448
+    template: str = "internvl2_5"
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    img_context_token_id: int = None  # read from the tokenizer files beside config.json
+
+    @property
+    def num_image_token(self) -> int:  # tokens per tile: (448/14)^2 * 0.5^2 = 256
+        return int((self.force_image_size // self.vision.patch_size) ** 2 * self.downsample_ratio ** 2)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config.json") -> "R1VConfig":
+        """Parse the release's InternVL-style config.json as it is (unknown fields such as auto_map are ignored)."""
+        for key in ("vision_config", "llm_config"):
+            if not isinstance(d.get(key), dict):
+                raise ValueError(f"{where}: missing required field {key!r}")
+        vision = _dataclass_from(VisionConfig, d["vision_config"], f"{where}: vision_config",
+                                 ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"))
+        llm = _dataclass_from(LLMConfig, d["llm_config"], f"{where}: llm_config",
+                              ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                               "intermediate_size", "vocab_size"))
+        top = {k: v for k, v in d.items() if k not in ("vision_config", "llm_config")}
+        cfg = _dataclass_from(cls, top, where, ("downsample_ratio",), vision=vision, llm=llm)
+        if cfg.ps_version != "v2":
+            raise ValueError(f"{where}: ps_version {cfg.ps_version!r} is not supported (the release uses 'v2')")
+        if cfg.force_image_size != vision.image_size:
+            raise ValueError(f"{where}: force_image_size {cfg.force_image_size} != vision_config.image_size "
+                             f"{vision.image_size} (position-embedding interpolation is not implemented)")
+        return cfg
+
+    @classmethod
+    def from_dir(cls, ckpt_dir: str) -> "R1VConfig":
+        path = os.path.join(ckpt_dir, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json in checkpoint directory {ckpt_dir!r}")
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON: {e}") from None
+        cfg = cls.from_dict(d, path)
+        cfg.img_context_token_id = _img_context_id(ckpt_dir)
+        return cfg
+
+
+def _dataclass_from(cls, d: dict, where: str, required=(), **extra):
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{where}: missing required field(s) {missing}")
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names}, **extra)
+
+
+def _img_context_id(ckpt_dir: str) -> int:
+    """The id of <IMG_CONTEXT> from tokenizer.json, else added_tokens.json / tokenizer_config.json."""
+    token = "<IMG_CONTEXT>"
+    for name in ("tokenizer.json", "added_tokens.json", "tokenizer_config.json"):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            d = json.load(f)
+        if name == "tokenizer.json":
+            ids = [t["id"] for t in d.get("added_tokens", []) if t["content"] == token]
+        elif name == "added_tokens.json":
+            ids = [d[token]] if token in d else []
+        else:
+            ids = [int(i) for i, t in d.get("added_tokens_decoder", {}).items() if t.get("content") == token]
+        if ids:
+            return ids[0]
+    raise ValueError(f"{ckpt_dir}: no {token} token in tokenizer.json, added_tokens.json or tokenizer_config.json")
+
+
+# ---------------------------------------------------------------------------------------------------- decoder
+def rope_cos_sin(positions, head_dim: int, theta: float):
+    """RoPE tables for integer positions [B,T] -> cos, sin [B,1,T,head_dim] in fp32.
+    Computed per forward, not stored as buffers, so a model built on the meta device needs no re-initialisation."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # [B,T,head_dim/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # Qwen2 rotates halves (rotate_half), not interleaved pairs
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):  # x [B,H,T,E]
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for every layer: [layers, B, kv_heads, max_len, head_dim]. Decoding writes one
+    column per step in place, so a step costs the same Python work at token 10 as at token 10,000."""
+
+    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype, device):
+        super().__init__()
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, layer: int, start: int, k, v):  # k, v [B,Hkv,t,E] -> keys/values up to start+t
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv, self.head_dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)  # Qwen2: bias on q, k, v
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        q = rearrange(self.q_proj(x), "b t (h e) -> b h t e", e=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h e) -> b h t e", e=self.head_dim)
+        v = rearrange(self.v_proj(x), "b t (h e) -> b h t e", e=self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)
+        # GQA: each group of n_head/n_kv query heads shares one key/value head (8 KV heads serve 40 query heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(rearrange(y, "b h t e -> b t (h e)"))
+
+
+class MLP(nn.Module):  # SwiGLU: down(silu(gate(x)) * up(x))
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, mask, cache=None, start=0):  # x: input embeddings [B,T,D]
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, start)
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from embed_tokens
+
+
+def make_mask(pad_mask, t: int, start: int, device=None):
+    """Boolean SDPA mask [B|1,1,t,start+t] for t new queries after `start` cached positions. pad_mask [B,start+t]
+    marks real tokens (1) and left padding (0), or is None when nothing is padded. None means "let SDPA decide":
+    is_causal for a fresh prompt, full attention for a single new query."""
+    if pad_mask is None and (start == 0 or t == 1):
+        return None
+    q = torch.arange(start, start + t, device=device)[:, None]
+    k = torch.arange(start + t, device=device)[None, :]
+    mask = (k <= q)[None, None]  # [1,1,t,start+t]
+    if pad_mask is not None:
+        # a padded query would see no key at all (NaN from softmax); letting it see itself keeps it finite, and
+        # padded positions are never read out
+        mask = (mask & pad_mask[:, None, None, :].bool()) | (k == q)
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------------ model
+class SkyworkR1V(nn.Module):
+    def __init__(self, config: R1VConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = InternViT(config.vision)
+        self.mlp1 = Connector(config.vision.hidden_size, config.llm.hidden_size, config.downsample_ratio)
+        self.language_model = Qwen2ForCausalLM(config.llm)
+
+    # -- checkpoint I/O lives in checkpoint.py; these are the entry points every script uses
+    @classmethod
+    def from_pretrained(cls, ckpt_dir: str, dtype=torch.float32, device="cpu", shard=None) -> "SkyworkR1V":
+        import checkpoint  # checkpoint.py imports this module, so import it late
+        return checkpoint.load_model(ckpt_dir, dtype=dtype, device=device, shard=shard)
+
+    def save_pretrained(self, out_dir: str, **kwargs):
+        import checkpoint
+        checkpoint.save_model(self, out_dir, **kwargs)
+
+    # -- forward
+    def extract_feature(self, pixel_values):  # [N,3,H,W] -> [N, 256, D_llm]
+        return self.mlp1(self.vision_model(pixel_values, self.config.select_layer))
+
+    def embed(self, input_ids, pixel_values=None):
+        """Token embeddings with the <IMG_CONTEXT> rows replaced, in order, by the image tokens of the tiles."""
+        x = self.language_model.model.embed_tokens(input_ids)  # [B,T,D]
+        is_img = input_ids == self.config.img_context_token_id
+        n_img_tokens, n_tiles = int(is_img.sum()), 0 if pixel_values is None else pixel_values.shape[0]
+        if n_img_tokens != n_tiles * self.config.num_image_token:
+            raise ValueError(f"the prompt has {n_img_tokens} <IMG_CONTEXT> tokens but {n_tiles} tiles were given, "
+                             f"which need {n_tiles * self.config.num_image_token} ({self.config.num_image_token} per tile)")
+        if n_tiles:
+            vit = self.extract_feature(pixel_values).to(x.dtype)  # [N,256,D]
+            x = x.masked_scatter(is_img[..., None], vit)  # row-major over [B,T]: tiles fill prompts in order
+        return x
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, return_hidden=False):
+        """input_ids [B,T], pixel_values [tiles,3,H,W] in image order, attention_mask [B,T] (1 real, 0 left pad)
+        -> logits [B,T,V], or the final hidden states [B,T,D] with return_hidden (for chunked log-probs)."""
+        pad = padding(attention_mask)
+        h = self.language_model.model(self.embed(input_ids, pixel_values), positions(input_ids, pad),
+                                      make_mask(pad, input_ids.shape[1], 0, input_ids.device))
+        return h if return_hidden else self.language_model.lm_head(h)
+
+    # -- generation
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0,
+                 top_p=1.0, repetition_penalty=1.0, eos_token_id=None, stream=None, generator=None):
+        """Sample up to max_new_tokens after left-padded prompts [B,T] -> [B, T+new]. Rows that finished are
+        padded with eos. temperature 0 is greedy. One prefill, then one cached single-token step per new token."""
+        b, t = input_ids.shape
+        eos = self.config.llm.eos_token_id if eos_token_id is None else eos_token_id
+        lm = self.language_model
+        pad = padding(attention_mask)
+        if t + max_new_tokens > self.config.llm.max_position_embeddings:
+            raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+                             f"of {self.config.llm.max_position_embeddings} tokens")
+        if pad is not None:  # [B, T+new]: generated tokens are real
+            pad = torch.cat([pad, pad.new_ones(b, max_new_tokens)], dim=1)
+        pos = positions(input_ids, None if pad is None else pad[:, :t])
+        cache = KVCache(self.config.llm, b, t + max_new_tokens, lm.lm_head.weight.dtype, input_ids.device)
+        seen = torch.zeros(b, self.config.llm.vocab_size, dtype=torch.bool, device=input_ids.device)
+        seen.scatter_(1, input_ids, True if pad is None else pad[:, :t].bool())  # penalty covers prompt + output (HF)
+        cut = lambda n: None if pad is None else pad[:, :n]  # noqa: E731
+
+        h = lm.model(self.embed(input_ids, pixel_values), pos, make_mask(cut(t), t, 0, input_ids.device), cache, 0)
+        out, done = [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            logits = lm.lm_head(h[:, -1]).float()  # [B,V]
+            tok = sample(logits, seen, temperature, top_p, repetition_penalty, generator)
+            tok = torch.where(done, torch.full_like(tok, eos), tok)
+            out.append(tok)
+            if stream is not None:
+                stream(tok)
+            seen[torch.arange(b), tok] = True
+            done |= tok == eos
+            if i == max_new_tokens - 1 or not any_unfinished(done):
+                break
+            pos = pos[:, -1:] + 1
+            mask = make_mask(cut(t + i + 1), 1, t + i, input_ids.device)
+            h = lm.model(lm.model.embed_tokens(tok[:, None]), pos, mask, cache, t + i)
+        return torch.cat([input_ids, torch.stack(out, dim=1)], dim=1)
+
+
+def padding(attention_mask):
+    """The [B,T] 0/1 mask if anything is padded, else None (the fast, unmasked attention path)."""
+    return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+
+def positions(input_ids, attention_mask):
+    """Position ids: 0, 1, 2, ... over the real tokens of each row; left padding does not shift them."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def any_unfinished(done) -> bool:
+    """Under FSDP every rank must run the same number of forwards (each one all-gathers weights): a rank whose rows
+    all hit EOS keeps stepping until every rank is done, or the others would wait forever in the all-gather."""
+    unfinished = (~done).any().to(torch.int32)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(unfinished)
+    return bool(unfinished)
+
+
+def sample(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
+    """logits [B,V] fp32 -> next tokens [B]. Repetition penalty as in CTRL/HF: seen tokens' logits are divided by the
+    penalty when positive, multiplied when negative. Nucleus (top-p): keep the smallest set of tokens whose
+    probability reaches top_p."""
+    if repetition_penalty != 1.0:
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty), logits)
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens entirely beyond the nucleus
+        probs = probs.scatter(1, idx, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def count_params(config: R1VConfig) -> dict:
+    """Parameter counts per part, from the module structure (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        m = SkyworkR1V(config)
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in m.named_children()}
+    return {**counts, "total": sum(counts.values())}

@@ -1,0 +1,263 @@
+import math
+import random
+import time
+
+import pytest
+import torch
+
+from grpo import SampleBuffer, accuracy_reward, extract_boxed, format_reward, group_advantages, grpo_loss, token_logprobs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rewards
+
+R = "<think>\nsome reasoning\n</think>\nThe answer is "
+ACCURACY_CASES = [  # (response, reference answer, expected reward)
+    (R + r"\boxed{5}", "5", 1.0),
+    (R + r"\boxed{5}", "6", 0.0),
+    (R + r"\boxed{ 5 }", "5", 1.0),
+    (R + r"$\boxed{-3}$", "-3", 1.0),
+    (R + "\\boxed{\u22123}", "-3", 1.0),                        # unicode minus
+    (R + r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+    (R + r"\boxed{\frac{1}{2}}", "0.5", 1.0),
+    (R + r"\boxed{1/2}", "0.5", 1.0),
+    (R + r"\boxed{\dfrac{2}{4}}", "1/2", 1.0),
+    (R + r"\boxed{\tfrac12}", "0.5", 1.0),
+    (R + r"\boxed{-\frac{3}{4}}", "-0.75", 1.0),
+    (R + r"\boxed{\frac{-3}{4}}", "-3/4", 1.0),
+    (R + r"\boxed{1\frac{1}{2}}", "3/2", 1.0),                  # mixed number
+    (R + r"\boxed{0.33}", "1/3", 0.0),                         # exact comparison
+    (R + r"\boxed{5.0}", "5", 1.0),
+    (R + r"\boxed{.5}", "0.5", 1.0),
+    (R + r"\boxed{1/0}", "1/0", 1.0),                          # not a number, equal strings
+    (R + r"\boxed{1/0}", "0", 0.0),
+    (R + r"\boxed{1,000}", "1000", 1.0),                       # thousands separators
+    (R + r"\boxed{1{,}234{,}567}", "1234567", 1.0),
+    (R + r"\boxed{1\,000}", "1000", 1.0),
+    (R + r"\boxed{12,34}", "1234", 0.0),                       # not a thousands grouping
+    (R + r"\boxed{90^\circ}", "90", 1.0),
+    (R + r"\boxed{90^{\circ}}", "90", 1.0),
+    (R + "\\boxed{90\u00b0}", "90^\\circ", 1.0),
+    (R + r"\boxed{90 \text{ degrees}}", "90", 1.0),
+    (R + r"\boxed{5 \text{ cm}}", "5", 1.0),
+    (R + r"\boxed{5\mathrm{cm}}", "5 cm", 1.0),
+    (R + r"\boxed{12 \text{ square units}}", "12", 1.0),
+    (R + r"\boxed{3 m^2}", "3", 1.0),
+    (R + r"\boxed{50\%}", "50", 1.0),
+    (R + r"\boxed{x = 4}", "4", 1.0),
+    (R + r"\boxed{\left(1, 2\right)}", "(1,2)", 1.0),
+    (R + r"\boxed{\text{\textbf{7}}}", "7", 1.0),
+    (R + r"\boxed{B}", "B", 1.0),
+    (R + r"\boxed{(B)}", "B", 1.0),
+    (R + r"\boxed{B. 12 cm}", "B", 1.0),
+    (R + r"\boxed{B: twelve}", "(B)", 1.0),
+    (R + r"\boxed{\text{(C)}}", "C", 1.0),
+    (R + r"\boxed{Option D}", "D", 1.0),
+    (R + r"\boxed{C}", "B", 0.0),
+    (R + r"\boxed{b}", "B", 0.0),                              # lower case is a variable, not a choice
+    (R + r"\boxed{Blue}", "B", 0.0),
+    (R + r"\boxed{red}", "Red", 1.0),
+    (R + r"\boxed{\sqrt{2}}", r"\sqrt{2}", 1.0),
+    (R + r"\boxed{\frac{\sqrt{3}}{2}}", r"\dfrac{\sqrt{3}}{2}", 1.0),
+    (R + r"\boxed{\{1, 2\}}", r"\{1,2\}", 1.0),
+    (R + r"\boxed{f(\{x\})}", r"f(\{x\})", 1.0),               # escaped braces in the walk
+    (R + r"\boxed{x+\frac{1}{2}}", r"\frac{x+1}{2}", 0.0),     # (x+1)/2 is not x+1/2
+    (R + r"\boxed{\frac{\frac{1}{2}}{3}}", r"\frac{\frac{1}{2}}{3}", 1.0),   # nested braces
+    (R + r"first \boxed{3} then \boxed{4}", "4", 1.0),         # several boxes: the last counts
+    (R + r"first \boxed{4} then \boxed{3}", "4", 0.0),
+    (R + r"\boxed{\boxed{6}}", "6", 1.0),
+    (R + r"\boxed 5", "5", 1.0),                               # without braces
+    (R + r"\boxed 5$.", "5", 1.0),
+    (R + r"\boxed{}", "", 0.0),                                # empty
+    (R + r"\boxed{ }", "5", 0.0),
+    (R + r"\boxed{5", "5", 0.0),                               # unclosed
+    (R + r"\boxed{5} and \boxed{", "5", 0.0),                  # the last box is unclosed
+    (R + "5", "5", 0.0),                                       # no box
+    ("", "5", 0.0),
+    (R + r"\boxedx{5}", "5", 0.0),
+    (R + r"\boxed{" + "1" * 60 + "}", "1" * 60, 1.0),           # long digit strings: string comparison
+    (R + r"\boxed{" + "1" * 60 + "}", "1" * 59, 0.0),
+    (R + r"\boxed{" + "9" * 300 + "}", "9" * 300, 0.0),        # longer than the boxed cap
+    (R + r"\boxed{10^{10^{10^{10}}}}", "10^{10^{10^{10}}}", 1.0),
+    (R + r"\boxed{1e5}", "100000", 0.0),                       # no exponents
+]
+
+
+@pytest.mark.parametrize("response,answer,expected", ACCURACY_CASES)
+def test_accuracy_reward(response, answer, expected):
+    assert accuracy_reward(response, answer) == expected
+
+
+FORMAT_CASES = [
+    ("<think>\nreason\n</think>\n\\boxed{5}", 1.0),
+    ("reason</think>answer \\boxed{5}", 1.0),                   # the prompt already opened <think>
+    ("  <think>reason</think>\n\\boxed{x+1}", 1.0),
+    ("reason</think>no box", 0.0),
+    ("reason \\boxed{5}</think>no box", 0.0),                   # a box inside the thinking does not count
+    ("reason</think>\\boxed{}", 0.0),                           # empty box
+    ("reason</think>\\boxed{5", 0.0),                           # unclosed box
+    ("</think>\\boxed{5}", 0.0),                                # empty thinking
+    ("<think>a</think><think>b</think>\\boxed{5}", 0.0),
+    ("a</think>b</think>\\boxed{5}", 0.0),
+    ("text<think>reason</think>\\boxed{5}", 0.0),               # text before <think>
+    ("\\boxed{5}", 0.0),
+    ("", 0.0),
+]
+
+
+@pytest.mark.parametrize("response,expected", FORMAT_CASES)
+def test_format_reward(response, expected):
+    assert format_reward(response) == expected
+
+
+def test_extract_boxed():
+    assert extract_boxed(r"\boxed{a{b}c}") == "a{b}c"
+    assert extract_boxed(r"\boxed{a} \boxed{b}") == "b"
+    assert extract_boxed(r"\boxed 7 apples") == "7"
+    assert extract_boxed("no box") is None
+
+
+def _adversarial():
+    yield "{" * 100_000
+    yield "{" * 500_000 + "}" * 500_000                         # 1 MB of braces
+    yield "\\boxed{" + "{" * 100_000 + "}" * 100_000 + "}"
+    yield "\\boxed{" * 10_000
+    yield "\\boxed{" * 10_000 + "}" * 10_000
+    yield "<think>" * 10_000 + "</think>" * 10_000
+    yield "x</think>" + "\\boxed{" * 10_000 + "1" + "}" * 10_000
+    yield "\\boxed{10^{10^{10^{10}}}}"
+    yield "\\boxed{5^{5^{5^{5^5}}}}"
+    yield "\\boxed{" + "9" * 500 + "}"
+    yield "\\boxed{" + "9" * 45 + "/" + "0" * 45 + "}"
+    yield "\\boxed{" + "1," * 20 + "000}"
+    yield "\\boxed{" + "\\frac{" * 30 + "1" + "}{2}" * 30 + "}"
+    yield "\\boxed{" + "\\text{" * 60 + "7" + "}" * 60 + "}"
+    yield "\\boxed{" + "1" * 40 + "\\frac{" + "1" * 40 + "}{" + "1" * 40 + "}}"
+    yield "\\boxed{" + "(" * 100 + "1" + ")" * 100 + "}"
+    yield "\\boxed{" + "1." * 100 + "}"
+    yield "\\boxed{" + "a=" * 100 + "}"
+    yield "\\boxed{" + " " * 190 + "cm}"
+    yield "\\boxed{1" + " m" * 90 + "}"
+    yield "\\boxed{" + "\\left" * 40 + "}"
+    yield "\\boxed " + "x" * 1_000_000
+    yield "\\boxed{\x00\x00}\x00" * 1000
+    yield "\\boxed{\U0001F600\u0301\u200b\ufeff}" * 1000
+    yield "\\" * 1_000_000
+    yield "\\boxed{" + "\\" * 199 + "}"
+    yield "</think>" + "\\boxed{1}" * 100_000
+
+
+def test_reward_fuzz():
+    rng = random.Random(0)
+    alphabet = list("{}\\$^_()[]/,. -+=:%0123456789abcxyzABCDE\n\t") + [
+        "\\boxed{", "\\boxed ", "\\frac{", "\\dfrac", "\\text{", "^\\circ", "</think>", "<think>", "\\left", "\\right",
+        "\u00b0", "\u2212", "\x00", "\U0001F600", "\u0301", "1,000", "{,}", "cm", "degrees", "(B)", "e9999"]
+    cases = list(_adversarial()) + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+                                    for _ in range(3000)]
+    answers = ["5", "1/2", "B", "", "\\frac{1}{2}", "1" * 500, "{" * 1000]
+    worst, start = 0.0, time.perf_counter()
+    for i, text in enumerate(cases):
+        t = time.perf_counter()
+        a = accuracy_reward(text, answers[i % len(answers)])
+        f = format_reward(text)
+        worst = max(worst, time.perf_counter() - t)
+        assert a in (0.0, 1.0) and f in (0.0, 1.0)
+    total = time.perf_counter() - start
+    assert worst < 0.02, f"slowest string took {worst * 1e3:.1f} ms"
+    assert total < 5.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# math
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv, flat = group_advantages(r, 4)
+    s = math.sqrt(1 / 3)                                        # unbiased std of [1, 0, 0, 1]
+    want = torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / (s + 1e-6) * torch.tensor([1.0] * 4 + [0.0] * 4)
+    torch.testing.assert_close(adv, want)
+    assert flat.tolist() == [False, True]
+    adv, _ = group_advantages(torch.tensor([3.0, 1.0, 0.0, 0.0]), 4, scale=False)   # unnormalised: r - mean
+    torch.testing.assert_close(adv, torch.tensor([2.0, 0.0, -1.0, -1.0]))
+
+
+def test_group_advantages_flat_and_single():
+    adv, flat = group_advantages(torch.full((6,), 0.1), 3)        # 0.1 is inexact in binary: still exactly 0
+    assert torch.equal(adv, torch.zeros(6)) and flat.all()
+    adv, flat = group_advantages(torch.tensor([1.0, 0.0, 2.0]), 1)   # G = 1: every group is flat
+    assert torch.equal(adv, torch.zeros(3)) and flat.all()
+    adv, _ = group_advantages(torch.tensor([1.0, 1.0 + 1e-7]), 2)
+    assert torch.isfinite(adv).all()
+
+
+@pytest.mark.parametrize("adv,ratio,zero_grad", [
+    (1.0, 1.5, True),     # A > 0, ratio > 1 + clip_high: clipped
+    (1.0, 1.2, False),    # inside the range
+    (1.0, 0.5, False),    # A > 0 and ratio < 1 - clip_low: pessimistic branch is the unclipped one
+    (-1.0, 0.5, True),    # A < 0, ratio < 1 - clip_low: clipped
+    (-1.0, 0.9, False),
+    (-1.0, 1.5, False),   # A < 0 and ratio > 1 + clip_high: unclipped, still pushed down
+])
+def test_clipped_loss_gradient(adv, ratio, zero_grad):
+    logp_old = torch.tensor([[-1.0]])
+    logp = (logp_old + math.log(ratio)).requires_grad_()
+    loss, m = grpo_loss(logp, logp_old, torch.tensor([adv]), torch.ones(1, 1), clip_low=0.2, clip_high=0.28)
+    loss.backward()
+    assert (logp.grad.abs().item() == 0) == zero_grad
+    assert m["clip_frac"] == float(zero_grad)
+    if not zero_grad:
+        torch.testing.assert_close(logp.grad, torch.tensor([[-adv * ratio]]))   # d(-A e^x)/dx
+
+
+def test_loss_token_mean_and_mask():
+    logp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss, _ = grpo_loss(logp, logp.detach(), torch.tensor([1.0, -2.0]), mask)
+    torch.testing.assert_close(loss, torch.tensor((-1 - 1 - 1 + 2) / 4))   # over the 4 response tokens
+    loss.backward()
+    assert logp.grad[1, 1:].abs().sum() == 0                      # padding gets no gradient
+
+
+def test_k3_kl():
+    logp = torch.log_softmax(torch.randn(2, 5), -1)
+    mask = torch.ones(2, 5)
+    _, m = grpo_loss(logp, logp, torch.zeros(2), mask, beta=0.1, logp_ref=logp.clone())
+    assert m["kl"] == 0
+    ref = logp + 0.3 * torch.randn(2, 5)
+    loss, m = grpo_loss(logp, logp, torch.zeros(2), mask, beta=0.1, logp_ref=ref)
+    assert m["kl"] > 0 and loss > 0
+    _, m = grpo_loss(logp, logp, torch.zeros(2), mask)              # beta = 0: no KL at all
+    assert "kl" not in m
+
+
+def test_token_logprobs_chunked_matches_full():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    t = torch.randint(0, 11, (2, 5))
+    logp, ent = token_logprobs(h, head, t, temperature=0.7, chunk=3)
+    z = head(h) / 0.7
+    ref = z.log_softmax(-1).gather(-1, t[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp, ref)
+    torch.testing.assert_close(ent, -(z.softmax(-1) * z.log_softmax(-1)).sum(-1).detach())
+    g1, = torch.autograd.grad(logp.sum(), h)
+    g2, = torch.autograd.grad(ref.sum(), h)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_sample_buffer():
+    buf = SampleBuffer(capacity=3, max_age=2)
+    buf.add(["a", "b", "c", "d"], [0.0, 2.0, -3.0, 0.5], step=0)     # "a" has no signal
+    assert [s for _, _, s in buf.items] == ["c", "b", "d"]
+    buf.add(["e"], [1.0], step=1)
+    assert [s for _, _, s in buf.items] == ["c", "b", "e"]           # capacity: smallest |A| dropped
+    samples, adv, n = buf.mix(["x", "y", "z"], [0.0, 0.0, 1.0], [True, True, False], flat_frac=0.4, threshold=0.5)
+    assert n == 0 and samples == ["x", "y", "z"]
+    samples, adv, n = buf.mix(["x", "y", "z"], [0.0, 0.0, 1.0], [True, True, False], flat_frac=0.7, threshold=0.5)
+    assert (samples, adv, n) == (["c", "b", "z"], [-3.0, 2.0, 1.0], 2)
+    assert [s for _, _, s in buf.items] == ["e"]                     # used once
+    buf.add([], [], step=3)
+    assert len(buf) == 0                                             # too old
+    state = SampleBuffer(5, 1)
+    state.load_state_dict(buf.state_dict())
+    assert state.capacity == 3 and state.max_age == 2

@@ -1,0 +1,204 @@
+"""Model core: architecture against the release's tensor list, KV-cache generation, checkpoint I/O and its errors.
+(Logit parity with transformers' InternVL lives in test_parity.py.)"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from checkpoint import INDEX, save_state_dict, write_tiny_checkpoint
+from connector import pixel_shuffle
+from model import R1VConfig, SkyworkR1V, count_params
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REF = os.path.join(HERE, "..", "..", "shared", "reference", "r1v3_expected_param_shapes_DERIVED.json")
+R1V3_CONFIG = os.path.join(HERE, "..", "tiny_configs", "r1v3-38b.json")
+
+
+def r1v3_config():
+    with open(R1V3_CONFIG) as f:
+        return R1VConfig.from_dict(json.load(f))
+
+
+@pytest.mark.skipif(not os.path.isfile(REF), reason="shared/reference not beside the checkout")
+def test_38b_tensor_names_shapes_and_count_match_reference():
+    with open(REF) as f:
+        ref = json.load(f)
+    with torch.device("meta"):
+        m = SkyworkR1V(r1v3_config())
+    ours = {k: list(p.shape) for k, p in m.named_parameters()}
+    assert ours == ref["shapes"]
+    counts = count_params(m.config)
+    assert counts == ref["param_counts"]
+    assert counts["total"] == 38_388_164_992
+
+
+def test_pixel_shuffle_matches_internvl_v2_code():
+    def internvl(x, scale_factor=0.5):  # the release's view/permute sequence, ps_version v2
+        n, w, h, c = x.size()
+        x = x.view(n, w, int(h * scale_factor), int(c / scale_factor)).permute(0, 2, 1, 3).contiguous()
+        x = x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
+        return x.permute(0, 2, 1, 3).contiguous()
+
+    x = torch.randn(3, 32 * 32, 12)
+    assert torch.equal(pixel_shuffle(x), internvl(x.view(3, 32, 32, 12)).reshape(3, 256, 48))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return SkyworkR1V.from_pretrained(tiny_ckpt)
+
+
+def image_prompt(m, n_tiles, text=5):
+    ctx = torch.full((1, m.config.num_image_token * n_tiles), m.config.img_context_token_id)
+    return torch.cat([torch.randint(0, 400, (1, text)), ctx, torch.randint(0, 400, (1, text))], dim=1)
+
+
+def greedy_by_recompute(m, ids, n, pixel_values=None):
+    for _ in range(n):
+        ids = torch.cat([ids, m(ids, pixel_values=pixel_values)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("n_tiles", [0, 2])
+def test_generate_with_kv_cache_equals_full_recompute(model, n_tiles):
+    ids = image_prompt(model, n_tiles)
+    pv = torch.randn(n_tiles, 3, 448, 448) if n_tiles else None
+    out = model.generate(ids, pixel_values=pv, max_new_tokens=12, eos_token_id=-1)
+    assert out.shape == (1, ids.shape[1] + 12)
+    assert torch.equal(out, greedy_by_recompute(model, ids, 12, pv))
+
+
+def test_left_padded_batch_equals_each_prompt_alone(model):
+    a, b = torch.randint(0, 400, (1, 13)), torch.randint(0, 400, (1, 6))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 7, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :7] = 0
+    torch.testing.assert_close(model(batch, attention_mask=mask)[1, 7:], model(b)[0], rtol=1e-5, atol=1e-5)
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=10, eos_token_id=-1)
+    assert torch.equal(out[0], model.generate(a, max_new_tokens=10, eos_token_id=-1)[0])
+    assert torch.equal(out[1, 7:], model.generate(b, max_new_tokens=10, eos_token_id=-1)[0])
+
+
+def test_generate_stops_at_eos_and_pads_with_it(model):
+    ids = torch.randint(0, 400, (1, 8))
+    first = model.generate(ids, max_new_tokens=1)[0, -1].item()
+    out = model.generate(ids, max_new_tokens=20, eos_token_id=first)
+    assert out.shape[1] == ids.shape[1] + 1  # every row finished: stop early
+
+
+def test_sampling_is_seeded_and_top_p_restricts(model):
+    ids = torch.randint(0, 400, (4, 8))
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a = model.generate(ids, max_new_tokens=6, temperature=1.0, generator=g())
+    assert torch.equal(a, model.generate(ids, max_new_tokens=6, temperature=1.0, generator=g()))
+    tiny_p = model.generate(ids, max_new_tokens=6, temperature=1.0, top_p=1e-6, generator=g())
+    assert torch.equal(tiny_p, model.generate(ids, max_new_tokens=6))  # a nucleus of one token is greedy
+
+
+def test_bf16_forward_stays_close_to_fp32(tiny_ckpt, model):
+    m16 = SkyworkR1V.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    ids, pv = image_prompt(model, 1), torch.randn(1, 3, 448, 448)
+    ref, low = model(ids, pixel_values=pv), m16(ids, pixel_values=pv).float()
+    rel = ((low - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 3e-2, rel  # measured ~1e-2: bf16 keeps 8 mantissa bits
+    assert (low.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_image_token_count_must_match_tiles(model):
+    ids = image_prompt(model, 2)
+    with pytest.raises(ValueError, match=r"512 <IMG_CONTEXT> tokens but 1 tiles .* need 256"):
+        model(ids, pixel_values=torch.randn(1, 3, 448, 448))
+    with pytest.raises(ValueError, match="0 tiles"):
+        model(ids)
+
+
+def test_save_reload_is_bit_identical(tiny_ckpt, model, tmp_path):
+    out = str(tmp_path / "saved")
+    model.save_pretrained(out, max_shard_bytes=100_000)
+    with open(os.path.join(out, INDEX)) as f:
+        index = json.load(f)
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all(os.path.isfile(os.path.join(out, s)) for s in shards)
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in model.parameters())
+    assert set(index["weight_map"]) == set(model.state_dict())
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "config.json"):
+        with open(os.path.join(out, name), "rb") as a, open(os.path.join(tiny_ckpt, name), "rb") as b:
+            assert a.read() == b.read(), name
+    again = SkyworkR1V.from_pretrained(out)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+# ---------------------------------------------------------------------------------------------- bad checkpoints
+@pytest.fixture
+def broken(tiny_ckpt, tmp_path):
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, d)
+    return d
+
+
+def index_of(d):
+    with open(d / INDEX) as f:
+        return json.load(f)
+
+
+def test_missing_shard_is_named(broken):
+    shard = sorted(set(index_of(broken)["weight_map"].values()))[1]
+    os.remove(broken / shard)
+    with pytest.raises(FileNotFoundError, match=shard):
+        SkyworkR1V.from_pretrained(str(broken))
+
+
+def test_truncated_shard_is_named(broken):
+    shard = sorted(set(index_of(broken)["weight_map"].values()))[0]
+    data = (broken / shard).read_bytes()
+    (broken / shard).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=shard):
+        SkyworkR1V.from_pretrained(str(broken))
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(broken):
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["llm_config"]["intermediate_size"] = 96
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"tensor language_model\.model\.layers\.\d\.mlp\.\w+_proj\.weight has shape "
+                                         r"\[\d+, \d+\], the config needs \[\d+, \d+\]"):
+        SkyworkR1V.from_pretrained(str(broken))
+
+
+def test_missing_and_unexpected_keys_are_listed(broken):
+    index = index_of(broken)
+    wm = index["weight_map"]
+    wm["vision_model.extra.weight"] = wm.pop("mlp1.3.bias")
+    (broken / INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"missing keys \['mlp1\.3\.bias'\].*unexpected keys \['vision_model\.extra"):
+        SkyworkR1V.from_pretrained(str(broken))
+
+
+@pytest.mark.parametrize("section,field", [("llm_config", "vocab_size"), ("vision_config", "hidden_size"),
+                                           (None, "vision_config")])
+def test_config_missing_field_is_named(broken, section, field):
+    cfg = json.loads((broken / "config.json").read_text())
+    del (cfg[section] if section else cfg)[field]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"config.json: {section or ''}.*{field}"):
+        SkyworkR1V.from_pretrained(str(broken))
+
+
+def test_single_file_checkpoint_loads(model, tmp_path):
+    out = tmp_path / "single"
+    save_state_dict(model.state_dict().items(), json.load(open(os.path.join(model.ckpt_dir, "config.json"))),
+                    str(out), src_dir=model.ckpt_dir)
+    (out / "model-00001-of-00001.safetensors").rename(out / "model.safetensors")
+    os.remove(out / INDEX)
+    again = SkyworkR1V.from_pretrained(str(out))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_tiny_checkpoint_is_deterministic(tmp_path):
+    a, b = write_tiny_checkpoint(str(tmp_path / "a"), seed=1), write_tiny_checkpoint(str(tmp_path / "b"), seed=1)
+    ma, mb = SkyworkR1V.from_pretrained(a), SkyworkR1V.from_pretrained(b)
+    assert all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))

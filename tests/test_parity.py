@@ -1,0 +1,248 @@
+"""Parity with transformers' native InternVL (`InternVLForConditionalGeneration`, used here as a reference only).
+
+A tiny InternVL (InternViT with RMSNorm + QK-norm + layer scale, v2 pixel shuffle, Qwen2 decoder) gets random
+weights in HF's layout; they are renamed to the release's keys, written as a release-format checkpoint directory and
+loaded with `SkyworkR1V.from_pretrained`. Both models must then give the same fp32 logits.
+
+HF's port re-keys the release (see its convert_internvl_weights_to_hf.py); what this file has to undo or pin:
+  * q, k, v are three Linears in HF, one `attn.qkv` in the release (rows ordered q, k, v) -> concatenated;
+  * HF's `use_mean_pooling=True` is what makes its final vision norm an nn.Identity: the release has no final norm;
+  * HF's QK-norm eps is hard-coded 1e-6 while the release uses vision `layer_norm_eps` (1e-6 in the release);
+  * HF's projector LayerNorm and the release's mlp1.0 both keep nn.LayerNorm's default eps 1e-5 (not 1e-6);
+  * HF always does the v2 pixel shuffle (ps_version "v1" has no HF counterpart);
+  * HF's InternVLConfig ties lm_head to embed_tokens by default, the release does not -> tie_word_embeddings False.
+Weights are scaled so the test can see mistakes: O(1) attention logits (a near-uniform attention hides RoPE and QK
+bugs) and small residual streams at the first norms (var ~1e-4, so eps 1e-5 vs 1e-6 moves the output by ~5%).
+"""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file  # noqa: E402
+from transformers import InternVLConfig, InternVLForConditionalGeneration  # noqa: E402
+
+from data import Tokenizer, train_tokenizer  # noqa: E402
+
+VOCAB = 512
+TOKENS_PER_TILE = 256  # (448 / 14)^2 * 0.5^2
+VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=448,
+              patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu")
+LLM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, rms_norm_eps=1e-6,
+           max_position_embeddings=4096, rope_theta=1e6)
+MAX_REL_ERR = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF reference model and HF -> release conversion
+
+def hf_config(num_kv_heads, img_context_id, bos_id, eos_id):
+    vision = dict(VISION, norm_type="rms_norm", use_qk_norm=True, attention_bias=False, use_mean_pooling=True)
+    text = dict(LLM, model_type="qwen2", num_key_value_heads=num_kv_heads, vocab_size=VOCAB, tie_word_embeddings=False,
+                bos_token_id=bos_id, eos_token_id=eos_id)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=img_context_id,
+                          image_seq_length=TOKENS_PER_TILE, downsample_ratio=0.5, vision_feature_layer=-1,
+                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                          tie_word_embeddings=False)
+
+
+@torch.no_grad()
+def randomize_(model, seed=0):
+    """Non-trivial weights: unit-gain linears, norm gains 1 +- 0.1, biases ~0.1, small vision embeddings and layer
+    scales (ViT residual stream ~1e-2) and small token embeddings (first decoder norm sees var ~1e-4)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        if "norm" in name and name.endswith("weight"):
+            p.copy_(1 + 0.1 * noise)
+        elif re.search(r"lambda_\d$", name):  # layer scale
+            p.copy_(0.01 * (1 + 0.1 * noise))
+        elif name.endswith(("cls_token", "position_embeddings", "embed_tokens.weight")):
+            p.copy_(0.01 * noise)
+        elif "patch_embeddings" in name:
+            p.copy_(0.01 * noise / (p[0].numel() ** 0.5 if p.dim() > 1 else 1))
+        elif p.dim() == 1:  # biases
+            p.copy_(0.1 * noise)
+        else:
+            p.copy_(noise / p[0].numel() ** 0.5)  # std 1/sqrt(fan_in): activations stay O(1)
+    return model
+
+
+HF_TO_RELEASE = [  # inverse of ORIGINAL_TO_CONVERTED_KEY_MAPPING_* in HF's convert_internvl_weights_to_hf.py
+    (r"^model\.vision_tower\.", "vision_model."),
+    (r"\.encoder\.layer\.", ".encoder.layers."),
+    (r"\.embeddings\.cls_token$", ".embeddings.class_embedding"),
+    (r"\.embeddings\.position_embeddings$", ".embeddings.position_embedding"),
+    (r"\.embeddings\.patch_embeddings\.projection\.", ".embeddings.patch_embedding."),
+    (r"\.lambda_(\d)$", r".ls\1"),
+    (r"\.attention\.projection_layer\.", ".attn.proj."),
+    (r"\.attention\.", ".attn."),
+    (r"\.layernorm_before\.", ".norm1."),
+    (r"\.layernorm_after\.", ".norm2."),
+    (r"^model\.multi_modal_projector\.layer_norm\.", "mlp1.0."),
+    (r"^model\.multi_modal_projector\.linear_1\.", "mlp1.1."),
+    (r"^model\.multi_modal_projector\.linear_2\.", "mlp1.3."),
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+]
+
+
+def hf_to_release(hf_sd):
+    """HF InternVL state dict -> release (InternVL chat / Skywork-R1V) keys; q, k, v fused into attn.qkv."""
+    out = {}
+    for key, t in hf_sd.items():
+        for pattern, repl in HF_TO_RELEASE:
+            key = re.sub(pattern, repl, key)
+        out[key] = t.detach().clone().contiguous()
+    for key in [k for k in out if ".attn.q_proj." in k]:
+        parts = [out.pop(key.replace(".q_proj.", f".{n}_proj.")) for n in "qkv"]
+        out[key.replace(".q_proj.", ".qkv.")] = torch.cat(parts, dim=0)
+    return out
+
+
+def release_config(num_kv_heads, bos_id, eos_id):
+    """config.json in the release's format (InternVL chat config with vision_config / llm_config)."""
+    llm = dict(LLM, architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_key_value_heads=num_kv_heads,
+               vocab_size=VOCAB, hidden_act="silu", tie_word_embeddings=False, bos_token_id=bos_id,
+               eos_token_id=eos_id, use_sliding_window=False, sliding_window=4096, max_window_layers=LLM[
+                   "num_hidden_layers"], attention_dropout=0.0, rope_scaling=None, torch_dtype="float32")
+    vision = dict(VISION, architectures=["InternVisionModel"], model_type="intern_vit_6b", qk_normalization=True,
+                  norm_type="rms_norm", qkv_bias=False, num_channels=3, initializer_factor=0.1,
+                  initializer_range=1e-10, attention_dropout=0.0, dropout=0.0, drop_path_rate=0.0,
+                  use_flash_attn=False, torch_dtype="float32")
+    return dict(architectures=["SkyworkR1VChatModel"], model_type="skywork_chat", vision_config=vision,
+                llm_config=llm, select_layer=-1, downsample_ratio=0.5, ps_version="v2", force_image_size=448,
+                template="internvl2_5", dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1,
+                max_dynamic_patch=12, use_backbone_lora=0, use_llm_lora=0, tie_word_embeddings=False,
+                torch_dtype="float32")
+
+
+def save_release_checkpoint(state_dict, config, out_dir, max_shard_bytes):
+    """Sharded safetensors + model.safetensors.index.json + config.json, as the release ships them."""
+    shards, size = [[]], 0
+    for key, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: state_dict[k] for k in keys}, os.path.join(out_dir, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return len(shards)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixtures: one (HF model, our model) pair per GQA ratio, 4 query heads over 2 KV heads and over 1
+
+@pytest.fixture(scope="module", params=[2, 1], ids=["kv2", "kv1"])
+def pair(request, tmp_path_factory):
+    from model import SkyworkR1V
+
+    torch.manual_seed(0)
+    ckpt = str(tmp_path_factory.mktemp(f"parity_kv{request.param}"))
+    tok = Tokenizer.from_dir(train_tokenizer(ckpt, vocab_size=VOCAB))
+    ids = {t: tok.token_id(t) for t in ("<IMG_CONTEXT>", "<img>", "</img>", "<|im_start|>", "<|endoftext|>")}
+    ids["eos"] = tok.eos_id
+    assert tok.vocab_size == VOCAB
+    cfg = hf_config(request.param, ids["<IMG_CONTEXT>"], ids["<|endoftext|>"], ids["eos"])
+    hf = randomize_(InternVLForConditionalGeneration._from_config(cfg, attn_implementation="eager")).eval()
+    sd = hf_to_release(hf.state_dict())
+    n_shards = save_release_checkpoint(sd, release_config(request.param, ids["<|endoftext|>"], ids["eos"]), ckpt,
+                                       max_shard_bytes=400_000)
+    assert n_shards > 1
+    ours = SkyworkR1V.from_pretrained(ckpt, dtype=torch.float32, device="cpu").eval()
+    return hf, ours, sd, ids
+
+
+def prompt(ids, tiles_per_image, seed=0, n_text=7):
+    """Random text ids around each `<img><IMG_CONTEXT>*256*tiles</img>` block: [1, T]."""
+    g = torch.Generator().manual_seed(seed)
+    words = lambda n: torch.randint(0, 256, (n,), generator=g).tolist()  # noqa: E731 (byte tokens, no specials)
+    seq = [ids["<|im_start|>"]] + words(n_text)
+    for tiles in tiles_per_image:
+        seq += [ids["<img>"]] + [ids["<IMG_CONTEXT>"]] * (TOKENS_PER_TILE * tiles) + [ids["</img>"]] + words(n_text)
+    return torch.tensor([seq])
+
+
+def pixels(n_tiles, seed=0):
+    return torch.randn(n_tiles, 3, 448, 448, generator=torch.Generator().manual_seed(seed))  # like normalised RGB
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tests
+
+def test_weights_loaded_exactly(pair):
+    hf, ours, sd, ids = pair
+    got = ours.state_dict()
+    assert set(sd) <= set(got), f"keys not loaded: {sorted(set(sd) - set(got))[:5]}"
+    for k, t in sd.items():
+        assert torch.equal(got[k], t), f"{k} differs after from_pretrained"
+    assert ours.config.img_context_token_id == ids["<IMG_CONTEXT>"]
+    assert ours.config.num_image_token == TOKENS_PER_TILE
+
+
+@pytest.mark.parametrize("tiles_per_image", [[], [1], [3], [2, 1]], ids=["text", "1img1tile", "1img3tiles", "2imgs"])
+@torch.no_grad()
+def test_logits_match_hf(pair, tiles_per_image):
+    hf, ours, _, ids = pair
+    input_ids = prompt(ids, tiles_per_image)
+    pv = pixels(sum(tiles_per_image)) if tiles_per_image else None
+    want = hf(input_ids=input_ids, pixel_values=pv).logits
+    got = ours(input_ids, pixel_values=pv)
+    assert got.shape == want.shape
+    err = rel_err(got, want)
+    assert err < MAX_REL_ERR, f"{tiles_per_image}: rel err {err:.2e}"
+    if pv is not None:  # the images must matter, or the comparison above proves nothing about the vision path
+        assert rel_err(hf(input_ids=input_ids, pixel_values=pixels(pv.shape[0], seed=1)).logits, want) > 1e-2
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_hf(pair):
+    """Row 0 is left-padded: positions must come from the attention mask, and pads must not be attended."""
+    hf, ours, _, ids = pair
+    short, long = prompt(ids, [1], seed=1, n_text=3), prompt(ids, [1], seed=2)
+    pad = long.shape[1] - short.shape[1]
+    input_ids = torch.cat([torch.cat([torch.full((1, pad), ids["<|endoftext|>"]), short], 1), long])
+    mask = torch.ones_like(input_ids)
+    mask[0, :pad] = 0
+    got = ours(input_ids, pixel_values=pixels(2), attention_mask=mask)
+    for row, seq, pv in ((0, short, pixels(2)[:1]), (1, long, pixels(2)[1:])):
+        want = hf(input_ids=seq, pixel_values=pv).logits[0]
+        err = rel_err(got[row, -seq.shape[1]:], want)
+        assert err < MAX_REL_ERR, f"row {row}: rel err {err:.2e}"
+
+
+@torch.no_grad()
+def test_greedy_generate_matches_recompute_and_hf(pair):
+    hf, ours, _, ids = pair
+    input_ids, pv, n_new = prompt(ids, [1], seed=3), pixels(1, seed=3), 6
+    cached = ours.generate(input_ids, pixel_values=pv, max_new_tokens=n_new, temperature=0.0)
+    seq = input_ids
+    for _ in range(n_new):  # greedy by full recomputation: no KV cache involved
+        seq = torch.cat([seq, ours(seq, pixel_values=pv)[:, -1].argmax(-1, keepdim=True)], 1)
+    hf_seq = hf.generate(input_ids=input_ids, pixel_values=pv, max_new_tokens=n_new, do_sample=False,
+                         pad_token_id=ids["<|endoftext|>"])
+
+    def new_tokens(s):  # up to and including the first eos (ours pads with eos after it, HF stops)
+        new = s[0, input_ids.shape[1]:].tolist()
+        return new[:new.index(ids["eos"]) + 1] if ids["eos"] in new else new
+
+    assert new_tokens(cached) == new_tokens(seq)
+    assert new_tokens(cached) == new_tokens(hf_seq)
