@@ -161,13 +161,22 @@ def save_state_dict(tensors, config: dict, out_dir: str, max_shard_bytes: int = 
     os.rename(tmp, out_dir)
 
 
+def named_shards(model):
+    """named_parameters() as the sharded DTensors FSDP2 owns. After a no_grad forward (generation) the root FSDP
+    unit keeps its full, unsharded tensors registered (it expects a backward), and anything holding on to those
+    (an optimizer, a save) would hold copies that FSDP later discards: reshard first."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+    return model.named_parameters()
+
+
 def save_model(model: SkyworkR1V, out_dir: str, max_shard_bytes: int = 5 * 2**30, src_dir: str = None):
     """save_pretrained: the model's tensors (gathered tensor by tensor when FSDP-sharded; only rank 0 writes)."""
     import torch.distributed as dist
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
 
     def tensors():
-        for name, p in model.named_parameters():
+        for name, p in named_shards(model):
             full = p.full_tensor() if hasattr(p, "full_tensor") else p  # collective: every rank takes part
             yield name, full.detach().cpu() if rank0 else None
 

@@ -5,7 +5,6 @@ byte-level BPE and the ChatML template), written with tokenizers + Pillow + nump
 """
 import json
 import os
-import re
 import warnings
 
 import numpy as np
@@ -26,9 +25,11 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 # tokens, as in Qwen3 / DeepSeek-R1, so a decoded response keeps its reasoning markers for parse_response.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 ADDED_TOKENS = SPECIAL_TOKENS + ["<think>", "</think>"]
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json")
+# What train_tokenizer writes (and what a checkpoint directory should carry along with its weights).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
 
-DEFAULT_CORPUS = [
+DEFAULT_CORPUS = [  # what the tiny models will see: chat markup, reasoning words, digits, LaTeX, Chinese, emoji
     "<|im_start|>user\n<image>\nHow many red shapes are in the image?<|im_end|>\n<|im_start|>assistant\n",
     "<think>\nI see a red circle, a blue square and a red triangle. That makes 2 red shapes. Wait, let me check "
     "the image again. The triangle is red, so the count is 2.\n</think>\n\nThe answer is \\boxed{2}.",
@@ -37,10 +38,8 @@ DEFAULT_CORPUS = [
     "Suppose the area is \\pi r^2 with r = 5; then the area is 25\\pi \\approx 78.54. Thus the answer is 78.54.",
     "The green shape is on the left, the blue one is at the top. However, there are 3 circles in total.",
     "题目：图中有几个红色的形状？答案是3。让我们一步一步地思考。等一下，再检查一遍。",
-    "Great job! 🎉 The answer is correct ✅ 😀 Let's try the next problem 🚀.",
-    "Solve for y: 2y - 7 = 11 \\implies y = 9. Check: 2 \\cdot 9 - 7 = 11. \\boxed{9}",
-    "Hmm, the angle \\theta satisfies \\sin\\theta = \\frac{1}{2}, so \\theta = 30^\\circ. Wait, or 150^\\circ?",
-    "Options: (A) 1 (B) 2 (C) 3 (D) 4. Counting carefully, the answer is (C).\n\nThe answer is \\boxed{C}.",
+    "Great job! 🎉 The answer is correct ✅ 😀 Let's try the next problem 🚀. Solve 2y - 7 = 11 \\implies y = 9.",
+    "Hmm, \\sin\\theta = \\frac{1}{2}, so \\theta = 30^\\circ. Wait, or 150^\\circ? Options: (A) 1 (B) 2 (C) 3.",
     "<img><IMG_CONTEXT></img> There are 0 red shapes, 1 green shape and 4 blue shapes in the image.",
 ]
 
@@ -57,14 +56,10 @@ def _byte_level_bpe(model):
     return tok
 
 
-def _added_token_entry(token, special):
-    return {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-            "special": special}
-
-
 def train_tokenizer(out_dir, texts=None, vocab_size=512):
     """Train a small byte-level BPE on `texts` (default: a built-in reasoning corpus) and write the files a Qwen2
-    tokenizer checkpoint ships. The BPE gets vocab_size - 8 entries; the 8 added tokens follow it."""
+    tokenizer checkpoint ships. The BPE gets up to vocab_size - 8 entries (fewer if the corpus runs out of merges:
+    the built-in one stops at 634 in total); the 8 added tokens follow it. Read the size back, never assume it."""
     n_bpe = vocab_size - len(ADDED_TOKENS)
     if n_bpe < 256:
         raise ValueError(f"vocab_size={vocab_size} is too small: need 256 byte tokens + {len(ADDED_TOKENS)} added")
@@ -79,18 +74,17 @@ def train_tokenizer(out_dir, texts=None, vocab_size=512):
     tok.model.save(out_dir)  # vocab.json + merges.txt ("#version: 0.2" header, as Qwen2 ships them)
     ids = {t: tok.token_to_id(t) for t in ADDED_TOKENS}
     _write_json(os.path.join(out_dir, "added_tokens.json"), ids)
-    added = [_added_token_entry(t, t in SPECIAL_TOKENS) for t in ADDED_TOKENS]
-    extra = [a for a in added if a["content"] not in ("<|endoftext|>", "<|im_end|>")]
+    entry = {t: {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                 "special": t in SPECIAL_TOKENS} for t in ADDED_TOKENS}
     _write_json(os.path.join(out_dir, "special_tokens_map.json"), {
-        "additional_special_tokens": [a["content"] for a in extra if a["special"]],
-        "eos_token": added[2], "pad_token": added[0]})
-    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "additional_special_tokens": SPECIAL_TOKENS[1:], "eos_token": entry["<|im_end|>"],
+        "pad_token": entry["<|endoftext|>"]})
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {  # the fields Qwen2's tokenizer_config.json has
         "add_bos_token": False, "add_prefix_space": False,
-        "added_tokens_decoder": {str(ids[a["content"]]): a for a in added},
-        "additional_special_tokens": [a["content"] for a in extra if a["special"]],
-        "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
-        "model_max_length": 32768, "pad_token": "<|endoftext|>", "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None})
+        "added_tokens_decoder": {str(ids[t]): entry[t] for t in ADDED_TOKENS},
+        "additional_special_tokens": SPECIAL_TOKENS[1:], "bos_token": None, "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 32768, "pad_token": "<|endoftext|>",
+        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None})
     return out_dir
 
 
@@ -120,7 +114,7 @@ class Tokenizer:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special=False):
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)  # accepts tensors too
 
     def token_id(self, token):
         i = self.tok.token_to_id(token)
@@ -138,9 +132,9 @@ def _from_vocab_merges(ckpt_dir):
                                     f"({p} is missing)")
     tok = _byte_level_bpe(models.BPE.from_file(vocab, merges))
     added_path = os.path.join(ckpt_dir, "added_tokens.json")
-    added = json.load(open(added_path, encoding="utf-8")) if os.path.exists(added_path) else {}
-    special = _special_flags(ckpt_dir)
-    for token, want in sorted(added.items(), key=lambda kv: kv[1]):  # added in id order -> ids come out in order
+    config = _read_json(os.path.join(ckpt_dir, "tokenizer_config.json"), {})
+    special = {a["content"]: a.get("special", True) for a in config.get("added_tokens_decoder", {}).values()}
+    for token, want in sorted(_read_json(added_path, {}).items(), key=lambda kv: kv[1]):  # in id order
         tok.add_tokens([AddedToken(token, special=special.get(token, True), normalized=False)])
         if tok.token_to_id(token) != want:
             raise ValueError(f"{added_path}: {token!r} has id {want} but would get {tok.token_to_id(token)} "
@@ -148,13 +142,11 @@ def _from_vocab_merges(ckpt_dir):
     return tok
 
 
-def _special_flags(ckpt_dir):
-    """token -> special flag from tokenizer_config.json's added_tokens_decoder (all special if absent)."""
-    path = os.path.join(ckpt_dir, "tokenizer_config.json")
+def _read_json(path, default):
     if not os.path.exists(path):
-        return {}
-    decoder = json.load(open(path, encoding="utf-8")).get("added_tokens_decoder", {})
-    return {a["content"]: a.get("special", True) for a in decoder.values()}
+        return default
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 class StreamDecoder:
@@ -190,9 +182,10 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 def candidate_grids(min_tiles, max_tiles):
     """All (cols, rows) with min_tiles <= cols*rows <= max_tiles, sorted by (cols*rows, cols). The release sorts a
-    Python set by cols*rows only, which leaves equal products in set-iteration order; we break that tie by cols
-    so the result never depends on hashing. It only matters when two grids with the same product are equally
-    close in aspect ratio, e.g. (1, 2) vs (2, 1) for a 5:4 image with min_tiles=max_tiles=2."""
+    Python set by cols*rows only, leaving equal products in set-iteration (hash) order; we break the tie by cols.
+    The order can only change the result when two equal-product grids tie for closest aspect ratio, which needs
+    min_tiles > 1 (e.g. (1, 3) vs (3, 1) for a 5:3 image with min_tiles=3): with min_tiles=1, (1, 1) is always
+    strictly closer (checked exhaustively in tests/test_data.py)."""
     grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
              if min_tiles <= c * r <= max_tiles]
     return sorted(grids, key=lambda g: (g[0] * g[1], g[0]))
@@ -300,10 +293,8 @@ def build_chat(messages, tiles_per_image=(), num_image_token=256):
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     n_found = sum(messages[i]["content"].count(IMAGE_PLACEHOLDER) for i in users)
     if n_found == 0 and tiles_per_image and users:
-        messages = list(messages)
-        first = messages[users[0]]
-        prefix = (IMAGE_PLACEHOLDER + "\n") * len(tiles_per_image)
-        messages[users[0]] = {**first, "content": prefix + first["content"]}
+        u, prefix = users[0], (IMAGE_PLACEHOLDER + "\n") * len(tiles_per_image)
+        messages = [*messages[:u], {**messages[u], "content": prefix + messages[u]["content"]}, *messages[u + 1:]]
         n_found = len(tiles_per_image)
     if n_found != len(tiles_per_image):
         raise ValueError(f"the prompt has {n_found} {IMAGE_PLACEHOLDER} placeholders but {len(tiles_per_image)} "

@@ -6,21 +6,45 @@ rewards into group-relative advantages, and maximise a token-level clipped surro
 clip-higher (DAPO, arXiv 2503.14476), token-mean aggregation and an optional k3 KL to a frozen reference policy.
 R1V2's Selective Sample Buffer (arXiv 2504.16656) counters vanishing advantages (groups whose rewards are all equal).
 """
+import argparse
 import math
+import os
 import re
-from dataclasses import dataclass
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import Tokenizer, build_prompt, load_image, make_visual_task, read_jsonl
+from entropy import token_logprobs_and_entropy
+from model import SkyworkR1V
+from train import MetricsLog, autocast, clip_grad_norm, load_for_training, lr_at, make_optimizer, plot_curves, \
+    resume, save_checkpoint, setup
 
 
 @dataclass
 class GRPOConfig:
+    # model and data
+    ckpt: str = "out/sft"         # starting point: the cold-start SFT model (release format)
+    data: str = ""                # training JSONL {"images": [...], "question", "answer"}; "" = synthetic visual task
+    eval_data: str = ""           # held-out JSONL; with the synthetic task, its held-out split
+    out_dir: str = "out/grpo"     # metrics.jsonl, curves.png, ckpt/ (release format + train_state/)
+    train: str = "connector,llm"  # parts updated; the ViT stays frozen (R1V3: freezing it hurts least; saves memory)
+    resume: bool = False          # continue from out_dir/ckpt
+    seed: int = 0
+    synthetic_size: int = 2048    # synthetic training problems
     # rollouts
+    steps: int = 200
+    prompts_per_step: int = 64    # over all ranks; each rank generates for its share
     group_size: int = 8           # G responses per prompt
+    max_new_tokens: int = 16384
     temperature: float = 1.0      # sampling temperature; log-probs are taken at the same temperature
+    max_tiles: int = 12           # dynamic tiling limit per image
+    rollout_batch_size: int = 64  # sequences per generate call (bounds the KV cache)
     # objective
     clip_low: float = 0.2         # ratio clipped to [1 - clip_low, 1 + clip_high] (clip-higher, DAPO)
     clip_high: float = 0.28
@@ -28,12 +52,29 @@ class GRPOConfig:
     scale_adv: bool = True        # A = (r - mean) / (std + eps); False: A = r - mean (Dr. GRPO, arXiv 2503.20783)
     format_weight: float = 0.5    # reward = accuracy + format_weight * format
     # optimisation
-    lr: float = 1e-6              # peers' value for 32B decoders
+    lr: float = 1e-6              # peers' value for 32B decoders; constant after warmup
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1           # optimisation passes over each rollout batch
+    minibatch_size: int = 128     # sequences per optimizer step (per rank)
+    micro_batch_size: int = 4     # sequences per forward/backward (gradient accumulation inside a minibatch)
+    grad_checkpointing: bool = False
+    logprob_chunk: int = 1024     # tokens per lm_head chunk when computing log-probs / entropy
     # selective sample buffer (R1V2)
     buffer_capacity: int = 64     # samples kept
     buffer_max_age: int = 4       # steps a buffered sample stays usable (it gets staler every step)
     flat_threshold: float = 0.5   # mix buffered samples in when more than this fraction of groups is flat
-    logprob_chunk: int = 1024     # tokens per lm_head chunk when computing log-probs / entropy
+    # bookkeeping
+    eval_every: int = 10          # held-out accuracy (greedy decoding) every this many steps, and at 0 and the end
+    eval_size: int = 256          # held-out problems evaluated
+    save_every: int = 50
+
+
+# The default run (`python grpo.py`, no --ckpt): tiny model from `python sft.py`, synthetic task, CPU, minutes.
+TINY_RUN = dict(steps=40, prompts_per_step=4, max_new_tokens=256, rollout_batch_size=32, lr=1e-4, ppo_epochs=2,
+                minibatch_size=16, micro_batch_size=16, synthetic_size=512, eval_every=10, eval_size=64,
+                save_every=20)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,29 +238,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     return torch.where(flat[:, None], 0.0, adv).flatten(), flat
 
 
-def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [B,T,D], targets [B,T] -> (log p(target) [B,T] fp32, entropy [B,T] fp32, no grad) at `temperature`.
-
-    lm_head runs on `chunk` tokens at a time and, under autograd, each chunk is recomputed in backward
-    (activation checkpointing), so no [B*T, V] fp32 tensor is ever alive: at V = 152K that would be
-    0.6 MB per token. Entropy H = logsumexp(z) - sum softmax(z) z (metrics only)."""
-    B, T, D = hidden.shape
-    h, t = hidden.reshape(B * T, D), targets.reshape(B * T)
-
-    def piece(h_c, t_c):
-        z = lm_head(h_c).float() / temperature                          # [c, V]
-        logp = z.log_softmax(-1)
-        with torch.no_grad():
-            ent = -(logp.exp() * logp).sum(-1)
-        return logp.gather(-1, t_c[:, None]).squeeze(-1), ent
-
-    outs = [checkpoint(piece, h[i:i + chunk], t[i:i + chunk], use_reentrant=False) if torch.is_grad_enabled()
-            else piece(h[i:i + chunk], t[i:i + chunk]) for i in range(0, B * T, chunk)]
-    logp, ent = (torch.cat(x).view(B, T) for x in zip(*outs))
-    return logp, ent
-
-
 def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
               clip_low: float = 0.2, clip_high: float = 0.28, beta: float = 0.0, logp_ref: torch.Tensor | None = None,
               num_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
@@ -290,10 +308,333 @@ class SampleBuffer:
         del self.items[:len(slots)]
         return samples, advantages, len(slots)
 
-    def state_dict(self) -> dict:
-        return {"capacity": self.capacity, "max_age": self.max_age, "min_abs_adv": self.min_abs_adv,
-                "items": [list(it) for it in self.items]}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat {name: tensor} (safetensors-friendly): each item's step, advantage and sample fields
+        (samples are dicts of tensors / ints / floats)."""
+        out = {}
+        for i, (step, adv, sample) in enumerate(self.items):
+            for key, v in {"step": step, "adv": adv, **{f"sample.{k}": x for k, x in sample.items()}}.items():
+                out[f"{i}.{key}"] = v if torch.is_tensor(v) else torch.tensor(v, dtype=torch.float64 if
+                                                                               isinstance(v, float) else torch.int64)
+        return out
 
-    def load_state_dict(self, state: dict):
-        self.capacity, self.max_age, self.min_abs_adv = state["capacity"], state["max_age"], state["min_abs_adv"]
-        self.items = [tuple(it) for it in state["items"]]
+    def load_state_dict(self, state: dict[str, torch.Tensor]):
+        items = {}
+        for name, t in state.items():
+            i, key = name.split(".", 1)
+            items.setdefault(int(i), {})[key] = t.item() if t.dim() == 0 else t
+        self.items = [(it.pop("step"), it.pop("adv"), {k.removeprefix("sample."): v for k, v in it.items()})
+                      for _, it in sorted(items.items())]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: problems, prompts, and which prompts each step uses.
+
+def load_problems(cfg: GRPOConfig, is_main: bool = True) -> tuple[list[dict], list[dict]]:
+    """-> (train, held-out) problem lists. Bad records raise with the file and line (data.read_jsonl)."""
+    need = ("question", "answer")
+    if cfg.data:
+        return read_jsonl(cfg.data, need), read_jsonl(cfg.eval_data, need) if cfg.eval_data else []
+    root = os.path.join(cfg.out_dir, "data")       # same seed -> same images, so rewriting on resume is harmless
+    if is_main:
+        make_visual_task(root, cfg.synthetic_size, cfg.seed, "train")
+        make_visual_task(root, cfg.eval_size, cfg.seed, "heldout")
+    if dist.is_initialized():
+        dist.barrier()
+    heldout = read_jsonl(os.path.join(root, "heldout.jsonl"), need) if cfg.eval_size else []
+    return read_jsonl(os.path.join(root, "train.jsonl"), need), heldout
+
+
+def encode_problem(problem: dict, tok: Tokenizer, m: SkyworkR1V, max_tiles: int):
+    """-> (prompt ids [Lp] long, pixel values [tiles,3,H,W] or None). Each image's tile count sets its number of
+    <IMG_CONTEXT> tokens in the prompt, which opens the assistant turn with <think>."""
+    c = m.config
+    images = [load_image(p, max_tiles=max_tiles, tile=c.force_image_size, use_thumbnail=c.use_thumbnail)
+              for p in problem["images"]]
+    text = build_prompt(problem["question"], [len(x) for x in images], c.num_image_token)
+    return torch.tensor(tok.encode(text)), torch.cat(images) if images else None
+
+
+def prompt_indices(step: int, n: int, k: int, seed: int) -> list[int]:
+    """The k problems of step `step` (1-based): the next k of an endless sequence of seeded shuffles of the n
+    problems, one shuffle per epoch. A pure function of the step, so resuming needs no data-loader state."""
+    perms, out = {}, []
+    for pos in range((step - 1) * k, step * k):
+        epoch, j = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perms[epoch][j]))
+    return out
+
+
+def reward(text: str, answer: str, format_weight: float = 0.5) -> float:
+    return accuracy_reward(text, answer) + format_weight * format_reward(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models. setup_models is the one call that builds what is trained: swap it to change sharding / precision.
+
+def setup_models(cfg: GRPOConfig, ctx, start_dir: str):
+    """-> (policy, reference or None). The reference (frozen initial policy) exists only when beta > 0."""
+    policy = load_for_training(start_dir, ctx, train=cfg.train, grad_checkpointing=cfg.grad_checkpointing)
+    ref = None
+    if cfg.beta:
+        ref = SkyworkR1V.from_pretrained(cfg.ckpt, dtype=ctx.dtype, device=ctx.device).requires_grad_(False)
+    return policy, ref
+
+
+def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[Li] -> ids [B, max L] left-padded, attention mask [B, max L] (1 = real)."""
+    n = max(len(s) for s in seqs)
+    ids, mask = torch.full((len(seqs), n), pad_id), torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):], mask[i, n - len(s):] = s, 1
+    return ids, mask
+
+
+def cat_pixels(pixels: list) -> torch.Tensor | None:
+    """Tiles of several rows, in row order (the order m.embed fills <IMG_CONTEXT> tokens)."""
+    pixels = [p for p in pixels if p is not None]
+    return torch.cat(pixels) if pixels else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts: G samples per prompt from the current policy, scored.
+
+@torch.no_grad()
+def rollout(m, tok, problems, idxs, encoded, cfg, ctx, gen, reward_fn) -> tuple[list[dict], dict]:
+    """-> (samples in group order, stats). A sample is {"problem": index, "response": ids [Lr]}; the response
+    ends at <|im_end|> (kept: the policy must learn to stop) or after max_new_tokens. A sampled <IMG_CONTEXT> also
+    ends it: fed back as input it would ask for an image that does not exist."""
+    rows = [i for i in idxs for _ in range(cfg.group_size)]
+    img_ctx, samples, scores = m.config.img_context_token_id, [], []
+    for b in range(0, len(rows), cfg.rollout_batch_size):
+        chunk = rows[b:b + cfg.rollout_batch_size]
+        ids, mask = left_pad([encoded[i][0] for i in chunk], tok.pad_id)
+        pix = cat_pixels([encoded[i][1] for i in chunk])
+        with autocast(ctx):
+            seq = m.generate(ids.to(ctx.device), None if pix is None else pix.to(ctx.device), mask.to(ctx.device),
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_token_id=tok.eos_id,
+                             generator=gen)
+        for i, resp in zip(chunk, seq[:, ids.shape[1]:].cpu()):
+            stop = ((resp == tok.eos_id) | (resp == img_ctx)).nonzero()
+            resp = resp[:int(stop[0]) + 1 if len(stop) else len(resp)].clone()
+            text = tok.decode(resp.tolist(), skip_special=True)
+            answer = str(problems[i]["answer"])
+            samples.append({"problem": i, "response": resp})
+            scores.append((reward_fn(text, answer), accuracy_reward(text, answer), format_reward(text), len(resp)))
+    r, acc, fmt, length = (torch.tensor(x, dtype=torch.float64) for x in zip(*scores))
+    return samples, {"rewards": r.float(), "reward": r.mean().item(), "accuracy": acc.mean().item(),
+                     "format": fmt.mean().item(), "response_len": length.mean().item(), "tokens": length.sum().item()}
+
+
+@torch.no_grad()
+def evaluate(m, tok, problems: list[dict], cfg: GRPOConfig, ctx) -> float:
+    """Held-out accuracy with greedy decoding; each rank scores its share."""
+    hits = torch.zeros(2, dtype=torch.float64)
+    mine = list(range(ctx.rank, len(problems), ctx.world))
+    for b in range(0, len(mine), cfg.rollout_batch_size):
+        chunk = mine[b:b + cfg.rollout_batch_size]
+        enc = [encode_problem(problems[i], tok, m, cfg.max_tiles) for i in chunk]
+        ids, mask = left_pad([e[0] for e in enc], tok.pad_id)
+        pix = cat_pixels([e[1] for e in enc])
+        with autocast(ctx):
+            seq = m.generate(ids.to(ctx.device), None if pix is None else pix.to(ctx.device), mask.to(ctx.device),
+                             max_new_tokens=cfg.max_new_tokens, temperature=0.0, eos_token_id=tok.eos_id)
+        for i, resp in zip(chunk, seq[:, ids.shape[1]:].tolist()):
+            hits[0] += accuracy_reward(tok.decode(resp, skip_special=True), str(problems[i]["answer"]))
+        hits[1] += len(chunk)
+    if dist.is_initialized():
+        dist.all_reduce(hits)
+    return (hits[0] / hits[1].clamp(min=1)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probs of sampled responses and the optimisation passes.
+
+def response_logprobs(m, samples: list[dict], encoded: dict, pad_id: int, cfg: GRPOConfig, ctx):
+    """-> (log p [B,R] fp32, entropy [B,R] fp32, mask [B,R] bool) of each response token under m.
+
+    Rows are [left pad | prompt | response | right pad] with every prompt ending at column P, so the hidden
+    states at columns P-1 .. P+R-2 predict the R response columns; only those go through the chunked lm_head."""
+    prompts = [encoded[s["problem"]][0] for s in samples]
+    P, R = max(len(p) for p in prompts), max(len(s["response"]) for s in samples)
+    ids, attn = torch.full((len(samples), P + R), pad_id), torch.zeros(len(samples), P + R, dtype=torch.long)
+    targets = torch.full((len(samples), R), -100)
+    for b, (p, s) in enumerate(zip(prompts, samples)):
+        lp, lr = len(p), len(s["response"])
+        ids[b, P - lp:P], ids[b, P:P + lr], attn[b, P - lp:P + lr], targets[b, :lr] = p, s["response"], 1, s["response"]
+    # A response can end with a sampled <IMG_CONTEXT> (see rollout). As an input it only feeds positions after
+    # the response, which are never read, but m.embed would count it as an image slot: blank it.
+    ids[:, P:][ids[:, P:] == m.config.img_context_token_id] = pad_id
+    pix = cat_pixels([encoded[s["problem"]][1] for s in samples])
+    with autocast(ctx):
+        h = m(ids[:, :-1].to(ctx.device), None if pix is None else pix.to(ctx.device), attn[:, :-1].to(ctx.device),
+              return_hidden=True)[:, P - 1:]                                           # [B,R,D]
+        logp, ent = token_logprobs_and_entropy(m.language_model.lm_head, h, targets.to(ctx.device),
+                                               cfg.temperature, cfg.logprob_chunk)
+    return logp, ent, (targets >= 0).to(ctx.device)
+
+
+@torch.no_grad()
+def batch_logprobs(m, samples, encoded, pad_id, cfg, ctx) -> tuple[list[torch.Tensor], float]:
+    """Per-sample response log-probs [Lr] under m (old policy or reference), in micro-batches; + mean entropy."""
+    out, ent_sum, n = [], 0.0, 0
+    for b in range(0, len(samples), cfg.micro_batch_size):
+        chunk = samples[b:b + cfg.micro_batch_size]
+        logp, ent, mask = response_logprobs(m, chunk, encoded, pad_id, cfg, ctx)
+        out += [lp[:len(s["response"])] for lp, s in zip(logp, chunk)]
+        ent_sum, n = ent_sum + (ent * mask).sum().item(), n + mask.sum().item()
+    return out, ent_sum / max(n, 1)
+
+
+def pad_right(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)
+
+
+def optimise(m, opt, samples, adv, old, ref, encoded, pad_id, cfg, ctx, gen, step) -> dict:
+    """ppo_epochs passes over the batch in shuffled minibatches, one AdamW step each. The loss is the token-mean
+    over the minibatch, accumulated over micro-batches. A non-finite loss or gradient skips the step (warning):
+    the weights and the optimizer state stay untouched."""
+    sums, skipped, updates = {}, 0, 0
+    lengths = torch.tensor([len(s["response"]) for s in samples])
+    for _ in range(cfg.ppo_epochs):
+        for mb in torch.randperm(len(samples), generator=gen).split(cfg.minibatch_size):
+            opt.zero_grad(set_to_none=True)
+            n_tokens, loss_sum, parts = lengths[mb].sum().item(), 0.0, []
+            for micro in mb.split(cfg.micro_batch_size):
+                micro = micro.tolist()
+                logp, _, mask = response_logprobs(m, [samples[i] for i in micro], encoded, pad_id, cfg, ctx)
+                loss, metrics = grpo_loss(logp, pad_right([old[i] for i in micro]), adv[micro].to(ctx.device), mask,
+                                          cfg.clip_low, cfg.clip_high, cfg.beta,
+                                          pad_right([ref[i] for i in micro]) if ref else None, num_tokens=n_tokens)
+                loss.backward()
+                loss_sum += loss.item()
+                parts.append((mask.sum().item(), metrics))
+            grad_norm = clip_grad_norm(m, cfg.grad_clip)
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                warnings.warn(f"step {step}: non-finite loss {loss_sum} / grad norm {grad_norm}: update skipped")
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            opt.step()
+            updates += 1
+            for k, v in [("loss", loss_sum), ("grad_norm", grad_norm)] + [
+                    (k, sum(w * mt[k] for w, mt in parts) / max(n_tokens, 1)) for k in parts[0][1]]:
+                sums[k] = sums.get(k, 0.0) + v
+    opt.zero_grad(set_to_none=True)
+    return {**{k: v / max(updates, 1) for k, v in sums.items()}, "skipped_updates": skipped}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop.
+
+def mean_over_ranks(metrics: dict) -> dict:
+    if not dist.is_initialized():
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
+    """Run GRPO; returns the metrics of every step (also in out_dir/metrics.jsonl). reward_fn(text, answer) ->
+    float defaults to accuracy + format_weight * format."""
+    if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
+        hint = " Run `python sft.py` first: GRPO starts from the cold-start SFT model." if cfg.ckpt == "out/sft" else ""
+        raise FileNotFoundError(f"no checkpoint at {cfg.ckpt!r} (config.json missing).{hint}")
+    reward_fn = reward_fn or (lambda text, answer: reward(text, answer, cfg.format_weight))
+    ctx = setup(seed=cfg.seed)
+    if cfg.prompts_per_step % ctx.world:
+        raise ValueError(f"prompts_per_step {cfg.prompts_per_step} must be a multiple of the world size {ctx.world}")
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
+    resuming = cfg.resume and os.path.isdir(os.path.join(ckpt_dir, "train_state"))
+    if cfg.resume and not resuming and ctx.is_main:
+        print(f"--resume: nothing to resume in {ckpt_dir}, starting from {cfg.ckpt}")
+    tok = Tokenizer.from_dir(cfg.ckpt)
+    train_set, heldout = load_problems(cfg, ctx.is_main)
+    policy, ref_model = setup_models(cfg, ctx, ckpt_dir if resuming else cfg.ckpt)
+    opt = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    buffer, start = SampleBuffer(cfg.buffer_capacity, cfg.buffer_max_age), 0
+    if resuming:
+        start, _, tensors = resume(ckpt_dir, policy, opt)
+        buffer.load_state_dict({k.removeprefix("buffer."): v for k, v in tensors.items() if k.startswith("buffer.")})
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ctx.is_main, start if resuming else None)
+    history = []
+    if start == 0 and heldout:
+        history.append({"step": 0, "heldout_accuracy": evaluate(policy, tok, heldout, cfg, ctx)})
+        log.write(0, {"heldout_accuracy": history[-1]["heldout_accuracy"]})
+
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not ctx.is_main, desc="grpo")
+    for step in bar:
+        t0 = time.perf_counter()
+        # every random choice of the step (sampling, minibatch order) comes from this generator: resume-exact
+        gen = torch.Generator(ctx.device).manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx.rank)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, cfg.steps, cfg.lr, cfg.warmup_steps, min_lr_ratio=1.0)
+        idxs = prompt_indices(step, len(train_set), cfg.prompts_per_step, cfg.seed)[ctx.rank::ctx.world]
+        encoded = {i: encode_problem(train_set[i], tok, policy, cfg.max_tiles) for i in idxs}
+        samples, stats = rollout(policy, tok, train_set, idxs, encoded, cfg, ctx, gen, reward_fn)
+        t_rollout = time.perf_counter() - t0
+
+        # advantages; flat groups carry no signal, so buffered high-|A| samples take their place (R1V2)
+        adv, flat = group_advantages(stats.pop("rewards"), cfg.group_size, cfg.scale_adv)
+        flat_frac = flat.float().mean().item()
+        batch, batch_adv, n_mixed = buffer.mix(samples, adv.tolist(), flat.repeat_interleave(cfg.group_size).tolist(),
+                                               flat_frac, cfg.flat_threshold)
+        buffer.add(samples, adv.tolist(), step)
+        for s in batch:
+            if s["problem"] not in encoded:
+                encoded[s["problem"]] = encode_problem(train_set[s["problem"]], tok, policy, cfg.max_tiles)
+
+        # old (behaviour) log-probs once per rollout batch; the reference's only if the KL term is on
+        old, entropy = batch_logprobs(policy, batch, encoded, tok.pad_id, cfg, ctx)
+        ref = batch_logprobs(ref_model, batch, encoded, tok.pad_id, cfg, ctx)[0] if ref_model is not None else None
+        metrics = optimise(policy, opt, batch, torch.tensor(batch_adv), old, ref, encoded, tok.pad_id, cfg, ctx, gen,
+                           step)
+
+        metrics.update(stats, entropy=entropy, flat_frac=flat_frac, buffer_mixed=n_mixed, buffer_size=len(buffer),
+                       lr=opt.param_groups[0]["lr"])
+        metrics = mean_over_ranks(metrics)
+        metrics.update(tokens_per_s=metrics["tokens"] / t_rollout, step_time=time.perf_counter() - t0)
+        if heldout and (step % cfg.eval_every == 0 or step == cfg.steps):
+            metrics["heldout_accuracy"] = evaluate(policy, tok, heldout, cfg, ctx)
+        log.write(step, metrics)
+        history.append({"step": step, **metrics})
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
+                        flat=f"{flat_frac:.2f}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(ckpt_dir, policy, opt, step, extra={"config": asdict(cfg)},
+                            tensors={f"buffer.{k}": v for k, v in buffer.state_dict().items()})
+    if ctx.is_main:
+        plot_curves(log.path, os.path.join(cfg.out_dir, "curves.png"),
+                    ["reward", "accuracy", "heldout_accuracy", "format", "response_len", "entropy", "clip_frac",
+                     "flat_frac"])
+    return history
+
+
+def parse_args(argv=None) -> GRPOConfig:
+    """Every GRPOConfig field is a flag (--name value, --flag/--no-flag). Without --ckpt the default run's tiny
+    settings (TINY_RUN) apply; with --ckpt the recipe defaults do. Explicit flags win either way."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in fields(GRPOConfig):
+        if f.type is bool:
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(f"--{f.name}", type=f.type, default=None)
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    return replace(GRPOConfig() if "ckpt" in args else GRPOConfig(**TINY_RUN), **args)
+
+
+if __name__ == "__main__":
+    cfg = parse_args()
+    t = time.perf_counter()
+    try:
+        history = train(cfg)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
+    if history and "heldout_accuracy" in history[-1]:
+        first = next(h["heldout_accuracy"] for h in history if "heldout_accuracy" in h)
+        print(f"held-out accuracy {first:.3f} -> {history[-1]['heldout_accuracy']:.3f} in {time.perf_counter() - t:.0f} s;"
+              f" metrics in {cfg.out_dir}/metrics.jsonl, curves in {cfg.out_dir}/curves.png")

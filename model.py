@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from connector import Connector
-from vision import InternViT, RMSNorm, VisionConfig
+from vision import InternViT, RMSNorm, VisionConfig, run_block
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -214,11 +214,12 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.grad_checkpointing = False
 
     def forward(self, x, positions, mask, cache=None, start=0):  # x: input embeddings [B,T,D]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, start)
+            x = run_block(self.grad_checkpointing, layer, x, cos, sin, mask, cache, start)
         return self.norm(x)
 
 
@@ -253,6 +254,14 @@ class SkyworkR1V(nn.Module):
         self.vision_model = InternViT(config.vision)
         self.mlp1 = Connector(config.vision.hidden_size, config.llm.hidden_size, config.downsample_ratio)
         self.language_model = Qwen2ForCausalLM(config.llm)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.language_model.model.grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, on: bool):
+        self.vision_model.grad_checkpointing = self.language_model.model.grad_checkpointing = on
 
     # -- checkpoint I/O lives in checkpoint.py; these are the entry points every script uses
     @classmethod

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -57,6 +58,14 @@ def make_norm(cfg: VisionConfig, dim: int) -> nn.Module:
     if cfg.norm_type == "layer_norm":
         return nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
     raise ValueError(f"vision_config.norm_type must be 'rms_norm' or 'layer_norm', got {cfg.norm_type!r}")
+
+
+def run_block(grad_checkpointing: bool, block, x, *args):
+    """Activation checkpointing per block: keep only the block's input, recompute its inside in the backward
+    (one extra forward, in exchange for activation memory that no longer grows with depth)."""
+    if grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, x, *args, use_reentrant=False)
+    return block(x, *args)
 
 
 class VisionEmbeddings(nn.Module):
@@ -131,6 +140,7 @@ class InternViT(nn.Module):
         self.config = cfg
         self.embeddings = VisionEmbeddings(cfg)
         self.encoder = VisionEncoder(cfg)
+        self.grad_checkpointing = False
 
     def forward(self, pixel_values, select_layer: int = -1):
         """[N, 3, H, W] -> patch features of layer `select_layer` (InternVL's hidden_states[select_layer], where
@@ -141,6 +151,6 @@ class InternViT(nn.Module):
             raise ValueError(f"select_layer {select_layer} is out of range for {n_layers} vision layers")
         x = self.embeddings(pixel_values)
         for block in self.encoder.layers[:depth]:  # layers after select_layer are never run
-            x = block(x)
+            x = run_block(self.grad_checkpointing, block, x)
         return x[:, 1:]
 

@@ -22,10 +22,11 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file  # noqa: E402
 from transformers import InternVLConfig, InternVLForConditionalGeneration  # noqa: E402
 
+from checkpoint import save_state_dict  # noqa: E402
 from data import Tokenizer, train_tokenizer  # noqa: E402
+from model import SkyworkR1V  # noqa: E402
 
 VOCAB = 512
 TOKENS_PER_TILE = 256  # (448 / 14)^2 * 0.5^2
@@ -121,48 +122,25 @@ def release_config(num_kv_heads, bos_id, eos_id):
                 torch_dtype="float32")
 
 
-def save_release_checkpoint(state_dict, config, out_dir, max_shard_bytes):
-    """Sharded safetensors + model.safetensors.index.json + config.json, as the release ships them."""
-    shards, size = [[]], 0
-    for key, t in state_dict.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    weight_map = {}
-    for i, keys in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: state_dict[k] for k in keys}, os.path.join(out_dir, name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(keys, name))
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return len(shards)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Fixtures: one (HF model, our model) pair per GQA ratio, 4 query heads over 2 KV heads and over 1
 
 @pytest.fixture(scope="module", params=[2, 1], ids=["kv2", "kv1"])
 def pair(request, tmp_path_factory):
-    from model import SkyworkR1V
-
     torch.manual_seed(0)
-    ckpt = str(tmp_path_factory.mktemp(f"parity_kv{request.param}"))
-    tok = Tokenizer.from_dir(train_tokenizer(ckpt, vocab_size=VOCAB))
+    tmp = tmp_path_factory.mktemp(f"parity_kv{request.param}")
+    tok = Tokenizer.from_dir(train_tokenizer(str(tmp / "tok"), vocab_size=VOCAB))
     ids = {t: tok.token_id(t) for t in ("<IMG_CONTEXT>", "<img>", "</img>", "<|im_start|>", "<|endoftext|>")}
     ids["eos"] = tok.eos_id
     assert tok.vocab_size == VOCAB
     cfg = hf_config(request.param, ids["<IMG_CONTEXT>"], ids["<|endoftext|>"], ids["eos"])
     hf = randomize_(InternVLForConditionalGeneration._from_config(cfg, attn_implementation="eager")).eval()
     sd = hf_to_release(hf.state_dict())
-    n_shards = save_release_checkpoint(sd, release_config(request.param, ids["<|endoftext|>"], ids["eos"]), ckpt,
-                                       max_shard_bytes=400_000)
-    assert n_shards > 1
+    ckpt = str(tmp / "ckpt")
+    save_state_dict(sd.items(), release_config(request.param, ids["<|endoftext|>"], ids["eos"]), ckpt,
+                    max_shard_bytes=400_000, src_dir=str(tmp / "tok"))
+    with open(os.path.join(ckpt, "model.safetensors.index.json")) as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 1  # sharded, as the release
     ours = SkyworkR1V.from_pretrained(ckpt, dtype=torch.float32, device="cpu").eval()
     return hf, ours, sd, ids
 
@@ -209,40 +187,50 @@ def test_logits_match_hf(pair, tiles_per_image):
     assert got.shape == want.shape
     err = rel_err(got, want)
     assert err < MAX_REL_ERR, f"{tiles_per_image}: rel err {err:.2e}"
-    if pv is not None:  # the images must matter, or the comparison above proves nothing about the vision path
-        assert rel_err(hf(input_ids=input_ids, pixel_values=pixels(pv.shape[0], seed=1)).logits, want) > 1e-2
+    if tiles_per_image == [1]:  # the image must matter, or the comparisons prove nothing about the vision path
+        assert rel_err(hf(input_ids=input_ids, pixel_values=pixels(1, seed=1)).logits, want) > 1e-2
+
+
+def left_padded_batch(ids):
+    """Two one-tile prompts of different lengths, the shorter left-padded: (input_ids [2,T], mask [2,T], rows)."""
+    rows = [prompt(ids, [1], seed=1, n_text=3), prompt(ids, [1], seed=2)]
+    pad = rows[1].shape[1] - rows[0].shape[1]
+    input_ids = torch.cat([torch.cat([torch.full((1, pad), ids["<|endoftext|>"]), rows[0]], 1), rows[1]])
+    mask = torch.ones_like(input_ids)
+    mask[0, :pad] = 0
+    return input_ids, mask, rows
 
 
 @torch.no_grad()
 def test_left_padded_batch_matches_hf(pair):
-    """Row 0 is left-padded: positions must come from the attention mask, and pads must not be attended."""
+    """Positions must come from the attention mask, and pads must not be attended: row 0 equals HF unpadded."""
     hf, ours, _, ids = pair
-    short, long = prompt(ids, [1], seed=1, n_text=3), prompt(ids, [1], seed=2)
-    pad = long.shape[1] - short.shape[1]
-    input_ids = torch.cat([torch.cat([torch.full((1, pad), ids["<|endoftext|>"]), short], 1), long])
-    mask = torch.ones_like(input_ids)
-    mask[0, :pad] = 0
-    got = ours(input_ids, pixel_values=pixels(2), attention_mask=mask)
-    for row, seq, pv in ((0, short, pixels(2)[:1]), (1, long, pixels(2)[1:])):
-        want = hf(input_ids=seq, pixel_values=pv).logits[0]
-        err = rel_err(got[row, -seq.shape[1]:], want)
-        assert err < MAX_REL_ERR, f"row {row}: rel err {err:.2e}"
+    (input_ids, mask, rows), pv = left_padded_batch(ids), pixels(2)
+    got = ours(input_ids, pixel_values=pv, attention_mask=mask)
+    for i, row in enumerate(rows):
+        want = hf(input_ids=row, pixel_values=pv[i:i + 1]).logits[0]
+        err = rel_err(got[i, -row.shape[1]:], want)
+        assert err < MAX_REL_ERR, f"row {i}: rel err {err:.2e}"
 
 
 @torch.no_grad()
 def test_greedy_generate_matches_recompute_and_hf(pair):
+    """KV-cached greedy decoding of a left-padded batch == greedy by full recomputation == HF's generate per row."""
     hf, ours, _, ids = pair
-    input_ids, pv, n_new = prompt(ids, [1], seed=3), pixels(1, seed=3), 6
-    cached = ours.generate(input_ids, pixel_values=pv, max_new_tokens=n_new, temperature=0.0)
+    (input_ids, mask, rows), pv, n_new = left_padded_batch(ids), pixels(2, seed=3), 6
+    cached = ours.generate(input_ids, pixel_values=pv, attention_mask=mask, max_new_tokens=n_new, temperature=0.0)
     seq = input_ids
-    for _ in range(n_new):  # greedy by full recomputation: no KV cache involved
-        seq = torch.cat([seq, ours(seq, pixel_values=pv)[:, -1].argmax(-1, keepdim=True)], 1)
-    hf_seq = hf.generate(input_ids=input_ids, pixel_values=pv, max_new_tokens=n_new, do_sample=False,
-                         pad_token_id=ids["<|endoftext|>"])
+    for _ in range(n_new):  # no KV cache involved: the whole sequence again at every step
+        m = torch.cat([mask, mask.new_ones(2, seq.shape[1] - mask.shape[1])], 1)
+        seq = torch.cat([seq, ours(seq, pixel_values=pv, attention_mask=m)[:, -1].argmax(-1, keepdim=True)], 1)
 
-    def new_tokens(s):  # up to and including the first eos (ours pads with eos after it, HF stops)
-        new = s[0, input_ids.shape[1]:].tolist()
+    def new_tokens(s, t):  # up to and including the first eos (ours pads with eos after it, HF stops)
+        new = s[t:].tolist()
         return new[:new.index(ids["eos"]) + 1] if ids["eos"] in new else new
 
-    assert new_tokens(cached) == new_tokens(seq)
-    assert new_tokens(cached) == new_tokens(hf_seq)
+    t = input_ids.shape[1]
+    for i, row in enumerate(rows):
+        hf_seq = hf.generate(input_ids=row, pixel_values=pv[i:i + 1], max_new_tokens=n_new, do_sample=False,
+                             pad_token_id=ids["<|endoftext|>"])[0]
+        assert new_tokens(cached[i], t) == new_tokens(seq[i], t), f"row {i}: cached decoding != recomputation"
+        assert new_tokens(cached[i], t) == new_tokens(hf_seq, row.shape[1]), f"row {i}: ours != HF generate"

@@ -1,0 +1,402 @@
+"""Supervised fine-tuning of the vision-language model, top to bottom in one file.
+
+Two stages of Skywork-R1V3 (arXiv 2507.06167) are SFT:
+  * cold-start SFT (`--train all`): ~12K long chain-of-thought samples teach the `<think> ... </think> \\boxed{}`
+    reasoning format before GRPO (grpo.py) improves the reasoning itself;
+  * connector-only tuning after RL (`--train connector`): ~10K samples across ~20 domains update only `mlp1`,
+    the ViT and the LLM stay frozen; the report finds this rebalances knowledge better than tuning other modules.
+
+The loss is the token-mean negative log-likelihood of the assistant tokens (response + `<|im_end|>`); the prompt
+(system / user turns, image tokens) only conditions. With no arguments, `python sft.py` writes a tiny random
+checkpoint and cold-start data for the synthetic visual task (count the red shapes), trains the format in a few
+CPU minutes and leaves out/sft, the checkpoint grpo.py starts from.
+
+Data: JSONL, one sample a line: {"images": [...], "question": str, "response": str, ["answer": str]} or
+{"images": [...], "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}; image paths are
+relative to the file. Every assistant turn must be `<think> reasoning </think> ... \\boxed{answer}` (grpo's
+format_reward): others are reported by file:line and skipped (--allow-untagged trains on them).
+"""
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+from data import (THINK_PREFIX, THINK_START, Tokenizer, build_prompt, encode_chat, load_image, make_visual_task,
+                  read_jsonl, reasoning_trace)
+from entropy import token_logprobs_and_entropy
+from grpo import accuracy_reward, format_reward
+from train import (MetricsLog, autocast, clip_grad_norm, load_for_training, lr_at, make_optimizer, plot_curves,
+                   resume, save_checkpoint, setup)
+
+
+@dataclass
+class SFTConfig:
+    # model and data
+    ckpt: str = ""                # starting checkpoint (release format); "" = a tiny random one in out/tiny-init
+    data: str = ""                # training JSONL; "" = synthetic cold-start data written to synthetic_dir
+    eval_data: str = ""           # held-out JSONL; "" = the synthetic held-out split, or n_eval samples cut from --data
+    synthetic_dir: str = "out/sft-data"
+    n_train: int = 1000           # synthetic training problems
+    n_eval: int = 64              # held-out samples (synthetic, or cut from --data when there is no --eval-data)
+    out: str = "out/sft"          # checkpoint dir (release format + train_state/); out.metrics.jsonl, out.png beside it
+    resume: str = ""              # a checkpoint dir written by this script: continue that run from its step
+    train: str = "all"            # all | llm | connector | vision,connector | ...: the parts that get gradients
+    max_len: int = 1024           # tokens per sample, image tokens included (see truncate())
+    max_tiles: int = 12           # 448px tiles per image (+ thumbnail), as in the release's inference
+    allow_untagged: bool = False  # train on responses without <think>...</think> and \boxed{} too
+    # optimisation (defaults fit the tiny model: a 38B full SFT wants lr ~1e-5, batch 64+, warmup ~3%)
+    steps: int = 150              # optimizer steps
+    batch_size: int = 8           # samples per micro-batch (per rank)
+    grad_accum: int = 1           # micro-batches per optimizer step
+    lr: float = 2e-3
+    warmup: int = 15
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_checkpointing: bool = False  # recompute each block in backward: activation memory flat in depth
+    cpu_offload: bool = False     # FSDP2 CPU offload of parameters, gradients and optimizer state
+    logprob_chunk: int = 1024     # tokens per lm_head chunk in the loss (bounds the [tokens, vocab] logits)
+    # evaluation and output
+    eval_every: int = 25          # held-out loss every this many steps (and at the end)
+    save_every: int = 0           # checkpoint every this many steps (0 = only at the end)
+    gen_eval: int = 64            # held-out prompts answered greedily at the end -> format rate, accuracy (0 = off)
+    max_new_tokens: int = 320
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: JSONL -> tokenised examples with a mask on the assistant tokens
+
+@dataclass
+class Example:
+    ids: list             # prompt + response token ids (after truncation)
+    mask: list            # 1 on assistant tokens (response + <|im_end|>): the only ones with a loss
+    images: list          # absolute image paths, in <image> order
+    where: str            # "file:line", so every message about a sample points at it
+    question: str = None  # for the generation eval (question/response records only)
+    answer: str = None
+
+
+def to_messages(rec: dict, where: str, allow_untagged: bool) -> list | None:
+    """A record -> chat messages, or None if an assistant turn lacks the reasoning format (and that is not allowed).
+    A response that starts inside its reasoning (`... </think> \\boxed{}`, R1-style data whose template put `<think>`
+    in the prompt) gets `<think>\\n` prepended, so every sample reads exactly like a thinking-mode generation."""
+    if "messages" in rec:
+        messages = rec["messages"]
+        if not isinstance(messages, list):
+            raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+    else:
+        missing = [k for k in ("question", "response") if not isinstance(rec.get(k), str)]
+        if missing:
+            raise ValueError(f"{where}: need 'messages', or 'question' and 'response' strings "
+                             f"(missing or not a string: {', '.join(missing)})")
+        messages = [{"role": "user", "content": rec["question"]}, {"role": "assistant", "content": rec["response"]}]
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str):
+            if not format_reward(m["content"]):
+                if not allow_untagged:
+                    return None
+            elif not m["content"].lstrip().startswith(THINK_START):
+                m = {**m, "content": THINK_PREFIX + m["content"]}
+        out.append(m)
+    return out
+
+
+def truncate(ids: list, mask: list, max_len: int, img_context_id: int):
+    """Truncation policy: cut the tail, i.e. the end of the response, and keep the sample; drop it only if the cut
+    would leave no assistant token or would split an image's tokens (their count must match the tiles).
+    Why: every kept token is still a correct next-token target given its prefix, so a cut long chain of thought is
+    valid supervision for its beginning; dropping long samples instead would bias the data towards short answers,
+    i.e. towards the easy problems. -> (ids, mask) or None to drop."""
+    if len(ids) <= max_len:
+        return ids, mask
+    if not any(mask[:max_len]) or img_context_id in ids[max_len:]:
+        return None
+    return ids[:max_len], mask[:max_len]
+
+
+def load_sft(path: str, tok: Tokenizer, cfg: SFTConfig, num_image_token: int, img_context_id: int):
+    """JSONL -> ([Example], stats). Every image is decoded once here, so a corrupt file fails now with its
+    file:line rather than hours into the run. Untagged, truncated and dropped samples are counted in stats."""
+    records = read_jsonl(path, required=())
+    with open(path, encoding="utf-8") as f:  # read_jsonl skips blank lines; recover each record's line number
+        lines = [n for n, line in enumerate(f, 1) if line.strip()]
+    examples, stats = [], {"samples": len(records), "untagged": 0, "untagged_at": [], "truncated": 0, "dropped": 0}
+    for rec, line in zip(records, lines):
+        where = f"{path}:{line}"
+        messages = to_messages(rec, where, cfg.allow_untagged)
+        if messages is None:
+            stats["untagged"] += 1
+            stats["untagged_at"] += [where] if len(stats["untagged_at"]) < 5 else []
+            continue
+        try:
+            tiles = [load_image(p, max_tiles=cfg.max_tiles).shape[0] for p in rec["images"]]
+            ids, mask = encode_chat(tok, messages, tiles, num_image_token)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"{where}: {e}") from None
+        if not any(mask):
+            raise ValueError(f"{where}: no assistant turn, so nothing to train on")
+        cut = truncate(ids, mask, cfg.max_len, img_context_id)
+        if cut is None:
+            stats["dropped"] += 1
+            continue
+        stats["truncated"] += len(cut[0]) < len(ids)
+        examples.append(Example(*cut, rec["images"], where, rec.get("question"), rec.get("answer")))
+    if stats["untagged"]:
+        print(f"{path}: skipped {stats['untagged']} sample(s) whose assistant turn lacks <think>...</think> and "
+              f"\\boxed{{}} (--allow-untagged trains on them), first at: {', '.join(stats['untagged_at'])}")
+    if stats["truncated"] or stats["dropped"]:
+        print(f"{path}: --max-len {cfg.max_len}: cut the response tail of {stats['truncated']} sample(s), dropped "
+              f"{stats['dropped']} whose prompt alone does not fit")
+    if not examples:
+        raise ValueError(f"{path}: no usable samples ({stats})")
+    return examples, stats
+
+
+def synthetic_data(out_dir: str, n_train: int, n_eval: int, seed: int) -> tuple[str, str]:
+    """Cold-start data for the default run: data.make_visual_task (count the red shapes) with data.reasoning_trace's
+    answer per problem (walk the shapes keeping a running count, reflect once, then \\boxed{}), written as ordinary
+    SFT JSONL so it goes through the same reader as user data. -> (train path, held-out path)."""
+    paths = []
+    for split, n in (("train", n_train), ("heldout", n_eval)):
+        task = make_visual_task(out_dir, n, seed, split)
+        path = os.path.join(out_dir, f"sft_{split}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for rec in read_jsonl(task):
+                f.write(json.dumps({"images": [os.path.relpath(p, out_dir) for p in rec["images"]],
+                                    "question": rec["question"], "response": reasoning_trace(rec),
+                                    "answer": rec["answer"]}) + "\n")
+        paths.append(path)
+    return tuple(paths)
+
+
+def make_batch(examples: list, pad_id: int, max_tiles: int, device) -> dict:
+    """Right-padded batch: input_ids, attention_mask (1 real, 0 pad), labels (token id on assistant tokens, -100
+    elsewhere; unshifted: position t's label is the token at t), pixel_values [tiles, 3, H, W] in sample order, which
+    is the order model.embed fills the <IMG_CONTEXT> rows in. Right padding keeps every real token's position and
+    causal context what it is alone, so padding cannot change a sample's loss."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    attn = torch.zeros_like(ids)
+    for i, e in enumerate(examples):
+        row, mask = torch.tensor(e.ids), torch.tensor(e.mask, dtype=torch.bool)
+        ids[i, :len(row)], attn[i, :len(row)] = row, 1
+        labels[i, :len(row)] = torch.where(mask, row, -100)
+    tiles = [load_image(p, max_tiles=max_tiles) for e in examples for p in e.images]
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device),
+            "pixel_values": torch.cat(tiles).to(device) if tiles else None}
+
+
+def step_indices(step: int, n: int, per_rank: int, seed: int, rank: int = 0, world: int = 1) -> list:
+    """Dataset indices this rank trains on at `step`: the k-th sample of the run is the (k mod n)-th of a fresh seeded
+    permutation for epoch k // n, ranks interleaved. The order is a function of (seed, step) alone, so a resumed run
+    reads exactly the samples the interrupted one would have."""
+    ks = range(step * per_rank * world + rank, (step + 1) * per_rank * world, world)
+    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))
+             for e in {k // n for k in ks}}
+    return [int(perms[k // n][k % n]) for k in ks]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss
+
+def sft_loss(model, batch: dict, n_tokens: float, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (sum over the batch's assistant tokens of -log p(token) / n_tokens, sum of the policy's entropy there).
+    Pass the whole optimizer step's token count as n_tokens: with gradient accumulation the step's gradient is
+    then that of the token mean over all its micro-batches (long responses weigh by their length, as in one batch).
+    Only the assistant positions go through lm_head: the prompt (256 image tokens a tile) gets no logits at all."""
+    hidden = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], return_hidden=True)  # [B,T,D]
+    targets = batch["labels"][:, 1:]                                  # position t predicts token t+1
+    keep = targets >= 0
+    logp, ent = token_logprobs_and_entropy(model.language_model.lm_head, hidden[:, :-1][keep][None],  # [1,N,D]
+                                           targets[keep][None], chunk=chunk)
+    return -logp.sum() / n_tokens, ent.detach().sum()
+
+
+def n_targets(examples: list) -> int:
+    return sum(sum(e.mask[1:]) for e in examples)  # the first token has no predecessor, so it is never a target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+def fit(cfg: SFTConfig, ctx, model, opt, pad_id: int, train_set: list, eval_set: list, log: MetricsLog,
+        start: int = 0):
+    """Optimizer steps start..cfg.steps: micro-batches -> accumulated gradients -> clip -> AdamW at lr_at(step)."""
+    if start == 0:  # the curve starts from the untrained model
+        log.write(0, {"eval_loss": evaluate(model, eval_set, cfg, ctx, pad_id)})
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = step_indices(step, len(train_set), cfg.batch_size * cfg.grad_accum, cfg.seed, ctx.rank, ctx.world)
+        examples = [train_set[i] for i in idx]
+        n_local = n_targets(examples)
+        n_all = all_sum(n_local)
+        loss_sum = ent_sum = 0.0
+        for i in range(0, len(examples), cfg.batch_size):
+            batch = make_batch(examples[i:i + cfg.batch_size], pad_id, cfg.max_tiles, ctx.device)
+            with autocast(ctx):
+                # FSDP averages gradients over ranks; scaling by world turns that average back into the global
+                # token mean (each rank's loss is its share of sum(-log p) / n_all)
+                loss, ent = sft_loss(model, batch, n_all / ctx.world, cfg.logprob_chunk)
+            loss.backward()
+            loss_sum, ent_sum = loss_sum + loss.item() / ctx.world, ent_sum + ent.item()
+        grad_norm = clip_grad_norm(model, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_all, ent_all = all_sum(loss_sum), all_sum(ent_sum)
+        metrics = {"loss": loss_all, "entropy": ent_all / max(n_all, 1), "lr": lr, "grad_norm": grad_norm,
+                   "tokens": n_all, "sec": round(time.time() - t0, 3)}
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            metrics["eval_loss"] = evaluate(model, eval_set, cfg, ctx, pad_id)
+        log.write(done, metrics)
+        if ctx.is_main:
+            print(f"step {done}/{cfg.steps} loss {loss_all:.4f} lr {lr:.2e} |g| {grad_norm:.2f} "
+                  f"{metrics['sec']:.2f}s" + (f" eval {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""))
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            save_checkpoint(cfg.out, model, opt, done, {"config": asdict(cfg)})
+
+
+@torch.no_grad()
+def evaluate(model, examples: list, cfg: SFTConfig, ctx, pad_id: int) -> float:
+    """Token-mean held-out loss (every rank takes a strided share; the shares are equal, see split_for_ranks)."""
+    mine = examples[ctx.rank::ctx.world]
+    total = 0.0
+    for i in range(0, len(mine), cfg.batch_size):
+        batch = make_batch(mine[i:i + cfg.batch_size], pad_id, cfg.max_tiles, ctx.device)
+        with autocast(ctx):
+            total += sft_loss(model, batch, 1.0, cfg.logprob_chunk)[0].item()
+    return all_sum(total) / max(n_targets(examples), 1)
+
+
+@torch.no_grad()
+def generation_eval(model, tok: Tokenizer, examples: list, cfg: SFTConfig, ctx) -> dict:
+    """Greedy thinking-mode answers to held-out questions (the prompt grpo.py and sampling use: it ends in
+    `<think>\\n`) -> format rate (grpo.format_reward) and accuracy (grpo.accuracy_reward, samples with an answer)."""
+    nit = model.config.num_image_token
+    mine = [e for e in examples if e.question is not None][:cfg.gen_eval][ctx.rank::ctx.world]
+    fmt = acc = n_ans = 0.0
+    sample_text = ""
+    for i in range(0, len(mine), cfg.batch_size):
+        chunk = mine[i:i + cfg.batch_size]
+        tiles = [[load_image(p, max_tiles=cfg.max_tiles) for p in e.images] for e in chunk]
+        prompts = [tok.encode(build_prompt(e.question, [t.shape[0] for t in ts], nit)) for e, ts in zip(chunk, tiles)]
+        T = max(map(len, prompts))
+        ids = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in prompts], device=ctx.device)  # left padding
+        attn = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=ctx.device)
+        pix = torch.cat([t for ts in tiles for t in ts]).to(ctx.device) if any(tiles) else None
+        with autocast(ctx):
+            out = model.generate(ids, pix, attn, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id)
+        for e, row in zip(chunk, out[:, T:].tolist()):
+            text = tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row)
+            sample_text = sample_text or text
+            fmt += format_reward(text)
+            if e.answer is not None:
+                acc, n_ans = acc + accuracy_reward(text, e.answer), n_ans + 1
+    n, fmt, acc, n_ans = all_sum(len(mine)), all_sum(fmt), all_sum(acc), all_sum(n_ans)
+    return {"gen_samples": n, "format_rate": fmt / max(n, 1), "accuracy": acc / n_ans if n_ans else None,
+            "sample": sample_text}
+
+
+# LOCAL (candidate for train.py, grpo.py needs the same): sum a number over ranks; identity on one process.
+def all_sum(x: float) -> float:
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t)
+    return t.item()
+
+
+# LOCAL (candidate for train.py: train._barrier is private)
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def split_for_ranks(examples: list, world: int) -> list:
+    """Keep a multiple of world samples: under FSDP every rank must run the same number of forwards (each one
+    all-gathers weights), so held-out shares must be equal."""
+    return examples[:len(examples) // world * world]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+def main(cfg: SFTConfig) -> dict:
+    t_start = time.time()
+    ctx = setup(seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    ckpt = cfg.resume or cfg.ckpt
+    if not ckpt:
+        ckpt = "out/tiny-init"
+        if ctx.is_main and not os.path.isfile(os.path.join(ckpt, "config.json")):
+            from checkpoint import write_tiny_checkpoint
+            write_tiny_checkpoint(ckpt)
+    train_path, eval_path = cfg.data, cfg.eval_data
+    if not train_path:
+        if ctx.is_main:
+            train_path, eval_path = synthetic_data(cfg.synthetic_dir, cfg.n_train, cfg.n_eval, cfg.seed)
+        train_path = train_path or os.path.join(cfg.synthetic_dir, "sft_train.jsonl")
+        eval_path = eval_path or os.path.join(cfg.synthetic_dir, "sft_heldout.jsonl")
+    barrier()
+
+    model = load_for_training(ckpt, ctx, cfg.train, cfg.grad_checkpointing, cfg.cpu_offload)
+    tok = Tokenizer.from_dir(ckpt)
+    args = (tok, cfg, model.config.num_image_token, model.config.img_context_token_id)
+    train_set, stats = load_sft(train_path, *args)
+    if eval_path:
+        eval_set, _ = load_sft(eval_path, *args)
+    else:  # hold out n_eval samples of --data (a seeded choice, not the file's tail, which may be sorted)
+        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_eval = min(cfg.n_eval, len(train_set) // 2)
+        eval_set, train_set = [train_set[i] for i in perm[:n_eval]], [train_set[i] for i in perm[n_eval:]]
+    eval_set = split_for_ranks(eval_set, ctx.world)
+    if ctx.is_main:
+        print(f"{len(train_set)} training samples, {len(eval_set)} held out; data stats {stats}")
+
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start = 0
+    if cfg.resume:
+        start, _, _ = resume(cfg.resume, model, opt)
+    metrics_path = cfg.out + ".metrics.jsonl"
+    log = MetricsLog(metrics_path, enabled=ctx.is_main, resume_step=start if cfg.resume else None)
+    log.write(start, {"data_" + k: v for k, v in stats.items() if k != "untagged_at"})
+
+    fit(cfg, ctx, model, opt, tok.pad_id, train_set, eval_set, log, start)
+    save_checkpoint(cfg.out, model, opt, cfg.steps, {"config": asdict(cfg)})
+    result = {"steps": cfg.steps, "out": cfg.out}
+    if cfg.gen_eval:
+        model.eval()
+        result.update(generation_eval(model, tok, split_for_ranks(eval_set, ctx.world), cfg, ctx))
+        log.write(cfg.steps, {k: v for k, v in result.items() if k in ("format_rate", "accuracy", "gen_samples")})
+    result["wall_sec"] = round(time.time() - t_start, 1)
+    if ctx.is_main:
+        plot_curves(metrics_path, cfg.out + ".png", ["loss", "eval_loss", "entropy", "lr", "grad_norm"])
+        print(json.dumps(result, indent=1))
+    return result
+
+
+def parse_args(argv=None) -> SFTConfig:
+    """LOCAL (candidate for train.py: grpo.py and entropy.py have the same loop). Every field is a flag:
+    --max-len 2048; booleans are --flag / --no-flag."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(SFTConfig):
+        name = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(name, type=type(f.default), default=f.default)
+    return SFTConfig(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,210 @@
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import sft
+from data import Tokenizer, build_prompt
+from model import R1VConfig, SkyworkR1V
+from sft import SFTConfig, fit, load_sft, main, make_batch, parse_args, sft_loss, step_indices, synthetic_data, truncate
+from train import MetricsLog, load_for_training, make_optimizer, read_metrics, setup
+
+GOOD = "<think>\n1 + 1 = 2\n</think>\n\nThe answer is \\boxed{2}."
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    return str(path)
+
+
+def load(path, ckpt, **kw):
+    cfg = R1VConfig.from_dir(ckpt)
+    return load_sft(path, Tokenizer.from_dir(ckpt), SFTConfig(**kw), cfg.num_image_token, cfg.img_context_token_id)
+
+
+@pytest.fixture
+def red_png(tmp_path):
+    Image.new("RGB", (448, 448), "red").save(tmp_path / "red.png")
+    return "red.png"
+
+
+def test_labels_only_on_assistant_tokens(tiny_ckpt, tmp_path, red_png):
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"images": [red_png], "question": "What is 1+1?", "response": GOOD},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"},
+                      {"role": "assistant", "content": GOOD}, {"role": "user", "content": "And 1+2?"},
+                      {"role": "assistant", "content": "1 + 2 = 3</think> \\boxed{3}"}]},  # starts inside <think>
+    ])
+    (a, b), _ = load(path, tiny_ckpt)
+    batch = make_batch([a, b], tok.pad_id, 12, "cpu")
+    ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
+
+    prompt = ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 256 + "</img>\nWhat is 1+1?<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    n = len(tok.encode(prompt))
+    assert tok.decode(ids[0][:len(a.ids)]) == prompt + GOOD + "<|im_end|>" + "\n"
+    assert tok.decode(ids[0][n:len(a.ids) - 1]) == GOOD + "<|im_end|>"
+    assert labels[0][:len(a.ids)] == [-100] * n + ids[0][n:len(a.ids) - 1] + [-100]  # the final "\n" has no loss
+    for row, e in enumerate((a, b)):  # padding: no loss, no attention
+        assert all(x == -100 for x in labels[row][len(e.ids):]) and batch["attention_mask"][row].sum() == len(e.ids)
+    assert len(a.ids) != len(b.ids)
+    # the prompt sampling uses (thinking mode: it ends in "<think>\n") is token for token the sample's prefix
+    gen = tok.encode(build_prompt("What is 1+1?", [1], 256))
+    assert ids[0][:len(gen)] == gen and gen[n:] == tok.encode("<think>\n")
+    assert batch["pixel_values"].shape == (1, 3, 448, 448)
+
+    # multi-turn: both assistant turns (+ <|im_end|>) and nothing else; the second got its "<think>\n" prefix
+    kept = [t if lab != -100 else None for t, lab in zip(ids[1], labels[1])][:len(b.ids)]
+    runs, cur = [], []
+    for t in kept + [None]:
+        if t is None and cur:
+            runs.append(tok.decode(cur))
+            cur = []
+        elif t is not None:
+            cur.append(t)
+    assert runs == [GOOD + "<|im_end|>", "<think>\n1 + 2 = 3</think> \\boxed{3}<|im_end|>"]
+    assert tok.decode(ids[1][:len(b.ids)]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1?")
+
+
+def test_padding_does_not_change_loss(tiny_ckpt, tmp_path, red_png):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"images": [red_png], "question": "How many?", "response": GOOD},
+        {"question": "A much longer question without an image, " * 8, "response": GOOD.replace("2", "2 " * 20)},
+        {"question": "Short.", "response": GOOD},
+    ])
+    exs, _ = load(path, tiny_ckpt)
+    assert len({len(e.ids) for e in exs}) == 3
+    tok, model = Tokenizer.from_dir(tiny_ckpt), SkyworkR1V.from_pretrained(tiny_ckpt)
+    with torch.no_grad():
+        alone = [sft_loss(model, make_batch([e], tok.pad_id, 12, "cpu"), 1.0)[0].item() for e in exs]
+        for order in ([0, 1, 2], [1, 2, 0]):  # the image sample first, and last behind two padded rows
+            batch = make_batch([exs[i] for i in order], tok.pad_id, 12, "cpu")
+            assert batch["attention_mask"].sum(1).tolist() == [len(exs[i].ids) for i in order]
+            together = sft_loss(model, batch, 1.0)[0].item()
+            assert together == pytest.approx(sum(alone), rel=1e-5)
+
+
+def test_train_connector_only(tiny_ckpt, tmp_path):
+    train_path, eval_path = synthetic_data(str(tmp_path / "data"), 4, 2, seed=0)
+    ctx = setup()
+    model = load_for_training(tiny_ckpt, ctx, "connector")
+    (train_set, _), (eval_set, _) = load(train_path, tiny_ckpt), load(eval_path, tiny_ckpt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = make_optimizer(model, 1e-2)
+    cfg = SFTConfig(steps=3, batch_size=2, warmup=0, eval_every=100)
+    fit(cfg, ctx, model, opt, Tokenizer.from_dir(tiny_ckpt).pad_id, train_set, eval_set,
+        MetricsLog(str(tmp_path / "m.jsonl")))
+    for name, v in model.state_dict().items():
+        if name.startswith("mlp1."):
+            assert not torch.equal(v, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(v, before[name]), f"{name} changed"
+    mlp1 = {id(p) for p in model.mlp1.parameters()}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == mlp1
+    assert {id(p) for p in opt.state} == mlp1 and all(opt.state[p] for p in model.mlp1.parameters())
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("mlp1."))
+
+
+def test_loss_falls_on_synthetic_task(tiny_ckpt, tmp_path):
+    out = str(tmp_path / "sft")
+    result = main(SFTConfig(ckpt=tiny_ckpt, synthetic_dir=str(tmp_path / "data"), n_train=32, n_eval=4, out=out,
+                            steps=20, batch_size=4, warmup=2, lr=3e-3, eval_every=20, gen_eval=0))
+    rows = read_metrics(out + ".metrics.jsonl")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(losses) == 20 and losses[-1] < 0.5 * losses[0], losses
+    assert evals[-1] < 0.6 * evals[0], evals
+    assert rows[0]["data_samples"] == 32 and rows[0]["data_truncated"] == 0
+    assert result["steps"] == 20 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    SkyworkR1V.from_pretrained(out)  # the release format: what grpo.py starts from
+
+
+def test_resume_continues_exactly(tiny_ckpt, tmp_path, monkeypatch):
+    base = dict(ckpt=tiny_ckpt, synthetic_dir=str(tmp_path / "data"), n_train=6, n_eval=2, steps=4, batch_size=2,
+                warmup=1, eval_every=100, gen_eval=0)
+    main(SFTConfig(**base, out=str(tmp_path / "a")))
+    real_save = sft.save_checkpoint
+
+    def save_then_crash(*args):  # the run dies right after its step-2 checkpoint
+        real_save(*args)
+        raise KeyboardInterrupt
+
+    b = str(tmp_path / "b")
+    monkeypatch.setattr(sft, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(SFTConfig(**base, out=b, save_every=2))
+    monkeypatch.undo()
+    assert json.load(open(os.path.join(b, "train_state", "trainer_state.json")))["step"] == 2
+    main(SFTConfig(**base, out=b, resume=b))
+
+    def weights(d):
+        return {k: v for f in sorted(os.listdir(d)) if f.endswith(".safetensors")
+                for k, v in load_file(os.path.join(d, f)).items()}
+    wa, wb = weights(str(tmp_path / "a")), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["step"] for r in read_metrics(b + ".metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("line, error, words", [
+    ('{"question": "q", "response": ', ValueError, "invalid JSON"),
+    ('{"question": "q"}', ValueError, "response"),
+    ('{"question": "q", "response": 5}', ValueError, "response"),
+    ('{"images": ["nope.png"], "question": "q", "response": "R"}', FileNotFoundError, "nope.png"),
+    ('{"images": ["bad.png"], "question": "q", "response": "R"}', ValueError, "bad.png"),
+    ('{"messages": "hi"}', ValueError, "messages"),
+    ('{"messages": [{"role": "bot", "content": "R"}]}', ValueError, "role"),
+    ('{"images": ["red.png"], "question": "<image> <image> q", "response": "R"}', ValueError, "placeholders"),
+])
+def test_bad_data_names_file_and_line(tiny_ckpt, tmp_path, red_png, line, error, words):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    good = json.dumps({"question": "q", "response": GOOD})
+    path = write_jsonl(tmp_path / "d.jsonl", [good, "", line.replace("\"R\"", json.dumps(GOOD))])
+    with pytest.raises(error, match=words) as e:
+        load(path, tiny_ckpt)
+    assert f"{path}:3" in str(e.value)
+
+
+def test_untagged_responses_reported_and_skipped(tiny_ckpt, tmp_path, capsys):
+    rows = [{"question": "q", "response": r} for r in
+            (GOOD, "The answer is 2.", "<think>\nno box\n</think> 2", "\\boxed{2}", GOOD)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    exs, stats = load(path, tiny_ckpt)
+    assert len(exs) == 2 and stats["untagged"] == 3
+    assert stats["untagged_at"] == [f"{path}:{i}" for i in (2, 3, 4)]
+    assert f"skipped 3 sample(s)" in capsys.readouterr().out and f"{path}:2" in stats["untagged_at"]
+    exs, stats = load(path, tiny_ckpt, allow_untagged=True)
+    assert len(exs) == 5 and stats["untagged"] == 0
+    write_jsonl(path, rows[1:2])
+    with pytest.raises(ValueError, match="no usable samples"):
+        load(path, tiny_ckpt)
+
+
+def test_truncation_policy(tiny_ckpt, tmp_path, red_png):
+    assert truncate([1, 2, 3, 4, 5], [0, 0, 1, 1, 1], 3, 99) == ([1, 2, 3], [0, 0, 1])  # tail of the response cut
+    assert truncate([1, 2, 3, 4, 5], [0, 0, 0, 1, 1], 3, 99) is None  # no assistant token left
+    assert truncate([1, 99, 2, 3, 4], [1, 0, 0, 1, 1], 1, 99) is None  # would split an image's tokens
+    assert truncate([1, 2], [0, 1], 3, 99) == ([1, 2], [0, 1])
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"question": "q", "response": GOOD.replace("2", "2 " * 100)},  # long response: cut
+        {"images": [red_png], "question": "q", "response": GOOD},       # 256 image tokens alone > 100: dropped
+        {"question": "q", "response": GOOD},
+    ])
+    exs, stats = load(path, tiny_ckpt, max_len=100)
+    assert (stats["truncated"], stats["dropped"], len(exs)) == (1, 1, 2)
+    assert len(exs[0].ids) == 100 and exs[0].mask[-1] == 1
+
+
+def test_data_order_and_flags():
+    n, per = 10, 3
+    seen = [i for s in range(10) for i in step_indices(s, n, per, seed=0)]  # 30 samples = 3 epochs
+    assert all(sorted(seen[e * n:(e + 1) * n]) == list(range(n)) for e in range(3))
+    assert seen[:n] != seen[n:2 * n]  # reshuffled every epoch
+    ranks = [step_indices(4, n, per, 0, rank=r, world=2) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(step_indices(4, n, 2 * per, 0))  # ranks split one global batch
+    cfg = parse_args(["--train", "vision,connector", "--max-len", "64", "--allow-untagged", "--lr", "1e-5"])
+    assert (cfg.train, cfg.max_len, cfg.allow_untagged, cfg.lr) == ("vision,connector", 64, True, 1e-5)
