@@ -193,13 +193,17 @@ def save_model(model: SkyworkR1V, out_dir: str, max_shard_bytes: int = 5 * 2**30
 
 
 # ------------------------------------------------------------------------------------------------- tiny models
-def write_tiny_checkpoint(out_dir: str, config: str = "tiny", seed: int = 0, max_shard_bytes: int = 256 * 2**10) -> str:
-    """A random-weight checkpoint in the release format from tiny_configs/<config>.json, with a small BPE tokenizer
+def write_tiny_checkpoint(out_dir: str, config="tiny", seed: int = 0, max_shard_bytes: int = 256 * 2**10) -> str:
+    """A random-weight checkpoint in the release format from tiny_configs/<config>.json (or a config dict of that
+    format), with a small BPE tokenizer
     carrying the release's special tokens. Weights are non-trivial (norms, layer scales and biases away from their
     init) so tests can tell a mis-loaded tensor. Small shards so that even tiny models exercise the index."""
     from data import train_tokenizer
-    with open(os.path.join(HERE, "tiny_configs", f"{config}.json")) as f:
-        cfg_dict = json.load(f)
+    if isinstance(config, dict):
+        cfg_dict, config = config, "config dict"
+    else:
+        with open(os.path.join(HERE, "tiny_configs", f"{config}.json")) as f:
+            cfg_dict = json.load(f)
     os.makedirs(out_dir, exist_ok=True)
     tok_dir = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(out_dir)))
     train_tokenizer(tok_dir)

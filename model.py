@@ -145,17 +145,18 @@ def apply_rope(x, cos, sin):  # x [B,H,T,E]
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Preallocated keys/values for every layer: [layers, B, kv_heads, max_len, head_dim]. Decoding writes one
-    column per step in place, so a step costs the same Python work at token 10 as at token 10,000."""
+    column per step in place, so a step costs the same Python work at token 10 as at token 10,000. Allocated at
+    the first write, in the dtype attention computes in (bf16 under FSDP mixed precision even if weights are fp32)."""
 
-    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype, device):
-        super().__init__()
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, cfg: LLMConfig, batch: int, max_len: int):
+        self.shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = self.v = None
 
     def update(self, layer: int, start: int, k, v):  # k, v [B,Hkv,t,E] -> keys/values up to start+t
+        if self.k is None:
+            self.k, self.v = (k.new_zeros(self.shape) for _ in range(2))
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -314,9 +315,10 @@ class SkyworkR1V(nn.Module):
         if pad is not None:  # [B, T+new]: generated tokens are real
             pad = torch.cat([pad, pad.new_ones(b, max_new_tokens)], dim=1)
         pos = positions(input_ids, None if pad is None else pad[:, :t])
-        cache = KVCache(self.config.llm, b, t + max_new_tokens, lm.lm_head.weight.dtype, input_ids.device)
-        seen = torch.zeros(b, self.config.llm.vocab_size, dtype=torch.bool, device=input_ids.device)
-        seen.scatter_(1, input_ids, True if pad is None else pad[:, :t].bool())  # penalty covers prompt + output (HF)
+        cache = KVCache(self.config.llm, b, t + max_new_tokens)
+        real = torch.ones_like(input_ids) if pad is None else pad[:, :t].long()  # penalty covers prompt + output (HF)
+        seen = torch.zeros(b, self.config.llm.vocab_size, dtype=torch.long, device=input_ids.device)
+        seen = seen.scatter_add_(1, input_ids, real) > 0  # add, not assign: a pad id may also be a real token
         cut = lambda n: None if pad is None else pad[:, :n]  # noqa: E731
 
         h = lm.model(self.embed(input_ids, pixel_values), pos, make_mask(cut(t), t, 0, input_ids.device), cache, 0)

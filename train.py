@@ -4,8 +4,9 @@ One process (CPU, laptop) and `torchrun --nproc_per_node 8` (8xH100, the 38B) ru
 device and the collective backend picked in `setup()` differ (cuda + NCCL vs cpu + gloo).
 
 Sharding (FSDP2, `torch.distributed.fsdp.fully_shard`), as in torchtitan: the model is built on the meta device,
-each ViT block, the connector and each decoder block become one FSDP unit (all-gathered just before its forward,
-freed after), the root holds the embeddings, final norm and lm_head. Only then are the parameters materialised,
+each ViT block, the connector, the token embedding and each decoder block become one FSDP unit (all-gathered just
+before its forward, freed after); the root holds the ViT embeddings, final norm and lm_head (which the chunked
+log-prob code calls outside forward, so it must stay gathered until the backward is done). Only then are the parameters materialised,
 each rank holding 1/world of the rows of every tensor, filled straight from the safetensors shards
 (checkpoint.load_weights reads just those rows): no process ever holds the whole 77 GB state dict.
 
@@ -75,7 +76,7 @@ def freeze(model: SkyworkR1V, spec: str) -> int:
 
 
 def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
-    """FSDP2 over all ranks: one unit per ViT block, the connector, one per decoder block, then the root."""
+    """FSDP2 over all ranks: one unit per ViT block, the connector, the embedding, one per decoder block, the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -83,7 +84,8 @@ def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
     kw = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=ctx.dtype, reduce_dtype=torch.float32),
               offload_policy=CPUOffloadPolicy() if cpu_offload else None)
     kw = {k: v for k, v in kw.items() if v is not None}
-    units = [*model.vision_model.encoder.layers, model.mlp1, *model.language_model.model.layers]
+    lm = model.language_model.model
+    units = [*model.vision_model.encoder.layers, model.mlp1, lm.embed_tokens, *lm.layers]
     for unit in units:
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
@@ -118,12 +120,45 @@ def autocast(ctx: Context):
 
 
 # ---------------------------------------------------------------------------------------------------- optimizer
-def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)):
-    """AdamW over the trainable parameters only (frozen ones cost no optimizer memory)."""
+def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), moments_dtype=torch.float32):
+    """AdamW over the trainable parameters only (frozen ones cost no optimizer memory). moments_dtype=bf16 keeps
+    the two Adam moments in bf16 (4 instead of 8 bytes per parameter; the 38B GRPO plan needs it to fit 80 GB)
+    while weights and the update stay fp32."""
     params = [p for _, p in named_shards(model) if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check --train")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, foreach=True)
+    if moments_dtype == torch.float32:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, foreach=True)
+    return LowPrecisionAdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, moments_dtype=moments_dtype)
+
+
+class LowPrecisionAdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter) whose moments are stored in a low-precision dtype and updated in fp32."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, moments_dtype=torch.bfloat16):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.moments_dtype = moments_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
+                st["step"] += 1
+                t, g = st["step"].item(), p.grad.float()
+                m = st["exp_avg"].float().lerp_(g, 1 - b1)
+                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                st["exp_avg"].copy_(m)
+                st["exp_avg_sq"].copy_(v)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.addcdiv_(m / (1 - b1 ** t), (v / (1 - b2 ** t)).sqrt_().add_(group["eps"]), value=-lr)
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr_ratio: float = 0.1) -> float:

@@ -137,3 +137,20 @@ def test_resume_refuses_other_world_size(tiny_ckpt, tmp_path):
         f.write(text)
     with pytest.raises(ValueError, match="saved by 8 rank.*resumed with 1"):
         resume(out, m, opt)
+
+
+def test_bf16_moment_adamw_tracks_fp32_adamw(tiny_ckpt):
+    ctx = Context(torch.device("cpu"))
+    models = [load_for_training(tiny_ckpt, ctx, train="connector") for _ in range(2)]
+    opts = [make_optimizer(models[0], lr=1e-3), make_optimizer(models[1], lr=1e-3, moments_dtype=torch.bfloat16)]
+    ids, pv = batch(models[0])
+    for _ in range(3):
+        for m, opt in zip(models, opts):
+            loss_fn(m, ids, pv).backward()
+            opt.step()
+            opt.zero_grad()
+    assert opts[1].state[next(models[1].mlp1.parameters())]["exp_avg"].dtype == torch.bfloat16
+    start = SkyworkR1V.from_pretrained(tiny_ckpt).mlp1
+    for p, q, p0 in zip(models[0].mlp1.parameters(), models[1].mlp1.parameters(), start.parameters()):
+        moved = (p - p0).abs().max()
+        assert moved > 1e-4 and (p - q).abs().max() < 0.05 * moved  # same update up to bf16 rounding of moments

@@ -1,0 +1,592 @@
+"""Speed of nanoR1V against transformers' native InternVL, measured side by side, and a computed roofline for the 38B.
+
+Measured rows (one process, the same random weights in both models, repeats interleaved ours/theirs/theirs/ours...
+so that both sides see the same machine load). Before any timing, each row checks that both sides computed the
+same thing (same greedy tokens, features, losses, weights), so the comparison is between equal work.
+
+    vit      ViT + connector               tiles/s    ours: extract_feature     theirs: get_image_features
+    prefill  prompt -> first new token     tokens/s   ours: generate(1 token)   theirs: generate(max_new_tokens=1)
+    decode1  greedy, KV cache, batch 1     tokens/s   ours: generate            theirs: generate(do_sample=False)
+    decodeB  the same at a GRPO-sized batch (eos disabled on both sides: every row makes every token)
+    sft      forward + backward + AdamW    tokens/s   ours: sft.sft_loss (lm_head on response tokens only, chunked)
+                                                      theirs: model(labels=...).loss (full logits)
+    grpo     forward + backward + AdamW    tokens/s   ours: entropy.token_logprobs_and_entropy + grpo.grpo_loss
+                                                      theirs: logits(logits_to_keep) + log_softmax + grpo.grpo_loss
+    load     checkpoint -> model           GB/s       ours: SkyworkR1V.from_pretrained(release-format dir)
+                                                      theirs: from_pretrained(HF save_pretrained dir of the same weights)
+Ratio = ours / theirs throughput (> 1: ours is faster): median over repeats; spread = min..max of per-repeat ratios.
+
+The roofline section is computed from a config (default the release's shapes), not measured: bytes and FLOPs per
+decode step, per training token, per tile, and the lower bounds they imply on 8xH100.
+
+    python bench.py --config small --device cpu       # the table (+ out/bench_small_cpu.json)
+    python bench.py --config proxy --device cuda      # release-width blocks, 2 + 2 layers
+    python bench.py --roofline                        # the 38B on 8xH100 (+ out/roofline_r1v3-38b.json)
+    python bench.py --config small --profile decode1  # torch.profiler top ops, both sides, one row
+
+transformers is the reference and is imported inside the functions that build it; nothing else in the project
+imports it.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from checkpoint import write_tiny_checkpoint
+from entropy import token_logprobs_and_entropy
+from grpo import grpo_loss
+from model import R1VConfig, SkyworkR1V, count_params
+from sft import sft_loss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SHARD_BYTES = 5 * 2**30  # the release's (and HF's) 5 GB shards, for both formats
+NO_EOS = -1  # an eos id argmax never returns: every row generates every token
+
+
+@dataclass
+class BenchConfig:
+    config: str = "small"         # tiny | small | proxy: tiny_configs/<config>.json
+    device: str = "cpu"
+    dtype: str = ""               # fp32 | bf16; default fp32 on cpu, bf16 on cuda
+    repeats: int = 5              # timed repeats per side, after one warm-up call each
+    threads: int = 2              # torch.set_num_threads on cpu
+    only: str = ""                # comma-separated row names (default: all)
+    out: str = ""                 # JSON results; default out/bench_<config>_<device>.json
+    profile: str = ""             # a row name: print torch.profiler's top ops for both sides instead of timing
+    roofline: bool = False        # print the computed roofline instead of measuring
+    roofline_config: str = "r1v3-38b"
+    context: int = 4096           # roofline: tokens in context per sequence (decode KV reads, training sequence)
+
+
+@dataclass
+class Sizes:  # the work of one timed call per row
+    vit_tiles: int
+    prefill_len: int
+    prompt_len: int               # decode prompts (short: decode rows time the per-token loop)
+    new_tokens: int               # decode1
+    big_batch: int                # decodeB: sequences in a GRPO rollout batch
+    big_new_tokens: int
+    train_batch: int
+    train_prompt: int             # training rows: prompt tokens (no loss) + response tokens (loss) per sequence
+    train_response: int
+
+
+SIZES = {"tiny": Sizes(1, 64, 8, 8, 64, 4, 2, 16, 16),
+         "small": Sizes(2, 512, 16, 32, 64, 16, 2, 64, 64),
+         "proxy": Sizes(8, 2048, 16, 64, 64, 32, 4, 512, 512)}
+TARGETS = {"vit": 1.0, "prefill": 1.0, "decode1": 1.5, "decodeB": 1.0, "sft": 1.0, "grpo": 1.0, "load": 1.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference: the same weights in transformers' InternVLForConditionalGeneration
+
+HF_TO_RELEASE = [  # HF's convert_internvl_weights_to_hf.py key mapping, read backwards (as in tests/test_parity.py)
+    (r"^model\.vision_tower\.", "vision_model."),
+    (r"\.encoder\.layer\.", ".encoder.layers."),
+    (r"\.embeddings\.cls_token$", ".embeddings.class_embedding"),
+    (r"\.embeddings\.position_embeddings$", ".embeddings.position_embedding"),
+    (r"\.embeddings\.patch_embeddings\.projection\.", ".embeddings.patch_embedding."),
+    (r"\.lambda_(\d)$", r".ls\1"),
+    (r"\.attention\.projection_layer\.", ".attn.proj."),
+    (r"\.attention\.", ".attn."),
+    (r"\.layernorm_before\.", ".norm1."),
+    (r"\.layernorm_after\.", ".norm2."),
+    (r"^model\.multi_modal_projector\.layer_norm\.", "mlp1.0."),
+    (r"^model\.multi_modal_projector\.linear_1\.", "mlp1.1."),
+    (r"^model\.multi_modal_projector\.linear_2\.", "mlp1.3."),
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+]
+
+
+def release_to_hf(release_sd: dict, hf_keys) -> dict:
+    """Release state dict -> HF InternVL keys. HF splits the release's fused `attn.qkv` (rows q, k, v) in three."""
+    out, used = {}, set()
+    for key in hf_keys:
+        name = key
+        for pattern, repl in HF_TO_RELEASE:
+            name = re.sub(pattern, repl, name)
+        qkv = re.search(r"\.attn\.([qkv])_proj\.", name)
+        if qkv:
+            name = name.replace(qkv.group(0), ".attn.qkv.")
+        if name not in release_sd:
+            raise ValueError(f"HF parameter {key} maps to {name}, which the release state dict does not have")
+        out[key] = release_sd[name].chunk(3)["qkv".index(qkv.group(1))] if qkv else release_sd[name]
+        used.add(name)
+    if used != set(release_sd):
+        raise ValueError(f"release tensors with no HF counterpart: {sorted(set(release_sd) - used)[:5]}")
+    return out
+
+
+def hf_config(c: R1VConfig):
+    """Our config as an InternVLConfig. use_mean_pooling=True is what makes HF's final vision norm an Identity (the
+    release has no final norm); tie_word_embeddings=False at both levels, as in the release."""
+    from transformers import InternVLConfig
+    v, t = c.vision, c.llm
+    vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers, intermediate_size=v.intermediate_size,
+                  num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+                  layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act, norm_type=v.norm_type,
+                  use_qk_norm=v.qk_normalization, attention_bias=v.qkv_bias, use_mean_pooling=True)
+    text = dict(model_type="qwen2", hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+                num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+                intermediate_size=t.intermediate_size, vocab_size=t.vocab_size, rms_norm_eps=t.rms_norm_eps,
+                max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+                bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id)
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=c.img_context_token_id,
+                          image_seq_length=c.num_image_token, downsample_ratio=c.downsample_ratio,
+                          vision_feature_layer=c.select_layer, vision_feature_select_strategy="default",
+                          projector_hidden_act="gelu", tie_word_embeddings=False)
+
+
+def build_pair(cfg: BenchConfig, workdir: str):
+    """-> (ours, theirs, release_dir, hf_dir): one set of random weights (checkpoint.py's tiny-checkpoint init), in
+    our model and in HF's, each also saved in its own format and in the bench dtype for the load row."""
+    from transformers import InternVLForConditionalGeneration, logging
+    logging.set_verbosity_error()
+    dtype = DTYPES[cfg.dtype]
+    init = write_tiny_checkpoint(os.path.join(workdir, "init"), config=cfg.config, max_shard_bytes=SHARD_BYTES)
+    ours = SkyworkR1V.from_pretrained(init, dtype=dtype, device=cfg.device)
+    release_dir, hf_dir = os.path.join(workdir, "release"), os.path.join(workdir, "hf")
+    ours.save_pretrained(release_dir, max_shard_bytes=SHARD_BYTES)
+    shutil.rmtree(init)
+    ours.ckpt_dir = release_dir
+    theirs = InternVLForConditionalGeneration._from_config(hf_config(ours.config), attn_implementation="sdpa")
+    theirs = theirs.to(device=cfg.device, dtype=dtype).eval()
+    theirs.load_state_dict(release_to_hf(ours.state_dict(), theirs.state_dict().keys()), strict=True)
+    theirs.generation_config.eos_token_id = None  # as NO_EOS for ours: generate exactly max_new_tokens
+    theirs.generation_config.pad_token_id = 0
+    theirs.save_pretrained(hf_dir, max_shard_size="5GB")
+    return ours, theirs, release_dir, hf_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows: each is a pair of zero-argument callables doing the same work, and a check that they agree
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    work: float                   # units of work per call (tiles, tokens, GB)
+    ours: callable
+    theirs: callable
+    check: callable               # (ours output, theirs output) -> None, raises if they differ
+    grad: bool = False
+
+
+def text_ids(batch: int, length: int, device, seed: int = 0):
+    """Random byte-level token ids (no special tokens, so no <IMG_CONTEXT> by accident): [B, T]."""
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def check_close(a, b, tol: float):
+    err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+    assert err < tol, f"outputs differ: max relative error {err:.2e} >= {tol:.0e}"
+
+
+def check_tokens(a, b, prompt_len: int, exact: bool):
+    """Greedy tokens must be identical in fp32. In bf16 a near-tie can flip one argmax and the sequences part from
+    there, so only the first new token is required to agree, in 90% of the rows."""
+    assert a.shape == b.shape, f"ours generated {tuple(a.shape)}, theirs {tuple(b.shape)}"
+    if exact:
+        assert torch.equal(a, b), "greedy tokens differ between ours and theirs"
+    else:
+        agree = (a[:, prompt_len] == b[:, prompt_len]).float().mean().item()
+        assert agree >= 0.9, f"only {agree:.0%} of the rows agree on the first greedy token"
+
+
+def vit_row(ours, theirs, s: Sizes, cfg: BenchConfig, tol: float) -> Row:
+    pv = torch.randn(s.vit_tiles, 3, 448, 448, generator=torch.Generator().manual_seed(1)).to(cfg.device)
+    hf_vit = lambda: theirs.get_image_features(pixel_values=pv, vision_feature_layer=ours.config.select_layer,  # noqa: E731
+                                               vision_feature_select_strategy="default").pooler_output
+    return Row("vit", "tiles/s", s.vit_tiles, lambda: ours.extract_feature(pv), hf_vit,
+               lambda a, b: check_close(a, b, tol))
+
+
+def generate_row(name, ours, theirs, batch: int, prompt: int, new: int, cfg: BenchConfig, exact: bool) -> Row:
+    """prefill = one new token after a long prompt; decode = many new tokens after a short one. Throughput counts
+    prompt tokens for prefill and new tokens for decode (which therefore includes one short prefill)."""
+    ids = text_ids(batch, prompt, cfg.device)
+    ours_fn = lambda: ours.generate(ids, max_new_tokens=new, temperature=0.0, eos_token_id=NO_EOS)  # noqa: E731
+    theirs_fn = lambda: theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,  # noqa: E731
+                                        do_sample=False)
+    work = batch * (prompt if name == "prefill" else new)
+    return Row(name, "tokens/s", work, ours_fn, theirs_fn, lambda a, b: check_tokens(a, b, prompt, exact))
+
+
+def sft_row(ours, theirs, s: Sizes, cfg: BenchConfig, tol: float) -> Row:
+    """An SFT step: loss on the response tokens only (labels -100 on the prompt), AdamW over all parameters."""
+    ids = text_ids(s.train_batch, s.train_prompt + s.train_response, cfg.device, seed=2)
+    labels = ids.clone()
+    labels[:, :s.train_prompt] = -100
+    batch = dict(input_ids=ids, pixel_values=None, attention_mask=torch.ones_like(ids), labels=labels)
+    n_tokens = int((labels[:, 1:] >= 0).sum())
+
+    def ours_loss():
+        return sft_loss(ours, batch, n_tokens)[0]
+
+    def theirs_loss():  # HF's ForCausalLMLoss: shifts labels, mean cross-entropy over labels != -100
+        return theirs(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels).loss
+
+    return Row("sft", "tokens/s", ids.numel(), train_step(ours, ours_loss), train_step(theirs, theirs_loss),
+               lambda a, b: check_close(a, b, tol), grad=True)
+
+
+def grpo_row(ours, theirs, s: Sizes, cfg: BenchConfig, tol: float) -> Row:
+    """A GRPO step on one group of sampled responses: log-probs + entropy of the response tokens, clipped surrogate
+    (ratio 1 here: logp_old is the current policy, as on the first pass over a rollout batch), AdamW."""
+    P, R = s.train_prompt, s.train_response
+    ids = text_ids(s.train_batch, P + R, cfg.device, seed=3)
+    attn, targets = torch.ones_like(ids), ids[:, P:]                     # [B, P+R], [B, R]
+    adv = torch.randn(s.train_batch, generator=torch.Generator().manual_seed(4)).to(cfg.device)
+    mask = torch.ones_like(targets)
+
+    def ours_loss():  # as grpo.response_logprobs: the hidden states at P-1 .. P+R-2 predict the response
+        h = ours(ids[:, :-1], None, attn[:, :-1], return_hidden=True)[:, P - 1:]
+        logp, _ = token_logprobs_and_entropy(ours.language_model.lm_head, h, targets)
+        return grpo_loss(logp, logp.detach(), adv, mask)[0], logp
+
+    def theirs_loss():  # as TRL's GRPOTrainer: logits for the response positions only, fp32 log_softmax, entropy
+        logits = theirs(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], logits_to_keep=R).logits.float()
+        logp_all = logits.log_softmax(-1)                                 # [B, R, V]
+        logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+        with torch.no_grad():
+            (-(logp_all.exp() * logp_all).sum(-1)).mean()                 # entropy, logged as ours is
+        return grpo_loss(logp, logp.detach(), adv, mask)[0], logp
+
+    return Row("grpo", "tokens/s", ids.numel(), train_step(ours, ours_loss), train_step(theirs, theirs_loss),
+               lambda a, b: check_close(a, b, tol), grad=True)
+
+
+def train_step(model, loss_fn):
+    """-> a callable doing one forward + backward + AdamW step and returning what loss_fn's first output depends on
+    (the loss, or the log-probs for GRPO, whose loss at ratio 1 does not depend on the model)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+
+    def step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        out = loss_fn()
+        loss, value = out if isinstance(out, tuple) else (out, out)
+        loss.backward()
+        opt.step()
+        model.eval()
+        return value.detach()
+    return step
+
+
+def load_row(ours, release_dir: str, hf_dir: str, cfg: BenchConfig) -> Row:
+    from transformers import InternVLForConditionalGeneration
+    gb = sum(os.path.getsize(os.path.join(release_dir, f)) for f in os.listdir(release_dir)
+             if f.endswith(".safetensors")) / 1e9
+    dtype = DTYPES[cfg.dtype]
+    ours_fn = lambda: SkyworkR1V.from_pretrained(release_dir, dtype=dtype, device=cfg.device)  # noqa: E731
+    theirs_fn = lambda: InternVLForConditionalGeneration.from_pretrained(  # noqa: E731
+        hf_dir, dtype=dtype, device_map=None if cfg.device == "cpu" else cfg.device)
+
+    def check(a, b):
+        assert torch.equal(a.language_model.lm_head.weight, b.lm_head.weight), "loaded weights differ"
+        assert torch.equal(a.language_model.lm_head.weight, ours.language_model.lm_head.weight)
+    return Row("load", "GB/s", gb, ours_fn, theirs_fn, check)
+
+
+def make_rows(ours, theirs, release_dir, hf_dir, cfg: BenchConfig) -> list:
+    """Training rows last: their AdamW steps move the weights (by ~lr), and they allocate the most memory."""
+    s, fp32 = SIZES[cfg.config], cfg.dtype == "fp32"
+    tol = 1e-4 if fp32 else 3e-2
+    builders = {
+        "vit": lambda: vit_row(ours, theirs, s, cfg, tol),
+        "prefill": lambda: generate_row("prefill", ours, theirs, 1, s.prefill_len, 1, cfg, fp32),
+        "decode1": lambda: generate_row("decode1", ours, theirs, 1, s.prompt_len, s.new_tokens, cfg, fp32),
+        "decodeB": lambda: generate_row("decodeB", ours, theirs, s.big_batch, s.prompt_len, s.big_new_tokens, cfg, fp32),
+        "load": lambda: load_row(ours, release_dir, hf_dir, cfg),
+        "sft": lambda: sft_row(ours, theirs, s, cfg, tol if fp32 else 1e-2),
+        "grpo": lambda: grpo_row(ours, theirs, s, cfg, tol if fp32 else 1e-1),
+    }
+    only = [r for r in cfg.only.split(",") if r] or list(builders)
+    unknown = set(only) - set(builders)
+    if unknown:
+        raise ValueError(f"--only: unknown row(s) {sorted(unknown)}; rows are {list(builders)}")
+    return [builders[name]() for name in builders if name in only]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing and profiling
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def measure(row: Row, cfg: BenchConfig) -> dict:
+    """One warm-up call per side (its outputs are checked against each other), then `repeats` timed calls per
+    side, alternating which side goes first. Throughput = work / median time."""
+    with torch.set_grad_enabled(row.grad):
+        a, b = timed(row.ours, cfg.device)[1], timed(row.theirs, cfg.device)[1]
+        row.check(a, b)
+        del a, b
+        times = {"ours": [], "theirs": []}
+        for r in range(cfg.repeats):
+            sides = [("ours", row.ours), ("theirs", row.theirs)]
+            for side, fn in sides if r % 2 == 0 else sides[::-1]:
+                times[side].append(timed(fn, cfg.device)[0])
+    med = {side: statistics.median(t) for side, t in times.items()}
+    ratios = [t / o for o, t in zip(times["ours"], times["theirs"])]  # paired: same moment, same load
+    return dict(row=row.name, unit=row.unit, work=row.work, ours=row.work / med["ours"],
+                ours_range=[row.work / max(times["ours"]), row.work / min(times["ours"])],
+                theirs=row.work / med["theirs"],
+                theirs_range=[row.work / max(times["theirs"]), row.work / min(times["theirs"])],
+                ratio=med["theirs"] / med["ours"], ratio_range=[min(ratios), max(ratios)],
+                target=TARGETS[row.name], seconds=times)
+
+
+def profile(row: Row, cfg: BenchConfig, top: int = 20):
+    """torch.profiler's top ops (by self time) for one call of each side, after a warm-up call."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg.device.startswith("cuda") else [])
+    sort = "self_cuda_time_total" if cfg.device.startswith("cuda") else "self_cpu_time_total"
+    with torch.set_grad_enabled(row.grad):
+        for side, fn in (("ours", row.ours), ("theirs", row.theirs)):
+            fn()
+            with torch_profile(activities=activities) as prof:
+                timed(fn, cfg.device)
+            print(f"\n### {row.name}, {side}\n")
+            print(prof.key_averages().table(sort_by=sort, row_limit=top))
+
+
+def fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def results_table(rows: list) -> str:
+    lines = ["| row | unit | ours: median (min-max) | transformers: median (min-max) | ours / theirs (min-max) | target | met |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['unit']} | {fmt(r['ours'])} ({fmt(r['ours_range'][0])}-{fmt(r['ours_range'][1])}) "
+                     f"| {fmt(r['theirs'])} ({fmt(r['theirs_range'][0])}-{fmt(r['theirs_range'][1])}) "
+                     f"| **{r['ratio']:.2f}x** ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}) "
+                     f"| >= {r['target']}x | {'yes' if r['ratio'] >= r['target'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    import transformers
+    return dict(date=time.strftime("%Y-%m-%d %H:%M %Z"), cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
+                transformers=transformers.__version__, python=platform.python_version())
+
+
+def run(cfg: BenchConfig) -> dict:
+    """Measure every row (or profile one) -> {"meta", "rows"}; prints the markdown table and writes the JSON."""
+    cfg.dtype = cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")
+    if cfg.config not in SIZES:
+        raise ValueError(f"--config must be one of {list(SIZES)}, got {cfg.config!r}")
+    if cfg.device == "cpu":
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(0)
+    workdir = tempfile.mkdtemp(prefix="nanor1v-bench-")
+    try:
+        ours, theirs, release_dir, hf_dir = build_pair(cfg, workdir)
+        rows = make_rows(ours, theirs, release_dir, hf_dir, cfg)
+        if cfg.profile:
+            for row in rows:
+                if row.name == cfg.profile:
+                    profile(row, cfg)
+            return {}
+        load_before = os.getloadavg()
+        results = []
+        for row in rows:
+            results.append(measure(row, cfg))
+            print(f"{row.name}: ours/theirs {results[-1]['ratio']:.2f}x", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    meta = dict(machine(), config=cfg.config, device=cfg.device, dtype=cfg.dtype, repeats=cfg.repeats,
+                sizes=asdict(SIZES[cfg.config]), load_average_before=load_before, load_average_after=os.getloadavg())
+    print(f"\n{meta['date']} | {meta['cpu']} ({meta['cores']} cores, {meta['threads']} threads) | torch "
+          f"{meta['torch']}, transformers {meta['transformers']} | config {cfg.config}, {cfg.device}, {cfg.dtype}, "
+          f"median of {cfg.repeats} | load average {load_before[0]:.1f} -> {meta['load_average_after'][0]:.1f}\n")
+    print(results_table(results))
+    out = cfg.out or os.path.join("out", f"bench_{cfg.config}_{cfg.device}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, rows=results), f, indent=2)
+    print(f"\nwritten {out}")
+    return dict(meta=meta, rows=results)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Roofline (computed from the config, not measured)
+
+@dataclass
+class Hardware:  # one 8xH100 SXM node; datasheet peaks (dense bf16, no sparsity) and assumed storage paths
+    gpus: int = 8
+    hbm_bytes_per_s: float = 3.35e12
+    flops_per_s: float = 990e12
+    nvlink_bytes_per_s: float = 450e9     # per GPU per direction: ring all-gather / reduce-scatter bandwidth
+    hbm_bytes: float = 80e9
+    nvme_bytes_per_s: float = 7e9         # assumed: one PCIe 4.0 x4 NVMe drive
+    host_bytes_per_s: float = 50e9        # assumed: page cache -> GPUs over PCIe 5.0, bounded by host DRAM
+
+
+def model_costs(config: R1VConfig) -> dict:
+    """Parameter counts, KV bytes per token, FLOPs per token/tile, from the module structure (bf16 = 2 bytes)."""
+    t, v = config.llm, config.vision
+    counts = count_params(config)
+    embed = t.vocab_size * t.hidden_size
+    dec_matmul = counts["language_model"] - embed          # embedding lookups read rows, they are not matmuls
+    attn_width = t.num_attention_heads * t.head_dim
+    patches = v.num_patches + 1                            # + CLS
+    patch_conv = v.hidden_size * v.num_channels * v.patch_size ** 2
+    vit_blocks = counts["vision_model"] - patch_conv - v.hidden_size * (patches + 1)  # minus conv, pos emb, CLS
+    return dict(
+        params=counts, dec_matmul=dec_matmul, lm_head=t.vocab_size * t.hidden_size,
+        kv_bytes_per_token=2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2,  # K and V, bf16
+        attn_flops_per_ctx_token=4 * t.num_hidden_layers * attn_width,  # QK^T and AV for one query, one key
+        tile_flops=(2 * vit_blocks * patches + 2 * patch_conv * v.num_patches
+                    + 4 * patches ** 2 * v.hidden_size * v.num_hidden_layers
+                    + 2 * counts["mlp1"] * config.num_image_token),
+        tokens_per_tile=config.num_image_token)
+
+
+def decode_bound(c: dict, hw: Hardware, batch: int, context: int, fsdp: bool) -> dict:
+    """One decode step, `batch` sequences per GPU each with `context` tokens of KV, per GPU.
+    resident: weights stay in HBM, tensor-parallel over the node (an inference engine): each GPU reads 1/gpus of the
+      bf16 weights and, with the node's batch = gpus * batch split by KV head, batch sequences' worth of KV.
+    fsdp: generate() on the training shards (data parallel, batch sequences per GPU): every step all-gathers the
+      decoder ((gpus-1)/gpus of it arrives over NVLink; the root unit's lm_head stays gathered between steps) and
+      reads all of it from HBM. Each GPU holds its fp32 master shard (train.py); optimizer state not counted."""
+    weights = 2 * c["dec_matmul"]
+    kv = batch * context * c["kv_bytes_per_token"]
+    flops = batch * (2 * c["dec_matmul"] + context * c["attn_flops_per_ctx_token"])
+    hbm = (weights if fsdp else weights / hw.gpus) + kv
+    comm = 2 * (c["params"]["language_model"] - c["lm_head"]) * (hw.gpus - 1) / hw.gpus if fsdp else 0.0
+    times = {"HBM": hbm / hw.hbm_bytes_per_s, "compute": flops / hw.flops_per_s, "NVLink": comm / hw.nvlink_bytes_per_s}
+    bound = max(times, key=times.get)
+    held = (4 if fsdp else 2) * c["params"]["total"] / hw.gpus
+    return dict(mode="FSDP all-gather" if fsdp else "resident (TP)", batch=batch, context=context,
+                hbm_bytes=hbm, nvlink_bytes=comm, flops=flops, step_s=times[bound], bound=bound,
+                node_tokens_per_s=hw.gpus * batch / times[bound], weights_gb_per_gpu=held / 1e9,
+                kv_gb_per_gpu=kv / 1e9, fits=held + kv < 0.9 * hw.hbm_bytes)  # 10% for activations, CUDA context
+
+
+def roofline(config_name: str = "r1v3-38b", context: int = 4096, hw: Hardware = Hardware()) -> dict:
+    with open(os.path.join(HERE, "tiny_configs", f"{config_name}.json")) as f:
+        config = R1VConfig.from_dict(json.load(f), config_name)
+    c = model_costs(config)
+    p = c["params"]
+    train_flops = 6 * c["dec_matmul"] + 3 * context * c["attn_flops_per_ctx_token"] / 2  # fwd+bwd, causal mean ctx
+    fsdp_comm = (2 + 2 + 4) * p["total"] * (hw.gpus - 1) / hw.gpus  # bf16 gather fwd + bwd, fp32 reduce-scatter
+    ckpt = 2 * p["total"]
+    return dict(
+        config=config_name, hardware=asdict(hw), costs=c,
+        decode=[decode_bound(c, hw, b, context, fsdp) for fsdp in (False, True) for b in (1, 64)],
+        train=dict(flops_per_token=train_flops, node_tokens_per_s=hw.gpus * hw.flops_per_s / train_flops,
+                   fsdp_bytes_per_microbatch=fsdp_comm,
+                   min_tokens_per_gpu_microbatch=fsdp_comm / hw.nvlink_bytes_per_s * hw.flops_per_s / train_flops),
+        tile=dict(flops=c["tile_flops"], node_tiles_per_s=hw.gpus * hw.flops_per_s / c["tile_flops"],
+                  weight_read_s=2 * (p["vision_model"] + p["mlp1"]) / hw.hbm_bytes_per_s),
+        load=dict(bytes=ckpt, nvme_s=ckpt / hw.nvme_bytes_per_s, host_s=ckpt / hw.host_bytes_per_s,
+                  nvme_every_rank_full_s=hw.gpus * ckpt / hw.nvme_bytes_per_s))
+
+
+def roofline_report(r: dict) -> str:
+    c, p, hw, tr, tile, load = r["costs"], r["costs"]["params"], r["hardware"], r["train"], r["tile"], r["load"]
+    g = hw["gpus"]
+    out = [f"## Roofline: {r['config']} on {g}xH100 (COMPUTED from the config, not measured)", "",
+           f"Parameters: ViT {p['vision_model'] / 1e9:.2f}B, connector {p['mlp1'] / 1e9:.3f}B, decoder "
+           f"{p['language_model'] / 1e9:.2f}B ({c['dec_matmul'] / 1e9:.2f}B in matmuls), total {p['total'] / 1e9:.2f}B. "
+           f"bf16 weights and KV. Peaks: HBM {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s, {hw['flops_per_s'] / 1e12:.0f} "
+           f"TFLOP/s dense bf16, NVLink {hw['nvlink_bytes_per_s'] / 1e9:.0f} GB/s per direction per GPU.", "",
+           f"KV cache: {c['kv_bytes_per_token']:,} bytes/token ({c['kv_bytes_per_token'] / 1024:.0f} KiB). "
+           f"Context {r['decode'][0]['context']} tokens per sequence.", "",
+           "### Rollout decode, one step (lower bound = max of HBM, compute, NVLink times; perfect overlap)", "",
+           "| weights | seqs/GPU | HBM GB/GPU | NVLink GB/GPU | GFLOP/GPU | bound | step >= ms | node tokens/s <= "
+           "| weights + KV GB/GPU | fits in 90% of HBM |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for d in r["decode"]:
+        out.append(f"| {d['mode']} | {d['batch']} | {d['hbm_bytes'] / 1e9:.1f} | {d['nvlink_bytes'] / 1e9:.1f} "
+                   f"| {d['flops'] / 1e9:,.0f} | {d['bound']} | {d['step_s'] * 1e3:.1f} | {d['node_tokens_per_s']:,.0f} "
+                   f"| {d['weights_gb_per_gpu']:.1f} + {d['kv_gb_per_gpu']:.1f} | {'yes' if d['fits'] else 'no'} |")
+    res1, fsdp1 = r["decode"][0], r["decode"][2]
+    fsdp64, res64 = r["decode"][3], r["decode"][1]
+    out += ["", f"Under FSDP every decode step all-gathers the whole decoder ({fsdp1['nvlink_bytes'] / 1e9:.0f} GB in per "
+            f"GPU): >= {fsdp1['step_s'] * 1e3:.0f} ms/step whatever the batch, {fsdp1['step_s'] / res1['step_s']:.0f}x "
+            f"the resident-weight step at batch 1. Only batch amortises it: compute catches up with the all-gather "
+            f"at ~{fsdp1['step_s'] * hw['flops_per_s'] / (2 * c['dec_matmul']):,.0f} sequences per GPU, which no KV "
+            f"cache holds. At 64 sequences/GPU FSDP gives <= {fsdp64['node_tokens_per_s']:,.0f} tokens/s per node vs "
+            f"<= {res64['node_tokens_per_s']:,.0f} with resident weights, and 64 x {res64['context']} tokens of KV "
+            f"is {res64['kv_gb_per_gpu']:.0f} GB/GPU. So rollouts belong in an engine that keeps the weights "
+            f"resident (gather/reshard the weights once per rollout phase into TP layout), not in generate() on "
+            f"FSDP shards.", "",
+            "### Training (SFT / GRPO), per token", "",
+            f"- FLOPs/token = 6 x {c['dec_matmul'] / 1e9:.1f}B + attention at {r['decode'][0]['context']} context = "
+            f"{tr['flops_per_token'] / 1e9:.0f} GFLOP (+1 forward = 8N with activation checkpointing).",
+            f"- Node upper bound at 100% MFU: {tr['node_tokens_per_s']:,.0f} tokens/s "
+            f"(at a realistic 40% MFU: {0.4 * tr['node_tokens_per_s']:,.0f}).",
+            f"- FSDP traffic per micro-batch (bf16 all-gather forward + backward, fp32 reduce-scatter): "
+            f"{tr['fsdp_bytes_per_microbatch'] / 1e9:.0f} GB/GPU; hidden behind compute only with >= "
+            f"{tr['min_tokens_per_gpu_microbatch']:,.0f} tokens per GPU per micro-batch (gradient accumulation "
+            f"repeats the all-gathers every micro-batch).", "",
+            "### Vision, per 448px tile", "",
+            f"- ViT + connector: {tile['flops'] / 1e12:.1f} TFLOP/tile -> <= {tile['node_tiles_per_s']:,.0f} tiles/s "
+            f"per node (compute-bound: reading the ViT weights takes {tile['weight_read_s'] * 1e3:.1f} ms, less than "
+            f"one tile's {tile['flops'] / hw['flops_per_s'] * 1e3:.1f} ms of compute). Each tile is "
+            f"{c['tokens_per_tile']} decoder tokens.", "",
+            "### Checkpoint load (bf16)", "",
+            f"- {load['bytes'] / 1e9:.1f} GB: >= {load['nvme_s']:.0f} s from one NVMe drive "
+            f"({hw['nvme_bytes_per_s'] / 1e9:.0f} GB/s, assumed), >= {load['host_s']:.1f} s from the page cache "
+            f"({hw['host_bytes_per_s'] / 1e9:.0f} GB/s, assumed), when each rank reads only its own rows "
+            f"(checkpoint.py's sharded load). If every rank read the whole checkpoint: >= {load['nvme_every_rank_full_s']:.0f} s "
+            f"from NVMe."]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> BenchConfig:
+    """Every BenchConfig field is a flag (--repeats 3, --roofline)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(BenchConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    return BenchConfig(**vars(p.parse_args(argv)))
+
+
+def main(cfg: BenchConfig):
+    if cfg.roofline:
+        r = roofline(cfg.roofline_config, cfg.context)
+        print(roofline_report(r))
+        out = cfg.out or os.path.join("out", f"roofline_{cfg.roofline_config}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(r, f, indent=2)
+        return r
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main(parse_args())

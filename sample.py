@@ -1,0 +1,255 @@
+"""Ask the model about images: stream one answer, or answer a JSONL file of prompts in left-padded batches.
+
+    python sample.py --ckpt DIR --image a.png [--image b.jpg] --prompt "What is shown?"   # streams the answer
+    python sample.py --ckpt DIR --prompts questions.jsonl   # {"images": [...], "question": ...} per line -> JSON lines
+    python sample.py                                        # no --ckpt: a local checkpoint + a synthetic image
+
+Defaults follow the release's inference script (temperature 0.6, top-p 0.95, repetition penalty 1.05, up to
+12 tiles per image, thinking mode: the assistant turn opens with `<think>`). Everything that can be wrong with the
+input (files, images, placeholders, context length) is checked before the weights are loaded, and is reported as
+one line on stderr with exit code 2.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from data import (THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, build_prompt, load_image, make_visual_task,
+                  parse_response, read_jsonl)
+from model import R1VConfig, SkyworkR1V
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = ""                # release-format checkpoint dir; "" = out/grpo/ckpt, else out/sft, else out/tiny-init
+    image: list = field(default_factory=list)  # --image a.png --image b.jpg: the images of --prompt, in order
+    prompt: str = ""              # "" with no --image = the synthetic task's question about a generated image
+    prompts: str = ""             # JSONL of {"images": [...], "question": ...}: batched, one JSON line out per record
+    system: str = ""              # system prompt ("" = none, as in the release's inference)
+    think: bool = True            # --no-think: do not open the assistant turn with <think>
+    greedy: bool = False          # argmax instead of sampling (the repetition penalty still applies, as in HF)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    repetition_penalty: float = 1.05
+    max_new_tokens: int = 1024    # the release allows 64000 for long reasoning
+    max_tiles: int = 0            # 448px tiles per image (+ thumbnail); 0 = the checkpoint's max_dynamic_patch (12)
+    batch_size: int = 16          # prompts per generate() call with --prompts
+    seed: int = 0
+    dtype: str = ""               # fp32 | bf16; "" = bf16 on GPU, fp32 on CPU
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Request:
+    question: str
+    ids: list                     # prompt token ids, image tokens included
+    images: list                  # image paths, in <image> order
+    n_tiles: int                  # tiles of all its images (thumbnails included)
+    where: str                    # "--prompt" or "file.jsonl record 3": what error messages point at
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: checkpoint, images, prompts. All of it runs before the weights are loaded.
+
+def default_checkpoint() -> tuple[str, str]:
+    """-> (dir, description): the most trained local checkpoint, else a tiny random one (written on first use)."""
+    for path, what in (("out/grpo/ckpt", "the GRPO model from `python grpo.py`"),
+                       ("out/sft", "the cold-start SFT model from `python sft.py`")):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path, what
+    path = "out/tiny-init"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        from checkpoint import write_tiny_checkpoint
+        write_tiny_checkpoint(path)
+    return path, "a tiny random-weight model, so expect gibberish (`python sft.py` trains it)"
+
+
+def image_tiles(path, c: R1VConfig, cfg: SampleConfig) -> torch.Tensor:
+    """Image file -> [tiles, 3, 448, 448] with the checkpoint's tiling settings (errors name the file)."""
+    max_tiles = cfg.max_tiles or (c.max_dynamic_patch if c.dynamic_image_size else 1)
+    return load_image(path, max_tiles=max_tiles, tile=c.force_image_size, use_thumbnail=c.use_thumbnail,
+                      min_tiles=min(c.min_dynamic_patch, max_tiles))
+
+
+def make_request(question, images: list, tok: Tokenizer, c: R1VConfig, cfg: SampleConfig, where: str) -> Request:
+    """Decode the images (so a bad one fails now), build the release's chat prompt and tokenise it. Only the tile
+    counts are kept: generate() decodes the images again per batch, so a long --prompts file does not hold every
+    image's tiles in memory at once."""
+    if not isinstance(question, str):
+        raise ValueError(f"{where}: 'question' must be a string, got {question!r:.100}")
+    tiles = [len(image_tiles(p, c, cfg)) for p in images]
+    try:  # build_prompt checks that <image> placeholders and images pair up
+        text = build_prompt(question, tiles, c.num_image_token, cfg.system or None, cfg.think)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    ids = tok.encode(text)
+    if ids.count(c.img_context_token_id) != sum(tiles) * c.num_image_token:
+        raise ValueError(f"{where}: the question contains the literal text <IMG_CONTEXT>, which is reserved for "
+                         f"image tokens")
+    return Request(question, ids, list(images), sum(tiles), where)
+
+
+def check_context(requests: list, max_new_tokens: int, c: R1VConfig):
+    """Prompt (text + image tokens) + new tokens must fit the context; checked before any compute."""
+    limit = c.llm.max_position_embeddings
+    for r in requests:
+        if len(r.ids) + max_new_tokens > limit:
+            raise ValueError(
+                f"{r.where}: the prompt has {len(r.ids)} tokens ({r.n_tiles * c.num_image_token} of them for "
+                f"{r.n_tiles} image tiles x {c.num_image_token}) + --max-new-tokens {max_new_tokens} = "
+                f"{len(r.ids) + max_new_tokens}, more than the model's context of {limit} tokens "
+                f"(max_position_embeddings); lower --max-new-tokens or --max-tiles")
+
+
+def read_requests(cfg: SampleConfig, tok: Tokenizer, c: R1VConfig) -> list:
+    if cfg.prompts:
+        if cfg.prompt or cfg.image:
+            raise ValueError("give either --prompts FILE or --prompt/--image, not both")
+        return [make_request(rec["question"], rec["images"], tok, c, cfg, f"{cfg.prompts} record {i}")
+                for i, rec in enumerate(read_jsonl(cfg.prompts), 1)]
+    if cfg.prompt:
+        return [make_request(cfg.prompt, cfg.image, tok, c, cfg, "--prompt")]
+    if cfg.image:
+        raise ValueError("--image needs a --prompt (the question about the image)")
+    rec = read_jsonl(make_visual_task("out/sample-data", 1, seed=cfg.seed, split="heldout"))[0]
+    print(f"no --prompt: asking about the synthetic image {rec['images'][0]} (true answer: {rec['answer']})",
+          file=sys.stderr)
+    return [make_request(QUESTION, rec["images"], tok, c, cfg, "synthetic prompt")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+def left_pad(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[Li] -> ids [B, max L] padded on the left, attention mask [B, max L] (1 = real token). Left padding keeps
+    every row's last prompt token in the last column, where generation continues; positions skip the padding."""
+    n = max(len(s) for s in seqs)
+    ids, mask = torch.full((len(seqs), n), pad_id), torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):], mask[i, n - len(s):] = torch.tensor(s), 1
+    return ids, mask
+
+
+class Progress:
+    """generate()'s per-step callback: times every step and, given `out`, prints row 0's text as it arrives
+    (StreamDecoder holds back the bytes of a half-finished character, so the output is never broken UTF-8)."""
+
+    def __init__(self, tok: Tokenizer, out=None):
+        self.tok, self.out, self.times = tok, out, []
+        self.decoder = StreamDecoder(tok, skip_special=True)
+
+    def __call__(self, new):  # new [B]: this step's tokens
+        self.times.append(time.perf_counter())
+        if self.out is not None and int(new[0]) != self.tok.eos_id:
+            self.out.write(self.decoder.push(new[0]))
+            self.out.flush()
+
+    def finish(self):
+        if self.out is not None:
+            self.out.write(self.decoder.flush())
+            self.out.flush()
+
+
+@torch.no_grad()
+def generate(model: SkyworkR1V, tok: Tokenizer, requests: list, cfg: SampleConfig, stream=None) -> list:
+    """Requests -> generated ids of each (up to, not including, <|im_end|>), as one left-padded batch."""
+    device, dtype = model.language_model.lm_head.weight.device, model.language_model.lm_head.weight.dtype
+    ids, mask = left_pad([r.ids for r in requests], tok.pad_id)
+    pixels = [image_tiles(p, model.config, cfg) for r in requests for p in r.images]  # the order embed() fills
+    pixels = torch.cat(pixels).to(device, dtype) if pixels else None
+    seq = model.generate(ids.to(device), pixels, mask.to(device), max_new_tokens=cfg.max_new_tokens,
+                         temperature=0.0 if cfg.greedy else cfg.temperature, top_p=cfg.top_p,
+                         repetition_penalty=cfg.repetition_penalty, eos_token_id=tok.eos_id, stream=stream,
+                         generator=torch.Generator(device).manual_seed(cfg.seed))
+    rows = seq[:, ids.shape[1]:].tolist()
+    return [row[:row.index(tok.eos_id)] if tok.eos_id in row else row for row in rows]
+
+
+def response_text(tok: Tokenizer, ids: list, cfg: SampleConfig) -> str:
+    """The whole assistant turn: the <think> the prompt opened it with, then what the model wrote."""
+    return (THINK_PREFIX if cfg.think else "") + tok.decode(ids, skip_special=True)
+
+
+def report_speed(progress: Progress, t0: float, batch: int, n_prompt: int):
+    t = progress.times
+    if len(t) > 1:
+        steps = len(t) - 1
+        print(f"prefill {t[0] - t0:.2f} s ({batch} x {n_prompt} tokens) | decode {steps} steps x {batch} rows in "
+              f"{t[-1] - t[0]:.2f} s = {steps * batch / (t[-1] - t[0]):.1f} tokens/s", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+def parse_args(argv=None) -> SampleConfig:
+    """Every SampleConfig field is a flag: --max-new-tokens 256, --greedy / --no-think, --image repeats."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in fields(SampleConfig):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.type is list:
+            p.add_argument(name, action="append", default=[])
+        else:
+            p.add_argument(name, type=f.type, default=f.default)
+    return SampleConfig(**vars(p.parse_args(argv)))
+
+
+def prepare(cfg: SampleConfig):
+    """-> (model, tokenizer, requests). Raises ValueError / FileNotFoundError naming the problem; every input is
+    checked before the weights are loaded, so a bad prompt costs no model compute."""
+    if cfg.dtype and cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: no CUDA GPU is available (use --device cpu)")
+    ckpt = cfg.ckpt
+    if not ckpt:
+        ckpt, what = default_checkpoint()
+        print(f"no --ckpt: using {ckpt}, {what}", file=sys.stderr)
+    config, tok = R1VConfig.from_dir(ckpt), Tokenizer.from_dir(ckpt)
+    requests = read_requests(cfg, tok, config)
+    check_context(requests, cfg.max_new_tokens, config)
+    dtype = DTYPES[cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")]
+    return SkyworkR1V.from_pretrained(ckpt, dtype=dtype, device=cfg.device), tok, requests
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    try:
+        model, tok, requests = prepare(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    if not cfg.prompts:  # one prompt: stream it, then show the answer on its own
+        progress, t0 = Progress(tok, sys.stdout), time.perf_counter()
+        print(THINK_PREFIX if cfg.think else "", end="", flush=True)
+        ids = generate(model, tok, requests, cfg, progress)[0]
+        progress.finish()
+        thinking, answer = parse_response(response_text(tok, ids, cfg))
+        if cfg.think and answer:
+            print(f"\n\n--- answer ---\n{answer}")
+        elif cfg.think:
+            print(f"\n\n(no answer: the reasoning did not end within --max-new-tokens {cfg.max_new_tokens})")
+        print()
+        report_speed(progress, t0, 1, len(requests[0].ids))
+        return 0
+    for b in range(0, len(requests), cfg.batch_size):
+        chunk = requests[b:b + cfg.batch_size]
+        progress, t0 = Progress(tok), time.perf_counter()
+        for r, ids in zip(chunk, generate(model, tok, chunk, cfg, progress)):
+            response = response_text(tok, ids, cfg)
+            thinking, answer = parse_response(response)
+            print(json.dumps({"question": r.question, "response": response, "thinking": thinking, "answer": answer},
+                             ensure_ascii=False), flush=True)
+        report_speed(progress, t0, len(chunk), max(len(r.ids) for r in chunk))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Tests for sample.py: batching with left padding, streaming, the default run, and clear input errors."""
+import io
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
+import sample  # noqa: E402
+from data import Tokenizer  # noqa: E402
+from model import R1VConfig, SkyworkR1V  # noqa: E402
+from sample import Progress, SampleConfig, check_context, generate, main, make_request  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are microseconds of work; on a shared, busy CPU every multi-threaded op also waits
+    ~20 ms for its second thread, which made these tests 3x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_ckpt):
+    return SkyworkR1V.from_pretrained(tiny_ckpt), Tokenizer.from_dir(tiny_ckpt), R1VConfig.from_dir(tiny_ckpt)
+
+
+def save_image(path, size=(56, 56), seed=0):  # square: 1 tile (a 4:3 image gets 4x3 tiles + thumbnail)
+    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return str(path)
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+def test_batched_generation_equals_each_prompt_alone(loaded, tmp_path):
+    model, tok, c = loaded
+    small, wide = save_image(tmp_path / "small.png"), save_image(tmp_path / "wide.png", (900, 300), seed=1)
+    cfg = SampleConfig(greedy=True, max_new_tokens=12)  # repetition penalty 1.05 stays on: it must ignore padding
+    reqs = [make_request("<image>\nWhat colour is it?", [small], tok, c, cfg, "a"),
+            make_request("Count to three.", [], tok, c, cfg, "b"),  # no image at all in this row
+            make_request("Compare <image> with <image>.", [wide, small], tok, c, cfg, "c")]  # 4 + 1 tiles
+    assert len({len(r.ids) for r in reqs}) == 3  # three lengths: two rows are left-padded
+    batched = generate(model, tok, reqs, cfg)
+    alone = [generate(model, tok, [r], cfg)[0] for r in reqs]
+    assert batched == alone
+    assert any(batched)
+
+
+def test_streamed_text_equals_final_decode(loaded, tmp_path):
+    model, tok, c = loaded
+    cfg = SampleConfig(temperature=1.0, top_p=1.0, max_new_tokens=48, seed=3)  # sampling: varied tokens
+    req = make_request("<image>\nDescribe it.", [save_image(tmp_path / "a.png")], tok, c, cfg, "a")
+    out = io.StringIO()
+    progress = Progress(tok, out)
+    ids = generate(model, tok, [req], cfg, progress)[0]
+    progress.finish()
+    assert ids and out.getvalue() == tok.decode(ids, skip_special=True)
+    assert len(progress.times) >= len(ids)  # one callback per step
+
+
+def test_stream_holds_back_split_characters_and_skips_eos(loaded, monkeypatch):
+    """Multi-byte characters split over byte-level tokens come out whole; <|im_end|> is not printed."""
+    model, tok, c = loaded
+    text = "你好 😀 x^2 = 4"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some characters really are split over tokens
+
+    def fake_generate(input_ids, *args, stream=None, **kwargs):
+        new = ids + [tok.eos_id]
+        for t in new:
+            stream(torch.tensor([t]))
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    chunks = []
+    out = type("Out", (), {"write": lambda self, s: chunks.append(s), "flush": lambda self: None})()
+    progress = Progress(tok, out)
+    cfg = SampleConfig()
+    got = generate(model, tok, [make_request("hi", [], tok, c, cfg, "a")], cfg, progress)[0]
+    progress.finish()
+    assert got == ids and "".join(chunks) == text
+    assert not any("\ufffd" in s for s in chunks)
+
+
+def test_main_streams_single_prompt(tiny_ckpt, tmp_path, capsys):
+    img = save_image(tmp_path / "a.png")
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, "--image", img, "--prompt", "<image>\nWhat is it?",
+                       "--max-new-tokens", 6, "--greedy")
+    assert rc == 0 and out.startswith("<think>\n")
+    assert "tokens/s" in err
+
+
+def test_main_prompts_jsonl_one_json_line_each(tiny_ckpt, tmp_path, capsys):
+    save_image(tmp_path / "a.png")
+    records = [{"images": ["a.png"], "question": "What is it?"}, {"question": "Say hi."},
+               {"images": ["a.png", "a.png"], "question": "<image> or <image>?"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, "--prompts", tmp_path / "p.jsonl", "--greedy",
+                       "--max-new-tokens", 5, "--batch-size", 2, "--no-think")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and [x["question"] for x in lines] == [r["question"] for r in records]
+    for x in lines:
+        assert set(x) == {"question", "response", "thinking", "answer"}
+        assert x["thinking"] is None and x["answer"] == x["response"].strip()  # --no-think: no <think> prefix
+
+
+def test_default_run_without_ckpt(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """No --ckpt: a tiny checkpoint is written on first use; a trained out/sft is preferred once it exists."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(capsys, "--max-new-tokens", 3)
+    assert rc == 0 and "using out/tiny-init" in err and "synthetic image" in err
+    assert os.path.isfile("out/tiny-init/config.json") and out.startswith("<think>\n")
+    shutil.copytree(tiny_ckpt, "out/sft")
+    rc, out, err = run(capsys, "--max-new-tokens", 3)
+    assert rc == 0 and "using out/sft" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors: one line on stderr naming the problem, exit code 2, before any model compute
+
+def _truncated(path):
+    save_image(path, (200, 200))
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("setup, argv, pattern", [
+    (None, ["--image", "{d}/nope.png", "--prompt", "q"], r"image file not found: .*nope\.png"),
+    (lambda d: open(f"{d}/x.png", "w").write("not a png"), ["--image", "{d}/x.png", "--prompt", "q"],
+     r"x\.png is not an image"),
+    (lambda d: _truncated(f"{d}/t.png"), ["--image", "{d}/t.png", "--prompt", "q"], r"t\.png: truncated"),
+    (lambda d: save_image(f"{d}/a.png"), ["--image", "{d}/a.png", "--prompt", "<image> vs <image>"],
+     r"--prompt: the prompt has 2 <image> placeholders but 1 images"),
+    (lambda d: save_image(f"{d}/a.png"), ["--image", "{d}/a.png", "--image", "{d}/a.png", "--prompt", "<image>?"],
+     r"1 <image> placeholders but 2 images"),
+    (None, ["--prompt", "<image> what is this?"], r"1 <image> placeholders but 0 images"),
+    (lambda d: save_image(f"{d}/a.png"), ["--image", "{d}/a.png", "--prompt", "q", "--max-new-tokens", "8000"],
+     r"the prompt has \d+ tokens \(256 of them for 1 image tiles x 256\) \+ --max-new-tokens 8000 = \d+, more "
+     r"than the model's context of 8192"),
+    (None, ["--prompt", "what is <IMG_CONTEXT>?"], r"literal text <IMG_CONTEXT>"),
+    (lambda d: open(f"{d}/p.jsonl", "w").write('{"question": "a"}\n{"question": \n'), ["--prompts", "{d}/p.jsonl"],
+     r"p\.jsonl:2: invalid JSON"),
+    (lambda d: open(f"{d}/p.jsonl", "w").write('{"question": "a"}\n{"question": "<image>"}\n'),
+     ["--prompts", "{d}/p.jsonl"], r"p\.jsonl record 2: the prompt has 1 <image> placeholders but 0 images"),
+    (lambda d: open(f"{d}/p.jsonl", "w").write('{"question": 5}\n'), ["--prompts", "{d}/p.jsonl"],
+     r"p\.jsonl record 1: 'question' must be a string"),
+    (lambda d: save_image(f"{d}/a.png"), ["--image", "{d}/a.png"], r"--image needs a --prompt"),
+    (None, ["--prompt", "q", "--dtype", "fp8"], r"--dtype must be one of fp32, bf16"),
+], ids=["missing", "not-image", "truncated", "more-placeholders", "more-images", "no-images", "context",
+        "img-context-text", "jsonl-line", "jsonl-record", "jsonl-question", "image-no-prompt", "dtype"])
+def test_input_errors_are_one_clear_line(tiny_ckpt, tmp_path, capsys, setup, argv, pattern):
+    if setup:
+        setup(tmp_path)
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, *[a.format(d=tmp_path) for a in argv])
+    assert rc == 2 and out == ""
+    assert err.startswith("sample.py: error: ") and err.count("\n") == 1, err
+    assert __import__("re").search(pattern, err), err
+
+
+def test_decompression_bomb(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    img = save_image(tmp_path / "bomb.png", (100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels is now a bomb
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, "--image", img, "--prompt", "q")
+    assert rc == 2 and "bomb.png: refusing to decode a possible decompression bomb" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_gpu(tiny_ckpt, capsys):
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, "--prompt", "q", "--device", "cuda")
+    assert rc == 2 and "no CUDA GPU" in err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    rc, out, err = run(capsys, "--ckpt", tmp_path / "nope", "--prompt", "q")
+    assert rc == 2 and "no config.json" in err
+
+
+def test_context_check_runs_before_any_model_compute(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the model was touched")
+
+    for cls, name in ((SkyworkR1V, "forward"), (SkyworkR1V, "generate"), (SkyworkR1V, "from_pretrained"),
+                      (checkpoint, "load_model")):
+        monkeypatch.setattr(cls, name, boom)
+    img = save_image(tmp_path / "a.png", (900, 300))  # 3 tiles + thumbnail
+    argv = ["--ckpt", tiny_ckpt, "--image", img, "--prompt", "<image> what?"]
+    rc, out, err = run(capsys, *argv, "--max-new-tokens", 7500)
+    assert rc == 2 and "1024 of them for 4 image tiles" in err and "context of 8192" in err
+    with pytest.raises(AssertionError, match="touched"):  # the patches do bite once the input is fine
+        main(argv + ["--max-new-tokens", "4"])
+
+
+def test_context_limit_is_exact(loaded):
+    model, tok, c = loaded
+    req = make_request("hello", [], tok, c, SampleConfig(), "a")
+    room = c.llm.max_position_embeddings - len(req.ids)
+    check_context([req], room, c)  # exactly full is fine: generate() accepts it too
+    with pytest.raises(ValueError, match="context"):
+        check_context([req], room + 1, c)
+    with pytest.raises(ValueError, match="context"):  # and generate() itself agrees on the limit
+        model.generate(torch.tensor([req.ids]), max_new_tokens=room + 1)
