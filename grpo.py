@@ -335,9 +335,11 @@ def load_problems(cfg: GRPOConfig, is_main: bool = True) -> tuple[list[dict], li
     need = ("question", "answer")
     if cfg.data:
         return read_jsonl(cfg.data, need), read_jsonl(cfg.eval_data, need) if cfg.eval_data else []
-    root = os.path.join(cfg.out_dir, "data")       # same seed -> same images, so rewriting on resume is harmless
+    # RL problems are new to the SFT model (seed + 1; sft.py trains on `seed`, as the paper's RL set is not its
+    # cold-start set); the held-out split is the one sft.py evaluates on. Same seeds -> same files on resume.
+    root = os.path.join(cfg.out_dir, "data")
     if is_main:
-        make_visual_task(root, cfg.synthetic_size, cfg.seed, "train")
+        make_visual_task(root, cfg.synthetic_size, cfg.seed + 1, "train")
         make_visual_task(root, cfg.eval_size, cfg.seed, "heldout")
     if dist.is_initialized():
         dist.barrier()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from data import (THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, build_prompt, load_image, make_visual_task,
+from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, build_prompt, load_image, make_visual_task,
                   parse_response, read_jsonl)
 from model import R1VConfig, SkyworkR1V
 
@@ -180,7 +180,7 @@ def report_speed(progress: Progress, t0: float, batch: int, n_prompt: int):
     t = progress.times
     if len(t) > 1:
         steps = len(t) - 1
-        print(f"prefill {t[0] - t0:.2f} s ({batch} x {n_prompt} tokens) | decode {steps} steps x {batch} rows in "
+        print(f"first token after {t[0] - t0:.2f} s ({batch} x {n_prompt} prompt tokens) | decode {steps} steps x {batch} rows in "
               f"{t[-1] - t[0]:.2f} s = {steps * batch / (t[-1] - t[0]):.1f} tokens/s", file=sys.stderr)
 
 
@@ -206,6 +206,9 @@ def prepare(cfg: SampleConfig):
     checked before the weights are loaded, so a bad prompt costs no model compute."""
     if cfg.dtype and cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA GPU is available (use --device cpu)")
     ckpt = cfg.ckpt
@@ -231,11 +234,10 @@ def main(argv=None) -> int:
         print(THINK_PREFIX if cfg.think else "", end="", flush=True)
         ids = generate(model, tok, requests, cfg, progress)[0]
         progress.finish()
-        thinking, answer = parse_response(response_text(tok, ids, cfg))
-        if cfg.think and answer:
-            print(f"\n\n--- answer ---\n{answer}")
-        elif cfg.think:
-            print(f"\n\n(no answer: the reasoning did not end within --max-new-tokens {cfg.max_new_tokens})")
+        response = response_text(tok, ids, cfg)
+        if cfg.think:  # the reasoning can be long: repeat the answer after it
+            print(f"\n\n--- answer ---\n{parse_response(response)[1]}" if THINK_END in response else
+                  f"\n\n(no answer: the reasoning never reached {THINK_END})")
         print()
         report_speed(progress, t0, 1, len(requests[0].ids))
         return 0

@@ -65,7 +65,16 @@ def check(ctx: Context, ckpt, out):
         got = sharded(ids[mine], pixel_values=pv[mine])
         torch.testing.assert_close(got, ref(ids[mine], pixel_values=pv[mine]), rtol=1e-5, atol=1e-5)
 
-    # 2. one AdamW step on half the batch per rank == one step on the whole batch in one process
+    # 2. generation: rank 0 hits EOS at once, rank 1 runs on; rank 0 must keep joining the all-gathers
+    with torch.no_grad():
+        first = ref.generate(ids[:1], pixel_values=pv[:1], max_new_tokens=1)[0, -1].item()
+        eos = first if ctx.rank == 0 else -1
+        seq = sharded.generate(ids[mine], pixel_values=pv[mine], max_new_tokens=8, eos_token_id=eos)
+        assert torch.equal(seq, ref.generate(ids[mine], pixel_values=pv[mine], max_new_tokens=8, eos_token_id=eos))
+        assert seq.shape[1] == ids.shape[1] + 8  # every rank stepped until the last one finished
+        assert ctx.rank == 1 or (seq[0, ids.shape[1]:] == first).all()  # rank 0: EOS, then EOS padding
+
+    # 3. one AdamW step on half the batch per rank == one step on the whole batch in one process
     opt_ref, opt = make_optimizer(ref, lr=1e-2), make_optimizer(sharded, lr=1e-2)
     loss_fn(ref, ids, pv).backward()
     opt_ref.step()
@@ -77,7 +86,7 @@ def check(ctx: Context, ckpt, out):
         torch.testing.assert_close(full(p), q, rtol=1e-5, atol=1e-4, msg=lambda m: f"{name}: {m}")
         assert (full(p) - q).abs().mean() < 1e-6, name
 
-    # 3. sharded save -> single-process reload is bit-identical; training state round-trips
+    # 4. sharded save -> single-process reload is bit-identical; training state round-trips
     save_checkpoint(out, sharded, opt, step=1, extra={"note": "x"})
     again = SkyworkR1V.from_pretrained(out)
     for (name, p), q in zip(sharded.named_parameters(), again.parameters()):
@@ -89,7 +98,7 @@ def check(ctx: Context, ckpt, out):
     for a, b in zip(opt.state.values(), opt2.state.values()):
         assert torch.equal(a["exp_avg"].to_local(), b["exp_avg"].to_local())
 
-    # 4. freezing: train only the connector; everything else stays bit-identical, optimizer holds only mlp1
+    # 5. freezing: train only the connector; everything else stays bit-identical, optimizer holds only mlp1
     frozen = load_for_training(ckpt, ctx, train="connector")
     before = {n: full(p).detach().clone() for n, p in frozen.named_parameters()}
     opt3 = make_optimizer(frozen, lr=1e-2)
@@ -114,6 +123,9 @@ def check_bf16(ctx: Context, ckpt):
     with torch.no_grad():
         low, high = m(ids[mine], pixel_values=pv[mine]), ref(ids[mine], pixel_values=pv[mine])
     assert low.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = m.generate(ids[mine], pixel_values=pv[mine], max_new_tokens=4, eos_token_id=-1)  # bf16 KV cache
+    assert out.shape[1] == ids.shape[1] + 4
     assert ((low.float() - high).abs().max() / high.abs().max()) < 3e-2
     loss_fn(m, ids[mine], pv[mine]).backward()
     assert all(p.grad.dtype == torch.float32 for p in m.parameters())

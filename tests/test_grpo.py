@@ -268,6 +268,16 @@ def test_sample_buffer_state_roundtrip():
 TIMING = ("step_time", "tokens_per_s")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the tiny model's ops take microseconds: with 2 intra-op threads on 2 shared cores they spend most of their
+    # time waiting for each other (30x slower per op under load), so these tests run single-threaded
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def vowel_reward(text, answer):  # a reward a random tiny model can climb: the share of vowels in its output
     return sum(c in "aeiou" for c in text) / max(1, len(text))
 

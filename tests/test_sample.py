@@ -12,7 +12,6 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
-import sample  # noqa: E402
 from data import Tokenizer  # noqa: E402
 from model import R1VConfig, SkyworkR1V  # noqa: E402
 from sample import Progress, SampleConfig, check_context, generate, main, make_request  # noqa: E402
@@ -106,6 +105,21 @@ def test_main_streams_single_prompt(tiny_ckpt, tmp_path, capsys):
     assert "tokens/s" in err
 
 
+def test_main_repeats_the_answer_after_the_reasoning(tiny_ckpt, capsys, monkeypatch):
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    reply = tok.encode("Two red shapes.\n</think>\n\nThe answer is \\boxed{2}.") + [tok.eos_id]
+
+    def fake_generate(self, input_ids, *args, stream=None, **kwargs):
+        for t in reply:
+            stream(torch.tensor([t]))
+        return torch.cat([input_ids, torch.tensor([reply])], dim=1)
+
+    monkeypatch.setattr(SkyworkR1V, "generate", fake_generate)
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, "--prompt", "How many?")
+    assert rc == 0 and out == ("<think>\nTwo red shapes.\n</think>\n\nThe answer is \\boxed{2}.\n\n"
+                               "--- answer ---\nThe answer is \\boxed{2}.\n\n")
+
+
 def test_main_prompts_jsonl_one_json_line_each(tiny_ckpt, tmp_path, capsys):
     save_image(tmp_path / "a.png")
     records = [{"images": ["a.png"], "question": "What is it?"}, {"question": "Say hi."},
@@ -162,8 +176,9 @@ def _truncated(path):
      r"p\.jsonl record 1: 'question' must be a string"),
     (lambda d: save_image(f"{d}/a.png"), ["--image", "{d}/a.png"], r"--image needs a --prompt"),
     (None, ["--prompt", "q", "--dtype", "fp8"], r"--dtype must be one of fp32, bf16"),
+    (None, ["--prompt", "q", "--max-new-tokens", "0"], r"--max-new-tokens must be at least 1"),
 ], ids=["missing", "not-image", "truncated", "more-placeholders", "more-images", "no-images", "context",
-        "img-context-text", "jsonl-line", "jsonl-record", "jsonl-question", "image-no-prompt", "dtype"])
+        "img-context-text", "jsonl-line", "jsonl-record", "jsonl-question", "image-no-prompt", "dtype", "no-new-tokens"])
 def test_input_errors_are_one_clear_line(tiny_ckpt, tmp_path, capsys, setup, argv, pattern):
     if setup:
         setup(tmp_path)

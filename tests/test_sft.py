@@ -113,7 +113,8 @@ def test_train_connector_only(tiny_ckpt, tmp_path):
 def test_loss_falls_on_synthetic_task(tiny_ckpt, tmp_path):
     out = str(tmp_path / "sft")
     result = main(SFTConfig(ckpt=tiny_ckpt, synthetic_dir=str(tmp_path / "data"), n_train=32, n_eval=4, out=out,
-                            steps=12, batch_size=2, warmup=1, lr=1e-2, eval_every=12, gen_eval=0))
+                            steps=12, batch_size=2, warmup=1, lr=1e-2, eval_every=12, gen_eval=0,
+                            train="llm,connector"))  # frozen ViT: no backward through its 1025 tokens a tile
     rows = read_metrics(out + ".metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
@@ -126,7 +127,7 @@ def test_loss_falls_on_synthetic_task(tiny_ckpt, tmp_path):
 
 def test_resume_continues_exactly(tiny_ckpt, tmp_path, monkeypatch):
     base = dict(ckpt=tiny_ckpt, synthetic_dir=str(tmp_path / "data"), n_train=6, n_eval=2, steps=4, batch_size=2,
-                warmup=1, eval_every=100, gen_eval=0)
+                warmup=1, eval_every=100, gen_eval=0, train="llm")
     main(SFTConfig(**base, out=str(tmp_path / "a")))
     real_save = sft.save_checkpoint
 
