@@ -100,15 +100,17 @@ def table(cfg: R1VConfig, gpus: int, **kw) -> str:
 
 
 def measure(ckpt_dir: str, recipe: str, seq: int, tiles: int) -> dict:
-    """Run one training step of `recipe` on CPU in this process (fp32, no FSDP) and return the peak host memory
-    it added, next to the plan for one device. Run it in a fresh process: the peak is the process's high-water mark."""
+    """Load the checkpoint and run one training step of `recipe` on CPU (fp32; FSDP2 under torchrun) and return
+    the load time and the peak host memory added by the load and by the whole step, next to the plan. Run it in a
+    fresh process: the peak is the process's high-water mark."""
+    import time
     import resource
 
     import torch
     import torch._dynamo  # noqa: F401  (imported by torch.utils.checkpoint on first use: count it in the baseline)
 
     from entropy import token_logprobs_and_entropy
-    from train import PARTS, Context, load_for_training, make_optimizer
+    from train import PARTS, load_for_training, make_optimizer, setup
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -118,7 +120,9 @@ def measure(ckpt_dir: str, recipe: str, seq: int, tiles: int) -> dict:
     torch.set_num_threads(2)
     base = rss()
     spec = ",".join(k for k, v in PARTS.items() if v in r.train)
-    model = load_for_training(ckpt_dir, Context(torch.device("cpu")), train=spec, grad_checkpointing=True)
+    ctx, t0 = setup(), time.perf_counter()
+    model = load_for_training(ckpt_dir, ctx, train=spec, grad_checkpointing=True)
+    load_s, load_peak = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     cfg = model.config
     opt = make_optimizer(model, lr=1e-5)
     ids = torch.randint(0, 256, (1, seq))
@@ -128,8 +132,9 @@ def measure(ckpt_dir: str, recipe: str, seq: int, tiles: int) -> dict:
     (-logp.mean()).backward()
     opt.step()
     measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    planned = plan(cfg, 1, r, act_bytes=4)
-    return {"recipe": recipe, "measured": measured, "planned": planned["peak"], "plan": planned}
+    planned = plan(cfg, ctx.world, r, act_bytes=4)
+    return {"recipe": recipe, "rank": ctx.rank, "world": ctx.world, "load_s": load_s, "load_peak": load_peak,
+            "measured": measured, "planned": planned["peak"], "plan": planned}
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ import torch
 
 from checkpoint import INDEX, save_state_dict, write_tiny_checkpoint
 from connector import pixel_shuffle
-from model import R1VConfig, SkyworkR1V, count_params
+from model import R1VConfig, SkyworkR1V, count_params, positions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF = os.path.join(HERE, "..", "..", "shared", "reference", "r1v3_expected_param_shapes_DERIVED.json")
@@ -79,6 +79,12 @@ def test_left_padded_batch_equals_each_prompt_alone(model):
     out = model.generate(batch, attention_mask=mask, max_new_tokens=10, eos_token_id=-1)
     assert torch.equal(out[0], model.generate(a, max_new_tokens=10, eos_token_id=-1)[0])
     assert torch.equal(out[1, 7:], model.generate(b, max_new_tokens=10, eos_token_id=-1)[0])
+
+
+def test_position_ids_skip_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions(None, mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert positions(torch.zeros(2, 3, dtype=torch.long), None).tolist() == [[0, 1, 2]] * 2
 
 
 def test_generate_stops_at_eos_and_pads_with_it(model):
