@@ -83,7 +83,7 @@ class Sizes:  # the work of one timed call per row
 SIZES = {"tiny": Sizes(1, 64, 8, 8, 64, 4, 2, 16, 16),
          "small": Sizes(2, 512, 16, 32, 64, 16, 2, 64, 64),
          "proxy": Sizes(8, 2048, 16, 64, 64, 32, 4, 512, 512)}
-TARGETS = {"vit": 1.0, "prefill": 1.0, "decode1": 1.5, "decodeB": 1.0, "sft": 1.0, "grpo": 1.0, "load": 1.0}
+TARGETS = {"vit": 1.0, "prefill": 1.0, "decode1": 1.5, "decodeB": 1.0, "load": 1.0, "sft": 1.0, "grpo": 1.0}  # run order
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,6 +153,7 @@ def build_pair(cfg: BenchConfig, workdir: str):
     our model and in HF's, each also saved in its own format and in the bench dtype for the load row."""
     from transformers import InternVLForConditionalGeneration, logging
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     dtype = DTYPES[cfg.dtype]
     init = write_tiny_checkpoint(os.path.join(workdir, "init"), config=cfg.config, max_shard_bytes=SHARD_BYTES)
     ours = SkyworkR1V.from_pretrained(init, dtype=dtype, device=cfg.device)
@@ -289,9 +290,9 @@ def load_row(ours, release_dir: str, hf_dir: str, cfg: BenchConfig) -> Row:
     gb = sum(os.path.getsize(os.path.join(release_dir, f)) for f in os.listdir(release_dir)
              if f.endswith(".safetensors")) / 1e9
     dtype = DTYPES[cfg.dtype]
-    ours_fn = lambda: SkyworkR1V.from_pretrained(release_dir, dtype=dtype, device=cfg.device)  # noqa: E731
-    theirs_fn = lambda: InternVLForConditionalGeneration.from_pretrained(  # noqa: E731
-        hf_dir, dtype=dtype, device_map=None if cfg.device == "cpu" else cfg.device)
+    ours_fn = lambda: touched(SkyworkR1V.from_pretrained(release_dir, dtype=dtype, device=cfg.device))  # noqa: E731
+    theirs_fn = lambda: touched(InternVLForConditionalGeneration.from_pretrained(  # noqa: E731
+        hf_dir, dtype=dtype, device_map=None if cfg.device == "cpu" else cfg.device))
 
     def check(a, b):
         assert torch.equal(a.language_model.lm_head.weight, b.lm_head.weight), "loaded weights differ"
@@ -299,18 +300,28 @@ def load_row(ours, release_dir: str, hf_dir: str, cfg: BenchConfig) -> Row:
     return Row("load", "GB/s", gb, ours_fn, theirs_fn, check)
 
 
+@torch.no_grad()
+def touched(model):
+    """Read one element per 4 KiB page of every weight. transformers maps safetensors files into memory when the
+    dtype matches (zero-copy) and the pages are then read on first use; touching them makes "loaded" mean the same
+    thing on both sides: every weight is in memory, ready for the first forward."""
+    for p in model.parameters():
+        p.reshape(-1)[::4096 // p.element_size()].sum()
+    return model
+
+
 def make_rows(ours, theirs, release_dir, hf_dir, cfg: BenchConfig) -> list:
     """Training rows last: their AdamW steps move the weights (by ~lr), and they allocate the most memory."""
     s, fp32 = SIZES[cfg.config], cfg.dtype == "fp32"
-    tol = 1e-4 if fp32 else 3e-2
+    tol = 1e-4 if fp32 else 5e-2  # max error relative to the largest value, for features, losses and log-probs
     builders = {
         "vit": lambda: vit_row(ours, theirs, s, cfg, tol),
         "prefill": lambda: generate_row("prefill", ours, theirs, 1, s.prefill_len, 1, cfg, fp32),
         "decode1": lambda: generate_row("decode1", ours, theirs, 1, s.prompt_len, s.new_tokens, cfg, fp32),
         "decodeB": lambda: generate_row("decodeB", ours, theirs, s.big_batch, s.prompt_len, s.big_new_tokens, cfg, fp32),
         "load": lambda: load_row(ours, release_dir, hf_dir, cfg),
-        "sft": lambda: sft_row(ours, theirs, s, cfg, tol if fp32 else 1e-2),
-        "grpo": lambda: grpo_row(ours, theirs, s, cfg, tol if fp32 else 1e-1),
+        "sft": lambda: sft_row(ours, theirs, s, cfg, tol),
+        "grpo": lambda: grpo_row(ours, theirs, s, cfg, tol),
     }
     only = [r for r in cfg.only.split(",") if r] or list(builders)
     unknown = set(only) - set(builders)

@@ -5,7 +5,6 @@ channels, so a 448px tile gives 32*32/4 = 256 tokens for the LLM instead of 1024
 0.5). The channel order inside a token is the release's `ps_version: "v2"` order, which the weights of `mlp1.1`
 were trained with: any other order gives the right shapes and wrong answers.
 """
-import torch
 from einops import rearrange
 from torch import nn
 

@@ -6,13 +6,12 @@ almost deterministically; the entropy at those critical tokens is used to select
 "forking" tokens are the same idea, arXiv 2506.01939.) This file holds the chunked log-prob / entropy function that
 grpo.py and sft.py import, the cue matcher, scoring (generate-then-score or teacher forcing) and checkpoint ranking.
 """
-import argparse
 import bisect
 import glob
 import json
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from data import Tokenizer, build_prompt, load_image, read_jsonl
 from model import SkyworkR1V
-from train import plot_curves, setup
+from train import parse_flags, plot_curves, setup
 
 # Reflection cues, matched case-sensitively on decoded text (the lower-case forms are listed on purpose: "wait" in
 # mid-sentence is as much a reflection as "Wait"). Latin cues match on word boundaries only ("Waiter" is not one).
@@ -367,15 +366,7 @@ def run(cfg: EntropyConfig) -> dict:
 
 
 def parse_args(argv=None) -> EntropyConfig:
-    """Every EntropyConfig field is a flag (--max-new-tokens 256); list fields take several values."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(EntropyConfig):
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        if isinstance(default, (list, tuple)):
-            p.add_argument("--" + f.name.replace("_", "-"), nargs="+", default=default)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default)
-    return EntropyConfig(**vars(p.parse_args(argv)))
+    return EntropyConfig(**parse_flags(EntropyConfig, argv, __doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":

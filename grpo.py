@@ -6,13 +6,12 @@ rewards into group-relative advantages, and maximise a token-level clipped surro
 clip-higher (DAPO, arXiv 2503.14476), token-mean aggregation and an optional k3 KL to a frozen reference policy.
 R1V2's Selective Sample Buffer (arXiv 2504.16656) counters vanishing advantages (groups whose rewards are all equal).
 """
-import argparse
 import math
 import os
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 
 import torch
@@ -22,8 +21,8 @@ from tqdm import tqdm
 from data import Tokenizer, build_prompt, load_image, make_visual_task, read_jsonl
 from entropy import token_logprobs_and_entropy
 from model import SkyworkR1V
-from train import MetricsLog, autocast, clip_grad_norm, load_for_training, lr_at, make_optimizer, plot_curves, \
-    resume, save_checkpoint, setup
+from train import MetricsLog, all_reduce_sum, autocast, clip_grad_norm, load_for_training, lr_at, make_optimizer, \
+    barrier, parse_flags, plot_curves, resume, save_checkpoint, setup
 
 
 @dataclass
@@ -79,8 +78,9 @@ TINY_RUN = dict(steps=40, prompts_per_step=4, max_new_tokens=256, rollout_batch_
 
 # ----------------------------------------------------------------------------------------------------------------
 # Rewards. Model text is hostile input: never eval it, and bound the work so scoring takes milliseconds whatever
-# the length: the only whole-string operations are str.find/rfind/count (linear, C speed); everything after them
-# looks at a window of at most _MAX_BOXED characters, with simple regexes and a loop-free brace walk.
+# the length: on the whole string only linear str methods run (find, rfind, count, split; C speed); everything
+# else looks at a window of at most _MAX_BOXED characters, with simple regexes and a bounded, non-recursive
+# brace walk.
 
 _MAX_BOXED = 200      # longest \boxed{} content we score; longer -> no answer
 _MAX_DIGITS = 50      # longer digit strings are compared as strings, never converted to numbers
@@ -341,8 +341,7 @@ def load_problems(cfg: GRPOConfig, is_main: bool = True) -> tuple[list[dict], li
     if is_main:
         make_visual_task(root, cfg.synthetic_size, cfg.seed + 1, "train")
         make_visual_task(root, cfg.eval_size, cfg.seed, "heldout")
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     heldout = read_jsonl(os.path.join(root, "heldout.jsonl"), need) if cfg.eval_size else []
     return read_jsonl(os.path.join(root, "train.jsonl"), need), heldout
 
@@ -532,12 +531,9 @@ def optimise(m, opt, samples, adv, old, ref, encoded, pad_id, cfg, ctx, gen, ste
 # The loop.
 
 def mean_over_ranks(metrics: dict) -> dict:
-    if not dist.is_initialized():
-        return metrics
     keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {k: v / world for k, v in zip(keys, all_reduce_sum([metrics[k] for k in keys]))}
 
 
 def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
@@ -617,26 +613,25 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
 
 
 def parse_args(argv=None) -> GRPOConfig:
-    """Every GRPOConfig field is a flag (--name value, --flag/--no-flag). Without --ckpt the default run's tiny
-    settings (TINY_RUN) apply; with --ckpt the recipe defaults do. Explicit flags win either way."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(GRPOConfig):
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, default=None)
-    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    return replace(GRPOConfig() if "ckpt" in args else GRPOConfig(**TINY_RUN), **args)
+    """Without --ckpt the default run's tiny settings (TINY_RUN) apply; with --ckpt the recipe defaults do.
+    Explicit flags win either way."""
+    flags = parse_flags(GRPOConfig, argv, __doc__.splitlines()[0])
+    return GRPOConfig(**{**({} if "ckpt" in flags else TINY_RUN), **flags})
 
 
 if __name__ == "__main__":
     cfg = parse_args()
     t = time.perf_counter()
+    if cfg.ckpt == GRPOConfig.ckpt and not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
+        # the paper's pipeline: RL starts from the cold-start SFT model, so make it first (sft.py imports this file)
+        import sft
+        print(f"no {cfg.ckpt}: running the cold-start SFT stage first (python sft.py)")
+        sft.main(sft.SFTConfig(out=cfg.ckpt))
     try:
         history = train(cfg)
     except FileNotFoundError as e:
         raise SystemExit(str(e))
     if history and "heldout_accuracy" in history[-1]:
         first = next(h["heldout_accuracy"] for h in history if "heldout_accuracy" in h)
-        print(f"held-out accuracy {first:.3f} -> {history[-1]['heldout_accuracy']:.3f} in {time.perf_counter() - t:.0f} s;"
-              f" metrics in {cfg.out_dir}/metrics.jsonl, curves in {cfg.out_dir}/curves.png")
+        print(f"held-out accuracy {first:.3f} -> {history[-1]['heldout_accuracy']:.3f} in "
+              f"{time.perf_counter() - t:.0f} s; metrics and curves in {cfg.out_dir}/")

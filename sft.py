@@ -15,22 +15,25 @@ Data: JSONL, one sample a line: {"images": [...], "question": str, "response": s
 {"images": [...], "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}; image paths are
 relative to the file. Every assistant turn must be `<think> reasoning </think> ... \\boxed{answer}` (grpo's
 format_reward): others are reported by file:line and skipped (--allow-untagged trains on them).
+
+    python sft.py                                                  # tiny default: cold-start SFT, CPU, minutes
+    torchrun --nproc_per_node 8 sft.py --ckpt Skywork-R1V3-38B --data cold_start.jsonl --lr 1e-5 --max-len 16384 \
+        --grad-checkpointing                                       # the 38B, FSDP2 (see train.py)
+    python sft.py --ckpt out/grpo --data domains.jsonl --train connector --out out/connector   # post-RL stage
 """
-import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 
 from data import (THINK_PREFIX, THINK_START, Tokenizer, build_prompt, encode_chat, load_image, make_visual_task,
                   read_jsonl, reasoning_trace)
 from entropy import token_logprobs_and_entropy
 from grpo import accuracy_reward, format_reward
-from train import (MetricsLog, autocast, clip_grad_norm, load_for_training, lr_at, make_optimizer, plot_curves,
-                   resume, save_checkpoint, setup)
+from train import (MetricsLog, all_reduce_sum, autocast, barrier, clip_grad_norm, load_for_training, lr_at,
+                   make_optimizer, parse_flags, parse_train_spec, plot_curves, resume, save_checkpoint, setup)
 
 
 @dataclass
@@ -43,17 +46,17 @@ class SFTConfig:
     n_train: int = 1000           # synthetic training problems
     n_eval: int = 64              # held-out samples (synthetic, or cut from --data when there is no --eval-data)
     out: str = "out/sft"          # checkpoint dir (release format + train_state/); out.metrics.jsonl, out.png beside it
-    resume: str = ""              # a checkpoint dir written by this script: continue that run from its step
+    resume: bool = False          # continue the run saved in --out (its train_state/), if there is one
     train: str = "all"            # all | llm | connector | vision,connector | ...: the parts that get gradients
     max_len: int = 1024           # tokens per sample, image tokens included (see truncate())
     max_tiles: int = 12           # 448px tiles per image (+ thumbnail), as in the release's inference
     allow_untagged: bool = False  # train on responses without <think>...</think> and \boxed{} too
     # optimisation (defaults fit the tiny model: a 38B full SFT wants lr ~1e-5, batch 64+, warmup ~3%)
-    steps: int = 150              # optimizer steps
-    batch_size: int = 8           # samples per micro-batch (per rank)
+    steps: int = 300              # optimizer steps
+    batch_size: int = 4           # samples per micro-batch (per rank)
     grad_accum: int = 1           # micro-batches per optimizer step
-    lr: float = 2e-3
-    warmup: int = 15
+    lr: float = 5e-3
+    warmup: int = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -61,11 +64,18 @@ class SFTConfig:
     cpu_offload: bool = False     # FSDP2 CPU offload of parameters, gradients and optimizer state
     logprob_chunk: int = 1024     # tokens per lm_head chunk in the loss (bounds the [tokens, vocab] logits)
     # evaluation and output
-    eval_every: int = 25          # held-out loss every this many steps (and at the end)
+    eval_every: int = 50          # held-out loss every this many steps (and at the end)
+    print_every: int = 10         # console line every this many steps (metrics JSONL gets every step)
     save_every: int = 0           # checkpoint every this many steps (0 = only at the end)
     gen_eval: int = 64            # held-out prompts answered greedily at the end -> format rate, accuracy (0 = off)
     max_new_tokens: int = 320
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "print_every", "max_len", "max_tiles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        parse_train_spec(self.train)  # a typo in --train fails now, not after the data is prepared
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,8 +83,9 @@ class SFTConfig:
 
 @dataclass
 class Example:
-    ids: list             # prompt + response token ids (after truncation)
-    mask: list            # 1 on assistant tokens (response + <|im_end|>): the only ones with a loss
+    # tensors, not lists: a Python int costs ~36 bytes, a long-CoT dataset has ~10^8 tokens
+    ids: torch.Tensor     # [T] int32, prompt + response token ids (after truncation)
+    mask: torch.Tensor    # [T] bool, True on assistant tokens (response + <|im_end|>): the only ones with a loss
     images: list          # absolute image paths, in <image> order
     where: str            # "file:line", so every message about a sample points at it
     question: str = None  # for the generation eval (question/response records only)
@@ -146,7 +157,8 @@ def load_sft(path: str, tok: Tokenizer, cfg: SFTConfig, num_image_token: int, im
             stats["dropped"] += 1
             continue
         stats["truncated"] += len(cut[0]) < len(ids)
-        examples.append(Example(*cut, rec["images"], where, rec.get("question"), rec.get("answer")))
+        ids, mask = torch.tensor(cut[0], dtype=torch.int32), torch.tensor(cut[1], dtype=torch.bool)
+        examples.append(Example(ids, mask, rec["images"], where, rec.get("question"), rec.get("answer")))
     if stats["untagged"]:
         print(f"{path}: skipped {stats['untagged']} sample(s) whose assistant turn lacks <think>...</think> and "
               f"\\boxed{{}} (--allow-untagged trains on them), first at: {', '.join(stats['untagged_at'])}")
@@ -185,9 +197,9 @@ def make_batch(examples: list, pad_id: int, max_tiles: int, device) -> dict:
     labels = torch.full_like(ids, -100)
     attn = torch.zeros_like(ids)
     for i, e in enumerate(examples):
-        row, mask = torch.tensor(e.ids), torch.tensor(e.mask, dtype=torch.bool)
-        ids[i, :len(row)], attn[i, :len(row)] = row, 1
-        labels[i, :len(row)] = torch.where(mask, row, -100)
+        n = len(e.ids)
+        ids[i, :n], attn[i, :n] = e.ids, 1
+        labels[i, :n] = torch.where(e.mask, e.ids.long(), -100)
     tiles = [load_image(p, max_tiles=max_tiles) for e in examples for p in e.images]
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device),
             "pixel_values": torch.cat(tiles).to(device) if tiles else None}
@@ -220,7 +232,7 @@ def sft_loss(model, batch: dict, n_tokens: float, chunk: int = 1024) -> tuple[to
 
 
 def n_targets(examples: list) -> int:
-    return sum(sum(e.mask[1:]) for e in examples)  # the first token has no predecessor, so it is never a target
+    return sum(int(e.mask[1:].sum()) for e in examples)  # the first token has no predecessor, so it is never a target
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,8 +250,7 @@ def fit(cfg: SFTConfig, ctx, model, opt, pad_id: int, train_set: list, eval_set:
             group["lr"] = lr
         idx = step_indices(step, len(train_set), cfg.batch_size * cfg.grad_accum, cfg.seed, ctx.rank, ctx.world)
         examples = [train_set[i] for i in idx]
-        n_local = n_targets(examples)
-        n_all = all_sum(n_local)
+        n_all, = all_reduce_sum([n_targets(examples)])
         loss_sum = ent_sum = 0.0
         for i in range(0, len(examples), cfg.batch_size):
             batch = make_batch(examples[i:i + cfg.batch_size], pad_id, cfg.max_tiles, ctx.device)
@@ -252,14 +263,14 @@ def fit(cfg: SFTConfig, ctx, model, opt, pad_id: int, train_set: list, eval_set:
         grad_norm = clip_grad_norm(model, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_all, ent_all = all_sum(loss_sum), all_sum(ent_sum)
+        loss_all, ent_all = all_reduce_sum([loss_sum, ent_sum])
         metrics = {"loss": loss_all, "entropy": ent_all / max(n_all, 1), "lr": lr, "grad_norm": grad_norm,
                    "tokens": n_all, "sec": round(time.time() - t0, 3)}
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             metrics["eval_loss"] = evaluate(model, eval_set, cfg, ctx, pad_id)
         log.write(done, metrics)
-        if ctx.is_main:
+        if ctx.is_main and (done % cfg.print_every == 0 or "eval_loss" in metrics):
             print(f"step {done}/{cfg.steps} loss {loss_all:.4f} lr {lr:.2e} |g| {grad_norm:.2f} "
                   f"{metrics['sec']:.2f}s" + (f" eval {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""))
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
@@ -275,7 +286,8 @@ def evaluate(model, examples: list, cfg: SFTConfig, ctx, pad_id: int) -> float:
         batch = make_batch(mine[i:i + cfg.batch_size], pad_id, cfg.max_tiles, ctx.device)
         with autocast(ctx):
             total += sft_loss(model, batch, 1.0, cfg.logprob_chunk)[0].item()
-    return all_sum(total) / max(n_targets(examples), 1)
+    total, = all_reduce_sum([total])
+    return total / max(n_targets(examples), 1)
 
 
 @torch.no_grad()
@@ -283,7 +295,8 @@ def generation_eval(model, tok: Tokenizer, examples: list, cfg: SFTConfig, ctx) 
     """Greedy thinking-mode answers to held-out questions (the prompt grpo.py and sampling use: it ends in
     `<think>\\n`) -> format rate (grpo.format_reward) and accuracy (grpo.accuracy_reward, samples with an answer)."""
     nit = model.config.num_image_token
-    mine = [e for e in examples if e.question is not None][:cfg.gen_eval][ctx.rank::ctx.world]
+    asked = [e for e in examples if e.question is not None][:cfg.gen_eval]
+    mine = split_for_ranks(asked, ctx.world)[ctx.rank::ctx.world]
     fmt = acc = n_ans = 0.0
     sample_text = ""
     for i in range(0, len(mine), cfg.batch_size):
@@ -302,29 +315,14 @@ def generation_eval(model, tok: Tokenizer, examples: list, cfg: SFTConfig, ctx) 
             fmt += format_reward(text)
             if e.answer is not None:
                 acc, n_ans = acc + accuracy_reward(text, e.answer), n_ans + 1
-    n, fmt, acc, n_ans = all_sum(len(mine)), all_sum(fmt), all_sum(acc), all_sum(n_ans)
+    n, fmt, acc, n_ans = all_reduce_sum([len(mine), fmt, acc, n_ans])
     return {"gen_samples": n, "format_rate": fmt / max(n, 1), "accuracy": acc / n_ans if n_ans else None,
             "sample": sample_text}
 
 
-# LOCAL (candidate for train.py, grpo.py needs the same): sum a number over ranks; identity on one process.
-def all_sum(x: float) -> float:
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t)
-    return t.item()
-
-
-# LOCAL (candidate for train.py: train._barrier is private)
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def split_for_ranks(examples: list, world: int) -> list:
-    """Keep a multiple of world samples: under FSDP every rank must run the same number of forwards (each one
-    all-gathers weights), so held-out shares must be equal."""
+    """Keep a multiple of world samples: under FSDP every rank must run the same number of forwards and generate
+    calls (each forward all-gathers weights), so held-out shares must be equal."""
     return examples[:len(examples) // world * world]
 
 
@@ -334,8 +332,10 @@ def split_for_ranks(examples: list, world: int) -> list:
 def main(cfg: SFTConfig) -> dict:
     t_start = time.time()
     ctx = setup(seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    ckpt = cfg.resume or cfg.ckpt
+    resuming = cfg.resume and os.path.isfile(os.path.join(cfg.out, "train_state", "trainer_state.json"))
+    if cfg.resume and not resuming and ctx.is_main:
+        print(f"--resume: nothing to resume in {cfg.out}, starting from {cfg.ckpt or 'a tiny random checkpoint'}")
+    ckpt = cfg.out if resuming else cfg.ckpt
     if not ckpt:
         ckpt = "out/tiny-init"
         if ctx.is_main and not os.path.isfile(os.path.join(ckpt, "config.json")):
@@ -365,10 +365,10 @@ def main(cfg: SFTConfig) -> dict:
 
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
-    if cfg.resume:
-        start, _, _ = resume(cfg.resume, model, opt)
+    if resuming:
+        start, _, _ = resume(cfg.out, model, opt)
     metrics_path = cfg.out + ".metrics.jsonl"
-    log = MetricsLog(metrics_path, enabled=ctx.is_main, resume_step=start if cfg.resume else None)
+    log = MetricsLog(metrics_path, enabled=ctx.is_main, resume_step=start if resuming else None)
     log.write(start, {"data_" + k: v for k, v in stats.items() if k != "untagged_at"})
 
     fit(cfg, ctx, model, opt, tok.pad_id, train_set, eval_set, log, start)
@@ -376,7 +376,7 @@ def main(cfg: SFTConfig) -> dict:
     result = {"steps": cfg.steps, "out": cfg.out}
     if cfg.gen_eval:
         model.eval()
-        result.update(generation_eval(model, tok, split_for_ranks(eval_set, ctx.world), cfg, ctx))
+        result.update(generation_eval(model, tok, eval_set, cfg, ctx))
         log.write(cfg.steps, {k: v for k, v in result.items() if k in ("format_rate", "accuracy", "gen_samples")})
     result["wall_sec"] = round(time.time() - t_start, 1)
     if ctx.is_main:
@@ -386,16 +386,7 @@ def main(cfg: SFTConfig) -> dict:
 
 
 def parse_args(argv=None) -> SFTConfig:
-    """LOCAL (candidate for train.py: grpo.py and entropy.py have the same loop). Every field is a flag:
-    --max-len 2048; booleans are --flag / --no-flag."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(SFTConfig):
-        name = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(name, type=type(f.default), default=f.default)
-    return SFTConfig(**vars(p.parse_args(argv)))
+    return SFTConfig(**parse_flags(SFTConfig, argv, __doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ each rank holding 1/world of the rows of every tensor, filled straight from the 
 Precision: parameters, gradients and AdamW moments stay fp32 ("master weights": bf16 weights lose updates of
 lr ~1e-6 relative size); `MixedPrecisionPolicy` all-gathers bf16 copies for compute and reduces gradients in fp32.
 """
+import argparse
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,10 @@ def setup(dtype: str = None, seed: int = 0) -> Context:
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # small CPU models are per-op overhead: a second intra-op thread adds a wake-up wait per op (measured 10-30x
+        # slower steps for the tiny config on a busy 2-core machine) and torchrun starts one process per core anyway
+        torch.set_num_threads(1)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     torch.manual_seed(seed + rank)  # different rollouts per rank, reproducible per run
@@ -195,12 +200,12 @@ def save_checkpoint(out_dir: str, model, optimizer, step: int, extra: dict = Non
         with open(os.path.join(state, "trainer_state.json"), "w") as f:
             json.dump({"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                        "extra": extra or {}}, f, indent=2)
-    _barrier()
+    barrier()
     if rank == 0:
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(partial, out_dir)
-    _barrier()
+    barrier()
 
 
 def resume(ckpt_dir: str, model, optimizer):
@@ -221,7 +226,10 @@ def resume(ckpt_dir: str, model, optimizer):
         raise ValueError(f"{meta_path}: saved by {meta['world_size']} rank(s), resumed with {world}; resume with "
                          f"--nproc_per_node {meta['world_size']} (per-rank RNG and data order depend on it)")
     optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(optim_state, checkpoint_id=os.path.join(state, "optimizer"))
+    # parameters that never had a gradient have no Adam state in the checkpoint, but the template built here has
+    # (zero) state for every trainable parameter: a partial load leaves those at zero, as they were when saved
+    dcp.load(optim_state, checkpoint_id=os.path.join(state, "optimizer"),
+             planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     set_optimizer_state_dict(model, optimizer, optim_state["optimizer"])
     tensors = load_file(os.path.join(state, f"rank{rank}.safetensors"))
     torch.set_rng_state(tensors.pop("rng.cpu"))
@@ -230,9 +238,35 @@ def resume(ckpt_dir: str, model, optimizer):
     return meta["step"], meta["extra"], tensors
 
 
-def _barrier():
+def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_reduce_sum(values: list) -> list:
+    """Sum a few Python numbers over ranks (identity on one process); NCCL needs them on the GPU."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                     device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def parse_flags(cls, argv=None, description: str = "") -> dict:
+    """Every field of the config dataclass `cls` is a flag (--max-len or --max_len; --flag / --no-flag for booleans,
+    several values for list fields). Returns only the flags given, so callers can layer them over any defaults."""
+    p = argparse.ArgumentParser(description=description)
+    for f in fields(cls):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        names = dict.fromkeys([f"--{f.name.replace('_', '-')}", f"--{f.name}"])
+        if isinstance(default, bool):
+            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif isinstance(default, (list, tuple)):
+            p.add_argument(*names, dest=f.name, nargs="+", default=None)
+        else:
+            p.add_argument(*names, dest=f.name, type=type(default) if default is not None else str, default=None)
+    return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
 
 
 # -------------------------------------------------------------------------------------------------------- logs

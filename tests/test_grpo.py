@@ -361,6 +361,17 @@ def test_resume_matches_uninterrupted(tiny_ckpt, tmp_path):
     assert strip(rows) == strip(full)                       # the log reads as one run
 
 
+def test_synthetic_task_with_kl(tiny_ckpt, tmp_path):
+    """The default run's path (synthetic images, held-out eval, checkpoint) with the k3 KL term on."""
+    cfg = small_cfg(tiny_ckpt, tmp_path / "run", steps=1, prompts_per_step=1, group_size=2, max_new_tokens=4,
+                    synthetic_size=2, eval_size=1, minibatch_size=2, micro_batch_size=2, beta=0.1)
+    history = train(cfg, vowel_reward)
+    assert history[0] == {"step": 0, "heldout_accuracy": 0.0}
+    assert history[1]["kl"] > 0                             # 0 on the first update, > 0 once the policy moved
+    assert "heldout_accuracy" in history[1]
+    assert os.path.isfile(tmp_path / "run" / "ckpt" / "config.json")
+
+
 def test_nan_loss_skips_update(tiny_ckpt, tmp_path):
     cfg = small_cfg(tiny_ckpt, tmp_path / "run", data=text_task(tmp_path), steps=1, ppo_epochs=1, minibatch_size=16)
     with pytest.warns(UserWarning, match="non-finite loss"):

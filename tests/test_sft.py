@@ -113,20 +113,20 @@ def test_train_connector_only(tiny_ckpt, tmp_path):
 def test_loss_falls_on_synthetic_task(tiny_ckpt, tmp_path):
     out = str(tmp_path / "sft")
     result = main(SFTConfig(ckpt=tiny_ckpt, synthetic_dir=str(tmp_path / "data"), n_train=32, n_eval=4, out=out,
-                            steps=12, batch_size=2, warmup=1, lr=1e-2, eval_every=12, gen_eval=0,
+                            steps=20, batch_size=2, warmup=1, lr=1e-2, eval_every=20, gen_eval=0,
                             train="llm,connector"))  # frozen ViT: no backward through its 1025 tokens a tile
     rows = read_metrics(out + ".metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    assert len(losses) == 12 and losses[-1] < 0.5 * losses[0], losses
-    assert evals[-1] < 0.6 * evals[0], evals
+    assert len(losses) == 20 and losses[-1] < 0.4 * losses[0], losses
+    assert evals[-1] < 0.4 * evals[0], evals
     assert rows[0]["data_samples"] == 32 and rows[0]["data_truncated"] == 0
-    assert result["steps"] == 12 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    assert result["steps"] == 20 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
     SkyworkR1V.from_pretrained(out)  # the release format: what grpo.py starts from
 
 
 def test_resume_continues_exactly(tiny_ckpt, tmp_path, monkeypatch):
-    base = dict(ckpt=tiny_ckpt, synthetic_dir=str(tmp_path / "data"), n_train=6, n_eval=2, steps=4, batch_size=2,
+    base = dict(ckpt=tiny_ckpt, synthetic_dir=str(tmp_path / "data"), n_train=6, n_eval=2, steps=4, batch_size=1,
                 warmup=1, eval_every=100, gen_eval=0, train="llm")
     main(SFTConfig(**base, out=str(tmp_path / "a")))
     real_save = sft.save_checkpoint
@@ -141,7 +141,7 @@ def test_resume_continues_exactly(tiny_ckpt, tmp_path, monkeypatch):
         main(SFTConfig(**base, out=b, save_every=2))
     monkeypatch.undo()
     assert json.load(open(os.path.join(b, "train_state", "trainer_state.json")))["step"] == 2
-    main(SFTConfig(**base, out=b, resume=b))
+    main(SFTConfig(**base, out=b, resume=True))
 
     def weights(d):
         return {k: v for f in sorted(os.listdir(d)) if f.endswith(".safetensors")
