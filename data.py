@@ -347,6 +347,17 @@ def parse_response(text):
     return None, text.strip()
 
 
+def left_pad(seqs, pad_id: int):
+    """Token id sequences [Li] -> ids [B, max L] padded on the left, attention mask [B, max L] (1 = real token).
+    Left padding puts every row's last prompt token in the last column, where generation continues; positions
+    (model.positions) skip the padding."""
+    n = max(len(s) for s in seqs)
+    ids, mask = torch.full((len(seqs), n), pad_id), torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s):], mask[i, n - len(s):] = torch.as_tensor(s), 1
+    return ids, mask
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets: JSONL records {"images": [paths relative to the file], "question": ..., "answer": ...}
 

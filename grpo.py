@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import Tokenizer, build_prompt, load_image, make_visual_task, read_jsonl
+from data import Tokenizer, build_prompt, left_pad, load_image, make_visual_task, read_jsonl
 from entropy import token_logprobs_and_entropy
 from model import SkyworkR1V
 from train import MetricsLog, all_reduce_sum, autocast, clip_grad_norm, load_for_training, lr_at, make_optimizer, \
@@ -382,15 +382,6 @@ def setup_models(cfg: GRPOConfig, ctx, start_dir: str):
     if cfg.beta:
         ref = SkyworkR1V.from_pretrained(cfg.ckpt, dtype=ctx.dtype, device=ctx.device).requires_grad_(False)
     return policy, ref
-
-
-def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[Li] -> ids [B, max L] left-padded, attention mask [B, max L] (1 = real)."""
-    n = max(len(s) for s in seqs)
-    ids, mask = torch.full((len(seqs), n), pad_id), torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s):], mask[i, n - len(s):] = s, 1
-    return ids, mask
 
 
 def cat_pixels(pixels: list) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, build_prompt, load_image, make_visual_task,
-                  parse_response, read_jsonl)
+                  left_pad, parse_response, read_jsonl)
 from model import R1VConfig, SkyworkR1V
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -125,16 +125,6 @@ def read_requests(cfg: SampleConfig, tok: Tokenizer, c: R1VConfig) -> list:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
-
-def left_pad(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[Li] -> ids [B, max L] padded on the left, attention mask [B, max L] (1 = real token). Left padding keeps
-    every row's last prompt token in the last column, where generation continues; positions skip the padding."""
-    n = max(len(s) for s in seqs)
-    ids, mask = torch.full((len(seqs), n), pad_id), torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s):], mask[i, n - len(s):] = torch.tensor(s), 1
-    return ids, mask
-
 
 class Progress:
     """generate()'s per-step callback: times every step and, given `out`, prints row 0's text as it arrives
