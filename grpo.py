@@ -40,10 +40,10 @@ class GRPOConfig:
     steps: int = 200
     prompts_per_step: int = 64    # over all ranks; each rank generates for its share
     group_size: int = 8           # G responses per prompt
-    max_new_tokens: int = 16384
+    max_new_tokens: int = 6144    # prompt (~2K with 7 tiles) + response <= 8K: the 38B memory plan (plan.py)
     temperature: float = 1.0      # sampling temperature; log-probs are taken at the same temperature
     max_tiles: int = 12           # dynamic tiling limit per image
-    rollout_batch_size: int = 64  # sequences per generate call (bounds the KV cache)
+    rollout_batch_size: int = 8   # sequences per generate call per rank (bounds the KV cache: 8 x 8K x 256 KiB)
     # objective
     clip_low: float = 0.2         # ratio clipped to [1 - clip_low, 1 + clip_high] (clip-higher, DAPO)
     clip_high: float = 0.28
@@ -57,8 +57,9 @@ class GRPOConfig:
     grad_clip: float = 1.0
     ppo_epochs: int = 1           # optimisation passes over each rollout batch
     minibatch_size: int = 128     # sequences per optimizer step (per rank)
-    micro_batch_size: int = 4     # sequences per forward/backward (gradient accumulation inside a minibatch)
-    grad_checkpointing: bool = False
+    micro_batch_size: int = 1     # sequences per forward/backward (gradient accumulation inside a minibatch)
+    grad_checkpointing: bool = True   # recompute each block in backward; the 38B plan needs it
+    bf16_moments: bool = True     # Adam moments in bf16 (fp32 weights): 38B GRPO fits 80 GB with it (plan.py)
     logprob_chunk: int = 1024     # tokens per lm_head chunk when computing log-probs / entropy
     # selective sample buffer (R1V2)
     buffer_capacity: int = 64     # samples kept
@@ -73,7 +74,7 @@ class GRPOConfig:
 # The default run (`python grpo.py`, no --ckpt): tiny model from `python sft.py`, synthetic task, CPU, minutes.
 TINY_RUN = dict(steps=40, prompts_per_step=4, max_new_tokens=256, rollout_batch_size=32, lr=1e-4, ppo_epochs=2,
                 minibatch_size=16, micro_batch_size=16, synthetic_size=512, eval_every=10, eval_size=64,
-                save_every=20)
+                save_every=20, grad_checkpointing=False, bf16_moments=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -544,7 +545,8 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
     tok = Tokenizer.from_dir(cfg.ckpt)
     train_set, heldout = load_problems(cfg, ctx.is_main)
     policy, ref_model = setup_models(cfg, ctx, ckpt_dir if resuming else cfg.ckpt)
-    opt = make_optimizer(policy, cfg.lr, cfg.weight_decay)
+    opt = make_optimizer(policy, cfg.lr, cfg.weight_decay,
+                         moments_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
     buffer, start = SampleBuffer(cfg.buffer_capacity, cfg.buffer_max_age), 0
     if resuming:
         start, _, tensors = resume(ckpt_dir, policy, opt)

@@ -144,8 +144,14 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.moments_dtype = moments_dtype
 
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)  # which casts every state tensor to its parameter's dtype (fp32): undo
+        for st in self.state.values():
+            for k in ("exp_avg", "exp_avg_sq"):
+                st[k] = st[k].to(self.moments_dtype)
+
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):  # closure: the Optimizer interface (DCP calls step to create empty states)
         for group in self.param_groups:
             (b1, b2), lr = group["betas"], group["lr"]
             for p in group["params"]:

@@ -347,10 +347,10 @@ def test_resume_matches_uninterrupted(tiny_ckpt, tmp_path):
     # G = 2 and a 0/1 reward give many flat groups, so the sample buffer is filled, saved, restored and mixed in
     coin = lambda text, answer: float(len(text) % 2)  # noqa: E731
     task = text_task(tmp_path, 3)
-    # train="llm": text-only prompts give the connector no gradient, and train.resume cannot yet restore an AdamW
-    # state in which some trainable parameters never stepped
+    # text-only prompts give the connector no gradient: resume must restore an AdamW state in which some trainable
+    # parameters never stepped (and the default bf16 moments must stay bf16 through the round trip)
     kw = dict(data=task, eval_data=task, eval_every=1, group_size=2, max_new_tokens=6, flat_threshold=0.0,
-              ppo_epochs=1, minibatch_size=2, micro_batch_size=2, train="llm")
+              ppo_epochs=1, minibatch_size=2, micro_batch_size=2)
     full = train(small_cfg(tiny_ckpt, tmp_path / "a", steps=3, **kw), coin)
     train(small_cfg(tiny_ckpt, tmp_path / "b", steps=1, **kw), coin)
     resumed = train(small_cfg(tiny_ckpt, tmp_path / "b", steps=3, resume=True, **kw), coin)
