@@ -13,7 +13,7 @@ same thing (same greedy tokens, features, losses, weights), so the comparison is
     grpo     forward + backward + AdamW    tokens/s   ours: entropy.token_logprobs_and_entropy + grpo.grpo_loss
                                                       theirs: logits(logits_to_keep) + log_softmax + grpo.grpo_loss
     load     checkpoint -> model           GB/s       ours: SkyworkR1V.from_pretrained(release-format dir)
-                                                      theirs: from_pretrained(HF save_pretrained dir of the same weights)
+                                                      theirs: from_pretrained(an HF save of the same weights)
 Ratio = ours / theirs throughput (> 1: ours is faster): median over repeats; spread = min..max of per-repeat ratios.
 
 The roofline section is computed from a config (default the release's shapes), not measured: bytes and FLOPs per
@@ -34,6 +34,7 @@ import platform
 import re
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -58,7 +59,8 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = ""               # fp32 | bf16; default fp32 on cpu, bf16 on cuda
     repeats: int = 5              # timed repeats per side, after one warm-up call each
-    threads: int = 2              # torch.set_num_threads on cpu
+    threads: int = 2              # torch.set_num_threads on cpu (1 on a shared, loaded machine: a 2nd OpenMP thread
+                                  # then waits for a descheduled peer at every op, measured 2-3x slower)
     only: str = ""                # comma-separated row names (default: all)
     out: str = ""                 # JSON results; default out/bench_<config>_<device>.json
     profile: str = ""             # a row name: print torch.profiler's top ops for both sides instead of timing
@@ -83,7 +85,8 @@ class Sizes:  # the work of one timed call per row
 SIZES = {"tiny": Sizes(1, 64, 8, 8, 64, 4, 2, 16, 16),
          "small": Sizes(2, 512, 16, 32, 64, 16, 2, 64, 64),
          "proxy": Sizes(8, 2048, 16, 64, 64, 32, 4, 512, 512)}
-TARGETS = {"vit": 1.0, "prefill": 1.0, "decode1": 1.5, "decodeB": 1.0, "load": 1.0, "sft": 1.0, "grpo": 1.0}  # run order
+# ours / theirs targets from the issue, in run order
+TARGETS = {"vit": 1.0, "prefill": 1.0, "decode1": 1.5, "decodeB": 1.0, "load": 1.0, "sft": 1.0, "grpo": 1.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,8 +135,9 @@ def hf_config(c: R1VConfig):
     release has no final norm); tie_word_embeddings=False at both levels, as in the release."""
     from transformers import InternVLConfig
     v, t = c.vision, c.llm
-    vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers, intermediate_size=v.intermediate_size,
-                  num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+    vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
+                  intermediate_size=v.intermediate_size, num_attention_heads=v.num_attention_heads,
+                  image_size=v.image_size, patch_size=v.patch_size,
                   layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act, norm_type=v.norm_type,
                   use_qk_norm=v.qk_normalization, attention_bias=v.qkv_bias, use_mean_pooling=True)
     text = dict(model_type="qwen2", hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
@@ -207,9 +211,11 @@ def check_tokens(a, b, prompt_len: int, exact: bool):
 
 def vit_row(ours, theirs, s: Sizes, cfg: BenchConfig, tol: float) -> Row:
     pv = torch.randn(s.vit_tiles, 3, 448, 448, generator=torch.Generator().manual_seed(1)).to(cfg.device)
-    hf_vit = lambda: theirs.get_image_features(pixel_values=pv, vision_feature_layer=ours.config.select_layer,  # noqa: E731
-                                               vision_feature_select_strategy="default").pooler_output
-    return Row("vit", "tiles/s", s.vit_tiles, lambda: ours.extract_feature(pv), hf_vit,
+
+    def theirs_fn():
+        return theirs.get_image_features(pixel_values=pv, vision_feature_layer=ours.config.select_layer,
+                                         vision_feature_select_strategy="default").pooler_output
+    return Row("vit", "tiles/s", s.vit_tiles, lambda: ours.extract_feature(pv), theirs_fn,
                lambda a, b: check_close(a, b, tol))
 
 
@@ -217,9 +223,12 @@ def generate_row(name, ours, theirs, batch: int, prompt: int, new: int, cfg: Ben
     """prefill = one new token after a long prompt; decode = many new tokens after a short one. Throughput counts
     prompt tokens for prefill and new tokens for decode (which therefore includes one short prefill)."""
     ids = text_ids(batch, prompt, cfg.device)
-    ours_fn = lambda: ours.generate(ids, max_new_tokens=new, temperature=0.0, eos_token_id=NO_EOS)  # noqa: E731
-    theirs_fn = lambda: theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,  # noqa: E731
-                                        do_sample=False)
+
+    def ours_fn():
+        return ours.generate(ids, max_new_tokens=new, temperature=0.0, eos_token_id=NO_EOS)
+
+    def theirs_fn():
+        return theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False)
     work = batch * (prompt if name == "prefill" else new)
     return Row(name, "tokens/s", work, ours_fn, theirs_fn, lambda a, b: check_tokens(a, b, prompt, exact))
 
@@ -290,9 +299,13 @@ def load_row(ours, release_dir: str, hf_dir: str, cfg: BenchConfig) -> Row:
     gb = sum(os.path.getsize(os.path.join(release_dir, f)) for f in os.listdir(release_dir)
              if f.endswith(".safetensors")) / 1e9
     dtype = DTYPES[cfg.dtype]
-    ours_fn = lambda: touched(SkyworkR1V.from_pretrained(release_dir, dtype=dtype, device=cfg.device))  # noqa: E731
-    theirs_fn = lambda: touched(InternVLForConditionalGeneration.from_pretrained(  # noqa: E731
-        hf_dir, dtype=dtype, device_map=None if cfg.device == "cpu" else cfg.device))
+
+    def ours_fn():
+        return touched(SkyworkR1V.from_pretrained(release_dir, dtype=dtype, device=cfg.device))
+
+    def theirs_fn():
+        device_map = None if cfg.device == "cpu" else cfg.device
+        return touched(InternVLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype, device_map=device_map))
 
     def check(a, b):
         assert torch.equal(a.language_model.lm_head.weight, b.lm_head.weight), "loaded weights differ"
@@ -318,7 +331,8 @@ def make_rows(ours, theirs, release_dir, hf_dir, cfg: BenchConfig) -> list:
         "vit": lambda: vit_row(ours, theirs, s, cfg, tol),
         "prefill": lambda: generate_row("prefill", ours, theirs, 1, s.prefill_len, 1, cfg, fp32),
         "decode1": lambda: generate_row("decode1", ours, theirs, 1, s.prompt_len, s.new_tokens, cfg, fp32),
-        "decodeB": lambda: generate_row("decodeB", ours, theirs, s.big_batch, s.prompt_len, s.big_new_tokens, cfg, fp32),
+        "decodeB": lambda: generate_row("decodeB", ours, theirs, s.big_batch, s.prompt_len, s.big_new_tokens, cfg,
+                                        fp32),
         "load": lambda: load_row(ours, release_dir, hf_dir, cfg),
         "sft": lambda: sft_row(ours, theirs, s, cfg, tol),
         "grpo": lambda: grpo_row(ours, theirs, s, cfg, tol),
@@ -388,11 +402,12 @@ def fmt(x: float) -> str:
 
 
 def results_table(rows: list) -> str:
-    lines = ["| row | unit | ours: median (min-max) | transformers: median (min-max) | ours / theirs (min-max) | target | met |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | unit | ours: median (min-max) | transformers: median (min-max) | ours / theirs (min-max) "
+             "| target | met |", "|---|---|---|---|---|---|---|"]
+    span = lambda lo_hi: f"{fmt(lo_hi[0])}-{fmt(lo_hi[1])}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['row']} | {r['unit']} | {fmt(r['ours'])} ({fmt(r['ours_range'][0])}-{fmt(r['ours_range'][1])}) "
-                     f"| {fmt(r['theirs'])} ({fmt(r['theirs_range'][0])}-{fmt(r['theirs_range'][1])}) "
+        lines.append(f"| {r['row']} | {r['unit']} | {fmt(r['ours'])} ({span(r['ours_range'])}) "
+                     f"| {fmt(r['theirs'])} ({span(r['theirs_range'])}) "
                      f"| **{r['ratio']:.2f}x** ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}) "
                      f"| >= {r['target']}x | {'yes' if r['ratio'] >= r['target'] else 'NO'} |")
     return "\n".join(lines)
@@ -433,8 +448,9 @@ def run(cfg: BenchConfig) -> dict:
             print(f"{row.name}: ours/theirs {results[-1]['ratio']:.2f}x", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    meta = dict(machine(), config=cfg.config, device=cfg.device, dtype=cfg.dtype, repeats=cfg.repeats,
-                sizes=asdict(SIZES[cfg.config]), load_average_before=load_before, load_average_after=os.getloadavg())
+    meta = dict(machine(), command="python " + " ".join(sys.argv), config=cfg.config, device=cfg.device,
+                dtype=cfg.dtype, repeats=cfg.repeats, sizes=asdict(SIZES[cfg.config]),
+                load_average_before=load_before, load_average_after=os.getloadavg())
     print(f"\n{meta['date']} | {meta['cpu']} ({meta['cores']} cores, {meta['threads']} threads) | torch "
           f"{meta['torch']}, transformers {meta['transformers']} | config {cfg.config}, {cfg.device}, {cfg.dtype}, "
           f"median of {cfg.repeats} | load average {load_before[0]:.1f} -> {meta['load_average_after'][0]:.1f}\n")
@@ -527,7 +543,8 @@ def roofline_report(r: dict) -> str:
     g = hw["gpus"]
     out = [f"## Roofline: {r['config']} on {g}xH100 (COMPUTED from the config, not measured)", "",
            f"Parameters: ViT {p['vision_model'] / 1e9:.2f}B, connector {p['mlp1'] / 1e9:.3f}B, decoder "
-           f"{p['language_model'] / 1e9:.2f}B ({c['dec_matmul'] / 1e9:.2f}B in matmuls), total {p['total'] / 1e9:.2f}B. "
+           f"{p['language_model'] / 1e9:.2f}B ({c['dec_matmul'] / 1e9:.2f}B in matmuls), "
+           f"total {p['total'] / 1e9:.2f}B. "
            f"bf16 weights and KV. Peaks: HBM {hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s, {hw['flops_per_s'] / 1e12:.0f} "
            f"TFLOP/s dense bf16, NVLink {hw['nvlink_bytes_per_s'] / 1e9:.0f} GB/s per direction per GPU.", "",
            f"KV cache: {c['kv_bytes_per_token']:,} bytes/token ({c['kv_bytes_per_token'] / 1024:.0f} KiB). "
@@ -537,19 +554,22 @@ def roofline_report(r: dict) -> str:
            "| weights + KV GB/GPU | fits in 90% of HBM |", "|---|---|---|---|---|---|---|---|---|---|"]
     for d in r["decode"]:
         out.append(f"| {d['mode']} | {d['batch']} | {d['hbm_bytes'] / 1e9:.1f} | {d['nvlink_bytes'] / 1e9:.1f} "
-                   f"| {d['flops'] / 1e9:,.0f} | {d['bound']} | {d['step_s'] * 1e3:.1f} | {d['node_tokens_per_s']:,.0f} "
+                   f"| {d['flops'] / 1e9:,.0f} | {d['bound']} | {d['step_s'] * 1e3:.1f} "
+                   f"| {d['node_tokens_per_s']:,.0f} "
                    f"| {d['weights_gb_per_gpu']:.1f} + {d['kv_gb_per_gpu']:.1f} | {'yes' if d['fits'] else 'no'} |")
-    res1, fsdp1 = r["decode"][0], r["decode"][2]
-    fsdp64, res64 = r["decode"][3], r["decode"][1]
-    out += ["", f"Under FSDP every decode step all-gathers the whole decoder ({fsdp1['nvlink_bytes'] / 1e9:.0f} GB in per "
-            f"GPU): >= {fsdp1['step_s'] * 1e3:.0f} ms/step whatever the batch, {fsdp1['step_s'] / res1['step_s']:.0f}x "
-            f"the resident-weight step at batch 1. Only batch amortises it: compute catches up with the all-gather "
-            f"at ~{fsdp1['step_s'] * hw['flops_per_s'] / (2 * c['dec_matmul']):,.0f} sequences per GPU, which no KV "
-            f"cache holds. At 64 sequences/GPU FSDP gives <= {fsdp64['node_tokens_per_s']:,.0f} tokens/s per node vs "
-            f"<= {res64['node_tokens_per_s']:,.0f} with resident weights, and 64 x {res64['context']} tokens of KV "
-            f"is {res64['kv_gb_per_gpu']:.0f} GB/GPU. So rollouts belong in an engine that keeps the weights "
-            f"resident (gather/reshard the weights once per rollout phase into TP layout), not in generate() on "
-            f"FSDP shards.", "",
+    res1, res64, fsdp1, fsdp64 = r["decode"]
+    kv_room = 0.9 * hw["hbm_bytes"] - res64["weights_gb_per_gpu"] * 1e9  # bytes left for KV at resident weights
+    catch_up = fsdp1["step_s"] * hw["flops_per_s"] / (2 * c["dec_matmul"])  # batch where compute = all-gather time
+    out += ["", f"Under FSDP every decode step all-gathers the whole decoder ({fsdp1['nvlink_bytes'] / 1e9:.0f} GB "
+            f"into each GPU): >= {fsdp1['step_s'] * 1e3:.0f} ms/step whatever the batch, "
+            f"{fsdp1['step_s'] / res1['step_s']:.0f}x the resident-weight step at batch 1. Only batch amortises it: "
+            f"compute catches up with the all-gather at ~{catch_up:,.0f} sequences per GPU, far beyond what a KV "
+            f"cache holds. At 64 sequences/GPU FSDP gives "
+            f"<= {fsdp64['node_tokens_per_s']:,.0f} tokens/s per node vs <= {res64['node_tokens_per_s']:,.0f} with "
+            f"resident weights ({res64['node_tokens_per_s'] / fsdp64['node_tokens_per_s']:.1f}x), and 64 sequences "
+            f"fit only with a mean context <= {kv_room / 64 / c['kv_bytes_per_token']:,.0f} tokens. So rollouts belong "
+            f"in an engine that keeps the weights resident (gathered or resharded to tensor-parallel once per rollout "
+            f"phase), not in generate() on FSDP shards.", "",
             "### Training (SFT / GRPO), per token", "",
             f"- FLOPs/token = 6 x {c['dec_matmul'] / 1e9:.1f}B + attention at {r['decode'][0]['context']} context = "
             f"{tr['flops_per_token'] / 1e9:.0f} GFLOP (+1 forward = 8N with activation checkpointing).",
@@ -568,8 +588,8 @@ def roofline_report(r: dict) -> str:
             f"- {load['bytes'] / 1e9:.1f} GB: >= {load['nvme_s']:.0f} s from one NVMe drive "
             f"({hw['nvme_bytes_per_s'] / 1e9:.0f} GB/s, assumed), >= {load['host_s']:.1f} s from the page cache "
             f"({hw['host_bytes_per_s'] / 1e9:.0f} GB/s, assumed), when each rank reads only its own rows "
-            f"(checkpoint.py's sharded load). If every rank read the whole checkpoint: >= {load['nvme_every_rank_full_s']:.0f} s "
-            f"from NVMe."]
+            f"(checkpoint.py's sharded load). If every rank read the whole checkpoint: "
+            f">= {load['nvme_every_rank_full_s']:.0f} s from NVMe."]
     return "\n".join(out)
 
 

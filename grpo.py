@@ -31,7 +31,7 @@ class GRPOConfig:
     ckpt: str = "out/sft"         # starting point: the cold-start SFT model (release format)
     data: str = ""                # training JSONL {"images": [...], "question", "answer"}; "" = synthetic visual task
     eval_data: str = ""           # held-out JSONL; with the synthetic task, its held-out split
-    out_dir: str = "out/grpo"     # metrics.jsonl, curves.png, ckpt/ (release format + train_state/)
+    out_dir: str = "out/grpo"     # metrics.jsonl, curves.png, step_N/ (release format + train_state/)
     train: str = "connector,llm"  # parts updated; the ViT stays frozen (R1V3: freezing it hurts least; saves memory)
     resume: bool = False          # continue from out_dir/ckpt
     seed: int = 0
@@ -528,6 +528,14 @@ def mean_over_ranks(metrics: dict) -> dict:
     return {k: v / world for k, v in zip(keys, all_reduce_sum([metrics[k] for k in keys]))}
 
 
+def latest_checkpoint(out_dir: str):
+    """The newest out_dir/step_N that has a training state (each save is a release-format model + train_state/;
+    entropy.py ranks them all: `python entropy.py --ckpts out/grpo/step_*`)."""
+    steps = sorted(d for d in os.listdir(out_dir) if d.startswith("step_")) if os.path.isdir(out_dir) else []
+    steps = [d for d in steps if os.path.isdir(os.path.join(out_dir, d, "train_state"))]
+    return os.path.join(out_dir, steps[-1]) if steps else None
+
+
 def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
     """Run GRPO; returns the metrics of every step (also in out_dir/metrics.jsonl). reward_fn(text, answer) ->
     float defaults to accuracy + format_weight * format."""
@@ -538,10 +546,10 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
     ctx = setup(seed=cfg.seed)
     if cfg.prompts_per_step % ctx.world:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} must be a multiple of the world size {ctx.world}")
-    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
-    resuming = cfg.resume and os.path.isdir(os.path.join(ckpt_dir, "train_state"))
+    ckpt_dir = latest_checkpoint(cfg.out_dir)
+    resuming = cfg.resume and ckpt_dir is not None
     if cfg.resume and not resuming and ctx.is_main:
-        print(f"--resume: nothing to resume in {ckpt_dir}, starting from {cfg.ckpt}")
+        print(f"--resume: no step_* checkpoint in {cfg.out_dir}, starting from {cfg.ckpt}")
     tok = Tokenizer.from_dir(cfg.ckpt)
     train_set, heldout = load_problems(cfg, ctx.is_main)
     policy, ref_model = setup_models(cfg, ctx, ckpt_dir if resuming else cfg.ckpt)
@@ -596,7 +604,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                         flat=f"{flat_frac:.2f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt_dir, policy, opt, step, extra={"config": asdict(cfg)},
+            save_checkpoint(os.path.join(cfg.out_dir, f"step_{step:06d}"), policy, opt, step, extra={"config": asdict(cfg)},
                             tensors={f"buffer.{k}": v for k, v in buffer.state_dict().items()})
     if ctx.is_main:
         plot_curves(log.path, os.path.join(cfg.out_dir, "curves.png"),
@@ -616,10 +624,12 @@ if __name__ == "__main__":
     cfg = parse_args()
     t = time.perf_counter()
     if cfg.ckpt == GRPOConfig.ckpt and not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
-        # the paper's pipeline: RL starts from the cold-start SFT model, so make it first (sft.py imports this file)
+        # the paper's pipeline: RL starts from the cold-start SFT model, so make it first (sft.py imports this file).
+        # A short cold start (110 of sft.py's 300 steps: about a quarter of held-out answers well formed) leaves RL
+        # something to show in minutes; from the full 300-step model the toy task has little headroom (README).
         import sft
-        print(f"no {cfg.ckpt}: running the cold-start SFT stage first (python sft.py)")
-        sft.main(sft.SFTConfig(out=cfg.ckpt))
+        print(f"no {cfg.ckpt}: running the cold-start SFT stage first (python sft.py --steps 110)")
+        sft.main(sft.SFTConfig(out=cfg.ckpt, steps=110))
     try:
         history = train(cfg)
     except FileNotFoundError as e:

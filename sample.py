@@ -10,6 +10,7 @@ input (files, images, placeholders, context length) is checked before the weight
 one line on stderr with exit code 2.
 """
 import argparse
+import glob
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass
 class SampleConfig:
-    ckpt: str = ""                # release-format checkpoint dir; "" = out/grpo/ckpt, else out/sft, else out/tiny-init
+    ckpt: str = ""                # release-format checkpoint dir; "" = the last out/grpo/step_*, else out/sft, else out/tiny-init
     image: list = field(default_factory=list)  # --image a.png --image b.jpg: the images of --prompt, in order
     prompt: str = ""              # "" with no --image = the synthetic task's question about a generated image
     prompts: str = ""             # JSONL of {"images": [...], "question": ...}: batched, one JSON line out per record
@@ -59,9 +60,10 @@ class Request:
 
 def default_checkpoint() -> tuple[str, str]:
     """-> (dir, description): the most trained local checkpoint, else a tiny random one (written on first use)."""
-    for path, what in (("out/grpo/ckpt", "the GRPO model from `python grpo.py`"),
+    grpo = sorted(glob.glob("out/grpo/step_*"))
+    for path, what in ((grpo[-1] if grpo else "", "the GRPO model from `python grpo.py`"),
                        ("out/sft", "the cold-start SFT model from `python sft.py`")):
-        if os.path.isfile(os.path.join(path, "config.json")):
+        if path and os.path.isfile(os.path.join(path, "config.json")):
             return path, what
     path = "out/tiny-init"
     if not os.path.isfile(os.path.join(path, "config.json")):

@@ -9,6 +9,7 @@ import torch
 
 from data import Tokenizer, make_visual_task, read_jsonl
 from grpo import (TINY_RUN, GRPOConfig, SampleBuffer, accuracy_reward, encode_problem, extract_boxed, format_reward,
+                  latest_checkpoint,
                   group_advantages, grpo_loss, load_problems, parse_args, prompt_indices, response_logprobs, rollout,
                   train)
 from model import SkyworkR1V
@@ -314,7 +315,7 @@ def test_grpo_raises_reward(tiny_ckpt, tmp_path):
     assert all(math.isfinite(h["loss"]) and h["skipped_updates"] == 0 for h in history)
     assert 0 < history[0]["clip_frac"] < 1 and history[0]["entropy"] > 0
     tok = Tokenizer.from_dir(tiny_ckpt)
-    before, after = mean_sampled_reward(tiny_ckpt, tok, task), mean_sampled_reward(cfg.out_dir + "/ckpt", tok, task)
+    before, after = mean_sampled_reward(tiny_ckpt, tok, task), mean_sampled_reward(latest_checkpoint(cfg.out_dir), tok, task)
     assert after > before + 0.05, (before, after)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, 6))
@@ -369,7 +370,7 @@ def test_synthetic_task_with_kl(tiny_ckpt, tmp_path):
     assert history[0] == {"step": 0, "heldout_accuracy": 0.0}
     assert history[1]["kl"] > 0                             # 0 on the first update, > 0 once the policy moved
     assert "heldout_accuracy" in history[1]
-    assert os.path.isfile(tmp_path / "run" / "ckpt" / "config.json")
+    assert os.path.isfile(tmp_path / "run" / "step_000001" / "config.json")
 
 
 def test_nan_loss_skips_update(tiny_ckpt, tmp_path):
@@ -377,7 +378,7 @@ def test_nan_loss_skips_update(tiny_ckpt, tmp_path):
     with pytest.warns(UserWarning, match="non-finite loss"):
         history = train(cfg, lambda text, answer: float("nan"))
     assert history[-1]["skipped_updates"] == 1
-    before, after = SkyworkR1V.from_pretrained(tiny_ckpt), SkyworkR1V.from_pretrained(cfg.out_dir + "/ckpt")
+    before, after = SkyworkR1V.from_pretrained(tiny_ckpt), SkyworkR1V.from_pretrained(latest_checkpoint(cfg.out_dir))
     for (name, p), q in zip(before.named_parameters(), after.parameters()):
         assert torch.equal(p, q), name
 
