@@ -19,6 +19,8 @@ import os
 import shutil
 from dataclasses import MISSING, dataclass, fields
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -27,6 +29,8 @@ from checkpoint import named_shards
 from model import SkyworkR1V
 
 PARTS = {"vision": "vision_model", "connector": "mlp1", "llm": "language_model"}
+# torch.distributed.checkpoint saves and loads the optimizer state on one process too, and says so every time
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 # ------------------------------------------------------------------------------------------------------- set-up
