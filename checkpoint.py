@@ -103,7 +103,7 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str):
 
 
 def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu", shard=None) -> SkyworkR1V:
-    """Config -> model on meta -> (optional `shard(model)`, e.g. FSDP2) -> empty on device -> weights -> eval().
+    """Config -> model on meta -> (optional `shard(model)`, e.g. FSDP2) -> empty on device -> weights -> eval mode.
     Any error raises before a model is returned, so nothing half-loaded escapes."""
     config = R1VConfig.from_dir(ckpt_dir)
     with torch.device("meta"):

@@ -379,9 +379,8 @@ def reward(text: str, answer: str, format_weight: float = 0.5) -> float:
 def setup_models(cfg: GRPOConfig, ctx, start_dir: str):
     """-> (policy, reference or None). The reference (frozen initial policy) exists only when beta > 0."""
     policy = load_for_training(start_dir, ctx, train=cfg.train, grad_checkpointing=cfg.grad_checkpointing)
-    ref = None
-    if cfg.beta:
-        ref = SkyworkR1V.from_pretrained(cfg.ckpt, dtype=ctx.dtype, device=ctx.device).requires_grad_(False)
+    # sharded like the policy, stored in the compute dtype (2 B/param): it is only ever read
+    ref = load_for_training(cfg.ckpt, ctx, train="none", dtype=ctx.dtype).eval() if cfg.beta else None
     return policy, ref
 
 
@@ -423,9 +422,10 @@ def rollout(m, tok, problems, idxs, encoded, cfg, ctx, gen, reward_fn) -> tuple[
 
 @torch.no_grad()
 def evaluate(m, tok, problems: list[dict], cfg: GRPOConfig, ctx) -> float:
-    """Held-out accuracy with greedy decoding; each rank scores its share."""
-    hits = torch.zeros(2, dtype=torch.float64)
-    mine = list(range(ctx.rank, len(problems), ctx.world))
+    """Held-out accuracy with greedy decoding; each rank scores an equal share (under FSDP every rank must make the
+    same number of generate calls), so up to world-1 problems at the end are left out."""
+    hits = [0.0, 0.0]
+    mine = list(range(ctx.rank, len(problems) - len(problems) % ctx.world, ctx.world))
     for b in range(0, len(mine), cfg.rollout_batch_size):
         chunk = mine[b:b + cfg.rollout_batch_size]
         enc = [encode_problem(problems[i], tok, m, cfg.max_tiles) for i in chunk]
@@ -437,9 +437,8 @@ def evaluate(m, tok, problems: list[dict], cfg: GRPOConfig, ctx) -> float:
         for i, resp in zip(chunk, seq[:, ids.shape[1]:].tolist()):
             hits[0] += accuracy_reward(tok.decode(resp, skip_special=True), str(problems[i]["answer"]))
         hits[1] += len(chunk)
-    if dist.is_initialized():
-        dist.all_reduce(hits)
-    return (hits[0] / hits[1].clamp(min=1)).item()
+    right, total = all_reduce_sum(hits)
+    return right / max(total, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

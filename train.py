@@ -65,13 +65,15 @@ def setup(dtype: str = None, seed: int = 0) -> Context:
 
 
 def parse_train_spec(spec: str) -> set:
-    """'all' | 'llm' | 'connector' | 'vision,connector' ... -> the set of top-level module names to train."""
+    """'all' | 'none' | 'llm' | 'connector' | 'vision,connector' ... -> the set of top-level module names to train."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if names == ["all"]:
         return set(PARTS.values())
+    if names == ["none"]:  # a frozen model, e.g. GRPO's reference policy
+        return set()
     bad = [n for n in names if n not in PARTS]
     if bad or not names:
-        raise ValueError(f"--train {spec!r}: unknown part(s) {bad}; use 'all' or a comma list of {sorted(PARTS)}")
+        raise ValueError(f"--train {spec!r}: unknown part(s) {bad}; use 'all', 'none' or a comma list of {sorted(PARTS)}")
     return {PARTS[n] for n in names}
 
 
@@ -107,8 +109,8 @@ def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
 
 
 def load_for_training(ckpt_dir: str, ctx: Context, train: str = "all", grad_checkpointing: bool = False,
-                      cpu_offload: bool = False) -> SkyworkR1V:
-    """The one loading path of every training script: fp32 master weights, frozen parts per `train`, FSDP2 when
+                      cpu_offload: bool = False, dtype=torch.float32) -> SkyworkR1V:
+    """The one loading path of every training script: fp32 master weights (`dtype`), frozen parts per `train`, FSDP2 when
     world > 1 (loaded shard by shard, each rank only its rows), activation checkpointing per block if asked."""
     def prepare(model):
         n = freeze(model, train)
@@ -119,7 +121,7 @@ def load_for_training(ckpt_dir: str, ctx: Context, train: str = "all", grad_chec
             shard(model, ctx, cpu_offload)
 
     device = "cpu" if cpu_offload else ctx.device
-    return SkyworkR1V.from_pretrained(ckpt_dir, dtype=torch.float32, device=device, shard=prepare).train()
+    return SkyworkR1V.from_pretrained(ckpt_dir, dtype=dtype, device=device, shard=prepare).train()
 
 
 def autocast(ctx: Context):
