@@ -431,15 +431,14 @@ def run(cfg: BenchConfig) -> dict:
         raise ValueError(f"--config must be one of {list(SIZES)}, got {cfg.config!r}")
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.threads)
+    cfg.only = cfg.profile or cfg.only
     torch.manual_seed(0)
     workdir = tempfile.mkdtemp(prefix="nanor1v-bench-")
     try:
         ours, theirs, release_dir, hf_dir = build_pair(cfg, workdir)
         rows = make_rows(ours, theirs, release_dir, hf_dir, cfg)
         if cfg.profile:
-            for row in rows:
-                if row.name == cfg.profile:
-                    profile(row, cfg)
+            profile(rows[0], cfg)
             return {}
         load_before = os.getloadavg()
         results = []

@@ -633,7 +633,7 @@ if __name__ == "__main__":
         history = train(cfg)
     except FileNotFoundError as e:
         raise SystemExit(str(e))
-    if history and "heldout_accuracy" in history[-1]:
+    if history and "heldout_accuracy" in history[-1] and os.environ.get("RANK", "0") == "0":
         first = next(h["heldout_accuracy"] for h in history if "heldout_accuracy" in h)
         print(f"held-out accuracy {first:.3f} -> {history[-1]['heldout_accuracy']:.3f} in "
               f"{time.perf_counter() - t:.0f} s; metrics and curves in {cfg.out_dir}/")

@@ -89,7 +89,7 @@ def freeze(model: SkyworkR1V, spec: str) -> int:
 def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
     """FSDP2 over all ranks: one unit per ViT block, the connector, the embedding, one per decoder block, the root."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))
     kw = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=ctx.dtype, reduce_dtype=torch.float32),
@@ -100,6 +100,9 @@ def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
     for unit in units:
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
+    # generate() uses the root's parameters (ViT patch embedding, lm_head) outside forward(): FSDP must gather them
+    # around that call too
+    register_fsdp_forward_method(model, "generate")
     if dist.get_backend() == "gloo":
         # gloo has no AVG reduce-scatter, so FSDP2 falls back to SUM and gradients come out world-size times too
         # large (pytorch#162338); an explicit divide factor makes FSDP divide by the world size itself.

@@ -16,7 +16,6 @@ def test_tiny_table_has_every_row_with_finite_ratios(tmp_path, capsys):
     assert list(rows) == list(bench.TARGETS)
     for r in rows.values():
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
-        assert r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1] or cfg.repeats == 1
         assert r["ours"] > 0 and r["theirs"] > 0 and len(r["seconds"]["ours"]) == cfg.repeats
     table = capsys.readouterr().out
     for name in bench.TARGETS:

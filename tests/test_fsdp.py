@@ -59,13 +59,9 @@ def check(ctx: Context, ckpt, out):
     uneven = sharded.vision_model.embeddings.class_embedding  # dim 0 is 1: rank 1 holds no rows at all
     assert uneven.to_local().shape[0] == (1 if ctx.rank == 0 else 0)
 
-    # 1. same logits as one process (each rank runs its own row)
+    # 1. generation, before any forward (generate must gather the root unit itself): rank 0 hits EOS at once,
+    # rank 1 runs on; rank 0 must keep joining the all-gathers
     mine = slice(ctx.rank, ctx.rank + 1)
-    with torch.no_grad():
-        got = sharded(ids[mine], pixel_values=pv[mine])
-        torch.testing.assert_close(got, ref(ids[mine], pixel_values=pv[mine]), rtol=1e-5, atol=1e-5)
-
-    # 2. generation: rank 0 hits EOS at once, rank 1 runs on; rank 0 must keep joining the all-gathers
     with torch.no_grad():
         first = ref.generate(ids[:1], pixel_values=pv[:1], max_new_tokens=1)[0, -1].item()
         eos = first if ctx.rank == 0 else -1
@@ -73,6 +69,11 @@ def check(ctx: Context, ckpt, out):
         assert torch.equal(seq, ref.generate(ids[mine], pixel_values=pv[mine], max_new_tokens=8, eos_token_id=eos))
         assert seq.shape[1] == ids.shape[1] + 8  # every rank stepped until the last one finished
         assert ctx.rank == 1 or (seq[0, ids.shape[1]:] == first).all()  # rank 0: EOS, then EOS padding
+
+    # 2. same logits as one process (each rank runs its own row)
+    with torch.no_grad():
+        got = sharded(ids[mine], pixel_values=pv[mine])
+        torch.testing.assert_close(got, ref(ids[mine], pixel_values=pv[mine]), rtol=1e-5, atol=1e-5)
 
     # 3. one AdamW step on half the batch per rank == one step on the whole batch in one process
     opt_ref, opt = make_optimizer(ref, lr=1e-2), make_optimizer(sharded, lr=1e-2)
