@@ -92,7 +92,7 @@ TARGETS = {"vit": 1.0, "prefill": 1.0, "decode1": 1.5, "decodeB": 1.0, "load": 1
 # ----------------------------------------------------------------------------------------------------------------
 # The reference: the same weights in transformers' InternVLForConditionalGeneration
 
-HF_TO_RELEASE = [  # HF's convert_internvl_weights_to_hf.py key mapping, read backwards (as in tests/test_parity.py)
+HF_TO_RELEASE = [  # HF's convert_internvl_weights_to_hf.py key mapping, read backwards (tests/test_parity.py uses it too)
     (r"^model\.vision_tower\.", "vision_model."),
     (r"\.encoder\.layer\.", ".encoder.layers."),
     (r"\.embeddings\.cls_token$", ".embeddings.class_embedding"),

@@ -2,9 +2,9 @@
 
 A release directory holds config.json (InternVL-style: vision_config + llm_config), the weights as
 `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json` (or one `model.safetensors`), and the
-tokenizer files. Loading builds the model on the meta device (no memory, no random init of 38B parameters),
-materialises it empty on the target device, then copies tensors in one at a time with `safe_open`, so host memory
-peaks near one tensor, not one model. Under FSDP2 (`shard`, see train.py) a parameter is a DTensor whose local
+tokenizer files. Loading builds the model on the meta device (no memory, no random init of 38B parameters), then gives
+each parameter its tensor from `safe_open`, one at a time, so host memory peaks near one tensor, not one model
+(and when dtype and device match the file, the weights are its memory-mapped pages: no copy at all). Under FSDP2 (`shard`, see train.py) a parameter is a DTensor whose local
 part is a block of rows: each rank reads only those rows with `get_slice`.
 """
 import json
@@ -72,17 +72,24 @@ def check_keys(model: torch.nn.Module, names: dict, ckpt_dir: str):
 
 def local_rows(param):
     """(start, stop) rows of the full tensor that this rank holds: FSDP2 shards dim 0 like torch.chunk."""
-    from torch.distributed.tensor import DTensor
-    if not isinstance(param, DTensor):
-        return 0, param.shape[0] if param.dim() else None
     n, world, rank = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
     step = -(-n // world)
     return min(rank * step, n), min((rank + 1) * step, n)
 
 
+def adopt(model: torch.nn.Module, name: str, tensor: torch.Tensor):
+    """Replace the (meta) parameter `name` by `tensor`, keeping its requires_grad."""
+    module, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module)
+    module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+
+
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, ckpt_dir: str):
-    """Fill every parameter of `model` (already materialised, possibly FSDP-sharded) from the shards."""
+def load_weights(model: torch.nn.Module, ckpt_dir: str, device="cpu"):
+    """Fill every parameter of `model` from the shards. A parameter still on the meta device (one process) adopts
+    the file's tensor, cast to its dtype and moved to `device`: when those already match, the weights are the
+    memory-mapped pages of the file, with no copy at all. An FSDP-sharded one (a DTensor, materialised) gets just
+    this rank's rows, read with get_slice."""
     names = weight_map(ckpt_dir)
     check_keys(model, names, ckpt_dir)
     params = dict(model.named_parameters())
@@ -93,17 +100,18 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str):
         with _open(path) as f:
             for name in shard_names:
                 p = params[name]
-                local = p.to_local() if hasattr(p, "to_local") else p
-                start, stop = local_rows(p)
                 try:
-                    t = f.get_tensor(name) if start is None else f.get_slice(name)[start:stop]
+                    if p.is_meta:
+                        adopt(model, name, f.get_tensor(name).to(device=device, dtype=p.dtype))
+                    else:
+                        start, stop = local_rows(p)
+                        p.to_local().copy_(f.get_slice(name)[start:stop])
                 except (SafetensorError, OSError) as e:
                     raise ValueError(f"{path}: cannot read tensor {name} ({e})") from None
-                local.copy_(t.to(local.dtype))
 
 
 def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu", shard=None) -> SkyworkR1V:
-    """Config -> model on meta -> (optional `shard(model)`, e.g. FSDP2) -> empty on device -> weights -> eval mode.
+    """Config -> model on meta -> (optional `shard(model)`, e.g. FSDP2) -> weights -> eval mode.
     Any error raises before a model is returned, so nothing half-loaded escapes."""
     config = R1VConfig.from_dir(ckpt_dir)
     with torch.device("meta"):
@@ -111,8 +119,9 @@ def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu", shard=None) -> 
     model.to(dtype)
     if shard is not None:
         shard(model)
-    model.to_empty(device=device)
-    load_weights(model, ckpt_dir)
+    if any(hasattr(p, "to_local") for p in model.parameters()):
+        model.to_empty(device=device)  # FSDP: each rank allocates its rows, filled in place
+    load_weights(model, ckpt_dir, device)
     model.ckpt_dir = ckpt_dir  # save_pretrained copies the tokenizer files from here
     return model.eval()
 

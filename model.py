@@ -316,9 +316,11 @@ class SkyworkR1V(nn.Module):
             pad = torch.cat([pad, pad.new_ones(b, max_new_tokens)], dim=1)
         pos = positions(input_ids, None if pad is None else pad[:, :t])
         cache = KVCache(self.config.llm, b, t + max_new_tokens)
-        real = torch.ones_like(input_ids) if pad is None else pad[:, :t].long()  # penalty covers prompt + output (HF)
-        seen = torch.zeros(b, self.config.llm.vocab_size, dtype=torch.long, device=input_ids.device)
-        seen = seen.scatter_add_(1, input_ids, real) > 0  # add, not assign: a pad id may also be a real token
+        seen = None  # [B,V] tokens seen so far, for the repetition penalty (prompt + output, as in HF)
+        if repetition_penalty != 1.0:
+            real = torch.ones_like(input_ids) if pad is None else pad[:, :t].long()
+            seen = torch.zeros(b, self.config.llm.vocab_size, dtype=torch.long, device=input_ids.device)
+            seen = seen.scatter_add_(1, input_ids, real) > 0  # add, not assign: a pad id may also be a real token
         cut = lambda n: None if pad is None else pad[:, :n]  # noqa: E731
 
         h = lm.model(self.embed(input_ids, pixel_values), pos, make_mask(cut(t), t, 0, input_ids.device), cache, 0)
@@ -330,7 +332,8 @@ class SkyworkR1V(nn.Module):
             out.append(tok)
             if stream is not None:
                 stream(tok)
-            seen[torch.arange(b), tok] = True
+            if seen is not None:
+                seen[torch.arange(b), tok] = True
             done |= tok == eos
             if i == max_new_tokens - 1 or not any_unfinished(done):
                 break

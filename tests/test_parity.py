@@ -27,6 +27,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration  # noq
 
 from checkpoint import save_state_dict  # noqa: E402
 from data import Tokenizer, train_tokenizer  # noqa: E402
+from bench import HF_TO_RELEASE  # the key mapping of HF's convert_internvl_weights_to_hf.py, read backwards
 from model import SkyworkR1V  # noqa: E402
 
 VOCAB = 512
@@ -74,23 +75,6 @@ def randomize_(model, seed=0):
     return model
 
 
-HF_TO_RELEASE = [  # inverse of ORIGINAL_TO_CONVERTED_KEY_MAPPING_* in HF's convert_internvl_weights_to_hf.py
-    (r"^model\.vision_tower\.", "vision_model."),
-    (r"\.encoder\.layer\.", ".encoder.layers."),
-    (r"\.embeddings\.cls_token$", ".embeddings.class_embedding"),
-    (r"\.embeddings\.position_embeddings$", ".embeddings.position_embedding"),
-    (r"\.embeddings\.patch_embeddings\.projection\.", ".embeddings.patch_embedding."),
-    (r"\.lambda_(\d)$", r".ls\1"),
-    (r"\.attention\.projection_layer\.", ".attn.proj."),
-    (r"\.attention\.", ".attn."),
-    (r"\.layernorm_before\.", ".norm1."),
-    (r"\.layernorm_after\.", ".norm2."),
-    (r"^model\.multi_modal_projector\.layer_norm\.", "mlp1.0."),
-    (r"^model\.multi_modal_projector\.linear_1\.", "mlp1.1."),
-    (r"^model\.multi_modal_projector\.linear_2\.", "mlp1.3."),
-    (r"^model\.language_model\.", "language_model.model."),
-    (r"^lm_head\.", "language_model.lm_head."),
-]
 
 
 def hf_to_release(hf_sd):
