@@ -78,7 +78,8 @@ def token_logprobs_and_entropy(lm_head, hidden: torch.Tensor, targets: torch.Ten
     response over a 152K vocabulary would otherwise need a 10 GB fp32 [T,V] tensor. Chunking alone does not bound
     memory under autograd, because backward would keep every chunk's [chunk,V] logits / softmax alive until the
     loss is differentiated; so under grad each chunk is activation-checkpointed: forward keeps only its [chunk,D]
-    input, and backward recomputes that chunk's lm_head (one extra lm_head matmul, small next to the decoder)."""
+    input, and backward recomputes that chunk's lm_head (one extra lm_head matmul, small next to the decoder). A single
+    chunk is not recomputed: its logits are the peak either way."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature}); for greedy decoding measure at 1.0")
     if hidden.shape[:2] != targets.shape:
@@ -86,9 +87,10 @@ def token_logprobs_and_entropy(lm_head, hidden: torch.Tensor, targets: torch.Ten
     B, T, D = hidden.shape
     h, t = hidden.reshape(B * T, D), targets.reshape(B * T)
     outs = []
+    recompute = torch.is_grad_enabled() and B * T > chunk  # one chunk: nothing to save, so no extra matmul
     for i in range(0, B * T, chunk):
         args = (lm_head, h[i:i + chunk], t[i:i + chunk], temperature)
-        outs.append(checkpoint(_chunk_logp_entropy, *args, use_reentrant=False) if torch.is_grad_enabled()
+        outs.append(checkpoint(_chunk_logp_entropy, *args, use_reentrant=False) if recompute
                     else _chunk_logp_entropy(*args))
     if not outs:  # B*T == 0
         empty = hidden.new_zeros(B, T, dtype=torch.float32)
