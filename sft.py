@@ -62,6 +62,7 @@ class SFTConfig:
     grad_clip: float = 1.0
     grad_checkpointing: bool = False  # recompute each block in backward: activation memory flat in depth
     cpu_offload: bool = False     # FSDP2 CPU offload of parameters, gradients and optimizer state
+    bf16_moments: bool = False    # Adam moments in bf16 (fp32 weights): what the 38B needs on 80 GB GPUs (plan.py)
     logprob_chunk: int = 1024     # tokens per lm_head chunk in the loss (bounds the [tokens, vocab] logits)
     # evaluation and output
     eval_every: int = 50          # held-out loss every this many steps (and at the end)
@@ -363,7 +364,8 @@ def main(cfg: SFTConfig) -> dict:
     if ctx.is_main:
         print(f"{len(train_set)} training samples, {len(eval_set)} held out; data stats {stats}")
 
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay,
+                         moments_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
     start = 0
     if resuming:
         start, _, _ = resume(cfg.out, model, opt)
