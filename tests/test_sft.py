@@ -177,7 +177,7 @@ def test_untagged_responses_reported_and_skipped(tiny_ckpt, tmp_path, capsys):
     exs, stats = load(path, tiny_ckpt)
     assert len(exs) == 2 and stats["untagged"] == 3
     assert stats["untagged_at"] == [f"{path}:{i}" for i in (2, 3, 4)]
-    assert f"skipped 3 sample(s)" in capsys.readouterr().out and f"{path}:2" in stats["untagged_at"]
+    assert "skipped 3 sample(s)" in capsys.readouterr().out and f"{path}:2" in stats["untagged_at"]
     exs, stats = load(path, tiny_ckpt, allow_untagged=True)
     assert len(exs) == 5 and stats["untagged"] == 0
     write_jsonl(path, rows[1:2])
