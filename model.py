@@ -166,7 +166,8 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig, layer: int):
         super().__init__()
-        self.layer, self.n_head, self.n_kv, self.head_dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.layer, self.head_dim = layer, cfg.head_dim
+        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)  # Qwen2: bias on q, k, v
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
@@ -179,8 +180,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
-        # GQA: each group of n_head/n_kv query heads shares one key/value head (8 KV heads serve 40 query heads)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, enable_gqa=self.n_kv != self.n_head)
+        # GQA: each group of n_head/n_kv query heads shares one key/value head (8 KV heads serve 40 query heads).
+        # No mask means causal for a fresh prompt; a single new query after the cache sees every key.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                           enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(rearrange(y, "b h t e -> b t (h e)"))
 
 
@@ -285,7 +288,8 @@ class SkyworkR1V(nn.Module):
         n_img_tokens, n_tiles = int(is_img.sum()), 0 if pixel_values is None else pixel_values.shape[0]
         if n_img_tokens != n_tiles * self.config.num_image_token:
             raise ValueError(f"the prompt has {n_img_tokens} <IMG_CONTEXT> tokens but {n_tiles} tiles were given, "
-                             f"which need {n_tiles * self.config.num_image_token} ({self.config.num_image_token} per tile)")
+                             f"which need {n_tiles * self.config.num_image_token} "
+                             f"({self.config.num_image_token} per tile)")
         if n_tiles:
             vit = self.extract_feature(pixel_values).to(x.dtype)  # [N,256,D]
             x = x.masked_scatter(is_img[..., None], vit)  # row-major over [B,T]: tiles fill prompts in order
@@ -368,7 +372,8 @@ def sample(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, gen
     penalty when positive, multiplied when negative. Nucleus (top-p): keep the smallest set of tokens whose
     probability reaches top_p."""
     if repetition_penalty != 1.0:
-        logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty), logits)
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
     if temperature <= 0:
         return logits.argmax(-1)
     probs = F.softmax(logits / temperature, dim=-1)
