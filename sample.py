@@ -9,19 +9,19 @@ Defaults follow the release's inference script (temperature 0.6, top-p 0.95, rep
 input (files, images, placeholders, context length) is checked before the weights are loaded, and is reported as
 one line on stderr with exit code 2.
 """
-import argparse
 import glob
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
 from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, build_prompt, load_image, make_visual_task,
                   left_pad, parse_response, read_jsonl)
 from model import R1VConfig, SkyworkR1V
+from train import load_for_training, parse_flags, setup
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -180,17 +180,7 @@ def report_speed(progress: Progress, t0: float, batch: int, n_prompt: int):
 # main
 
 def parse_args(argv=None) -> SampleConfig:
-    """Every SampleConfig field is a flag: --max-new-tokens 256, --greedy / --no-think, --image repeats."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in fields(SampleConfig):
-        name = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
-        elif f.type is list:
-            p.add_argument(name, action="append", default=[])
-        else:
-            p.add_argument(name, type=f.type, default=f.default)
-    return SampleConfig(**vars(p.parse_args(argv)))
+    return SampleConfig(**parse_flags(SampleConfig, argv, __doc__.split("\n")[0]))
 
 
 def prepare(cfg: SampleConfig):
@@ -210,12 +200,20 @@ def prepare(cfg: SampleConfig):
     config, tok = R1VConfig.from_dir(ckpt), Tokenizer.from_dir(ckpt)
     requests = read_requests(cfg, tok, config)
     check_context(requests, cfg.max_new_tokens, config)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # torchrun: the model sharded over the GPUs with FSDP2 (the 38B does not fit one 80 GB GPU with a KV cache),
+        # through the same loading code as training; every rank runs the same prompts in step, rank 0 prints
+        ctx = setup(cfg.dtype or None, cfg.seed)
+        cfg.device = str(ctx.device)
+        return load_for_training(ckpt, ctx, train="none", dtype=ctx.dtype).eval(), tok, requests
     dtype = DTYPES[cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")]
     return SkyworkR1V.from_pretrained(ckpt, dtype=dtype, device=cfg.device), tok, requests
 
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    if os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")  # under torchrun only rank 0 prints; the others step along
     try:
         model, tok, requests = prepare(cfg)
     except (FileNotFoundError, ValueError) as e:
