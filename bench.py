@@ -24,14 +24,12 @@ decode step, per training token, per tile, and the lower bounds they imply on 8x
     python bench.py --roofline                        # the 38B on 8xH100 (+ out/roofline_r1v3-38b.json)
     python bench.py --config small --profile decode1  # torch.profiler top ops, both sides, one row
 
-transformers is the reference and is imported inside the functions that build it; nothing else in the project
-imports it.
+transformers is the reference: tests/hf_reference.py builds it (transformers stays out of the project's code).
 """
 import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import sys
@@ -92,72 +90,17 @@ TARGETS = {"vit": 1.0, "prefill": 1.0, "decode1": 1.5, "decodeB": 1.0, "load": 1
 # ----------------------------------------------------------------------------------------------------------------
 # The reference: the same weights in transformers' InternVLForConditionalGeneration
 
-HF_TO_RELEASE = [  # HF's convert_internvl_weights_to_hf.py key mapping, read backwards (tests/test_parity.py uses it too)
-    (r"^model\.vision_tower\.", "vision_model."),
-    (r"\.encoder\.layer\.", ".encoder.layers."),
-    (r"\.embeddings\.cls_token$", ".embeddings.class_embedding"),
-    (r"\.embeddings\.position_embeddings$", ".embeddings.position_embedding"),
-    (r"\.embeddings\.patch_embeddings\.projection\.", ".embeddings.patch_embedding."),
-    (r"\.lambda_(\d)$", r".ls\1"),
-    (r"\.attention\.projection_layer\.", ".attn.proj."),
-    (r"\.attention\.", ".attn."),
-    (r"\.layernorm_before\.", ".norm1."),
-    (r"\.layernorm_after\.", ".norm2."),
-    (r"^model\.multi_modal_projector\.layer_norm\.", "mlp1.0."),
-    (r"^model\.multi_modal_projector\.linear_1\.", "mlp1.1."),
-    (r"^model\.multi_modal_projector\.linear_2\.", "mlp1.3."),
-    (r"^model\.language_model\.", "language_model.model."),
-    (r"^lm_head\.", "language_model.lm_head."),
-]
-
-
-def release_to_hf(release_sd: dict, hf_keys) -> dict:
-    """Release state dict -> HF InternVL keys. HF splits the release's fused `attn.qkv` (rows q, k, v) in three."""
-    out, used = {}, set()
-    for key in hf_keys:
-        name = key
-        for pattern, repl in HF_TO_RELEASE:
-            name = re.sub(pattern, repl, name)
-        qkv = re.search(r"\.attn\.([qkv])_proj\.", name)
-        if qkv:
-            name = name.replace(qkv.group(0), ".attn.qkv.")
-        if name not in release_sd:
-            raise ValueError(f"HF parameter {key} maps to {name}, which the release state dict does not have")
-        out[key] = release_sd[name].chunk(3)["qkv".index(qkv.group(1))] if qkv else release_sd[name]
-        used.add(name)
-    if used != set(release_sd):
-        raise ValueError(f"release tensors with no HF counterpart: {sorted(set(release_sd) - used)[:5]}")
-    return out
-
-
-def hf_config(c: R1VConfig):
-    """Our config as an InternVLConfig. use_mean_pooling=True is what makes HF's final vision norm an Identity (the
-    release has no final norm); tie_word_embeddings=False at both levels, as in the release."""
-    from transformers import InternVLConfig
-    v, t = c.vision, c.llm
-    vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
-                  intermediate_size=v.intermediate_size, num_attention_heads=v.num_attention_heads,
-                  image_size=v.image_size, patch_size=v.patch_size,
-                  layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act, norm_type=v.norm_type,
-                  use_qk_norm=v.qk_normalization, attention_bias=v.qkv_bias, use_mean_pooling=True)
-    text = dict(model_type="qwen2", hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
-                num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-                intermediate_size=t.intermediate_size, vocab_size=t.vocab_size, rms_norm_eps=t.rms_norm_eps,
-                max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
-                bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id)
-    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=c.img_context_token_id,
-                          image_seq_length=c.num_image_token, downsample_ratio=c.downsample_ratio,
-                          vision_feature_layer=c.select_layer, vision_feature_select_strategy="default",
-                          projector_hidden_act="gelu", tie_word_embeddings=False)
+def reference():
+    """tests/hf_reference.py: transformers' InternVL holding our weights. It lives with the tests because
+    transformers is a test-and-benchmark dependency (requirements-test.txt) that the project's code never imports."""
+    sys.path.insert(0, os.path.join(HERE, "tests"))
+    import hf_reference
+    return hf_reference
 
 
 def build_pair(cfg: BenchConfig, workdir: str):
     """-> (ours, theirs, release_dir, hf_dir): one set of random weights (checkpoint.py's tiny-checkpoint init), in
     our model and in HF's, each also saved in its own format and in the bench dtype for the load row."""
-    from transformers import InternVLForConditionalGeneration, logging
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
     dtype = DTYPES[cfg.dtype]
     init = write_tiny_checkpoint(os.path.join(workdir, "init"), config=cfg.config, max_shard_bytes=SHARD_BYTES)
     ours = SkyworkR1V.from_pretrained(init, dtype=dtype, device=cfg.device)
@@ -165,11 +108,7 @@ def build_pair(cfg: BenchConfig, workdir: str):
     ours.save_pretrained(release_dir, max_shard_bytes=SHARD_BYTES)
     shutil.rmtree(init)
     ours.ckpt_dir = release_dir
-    theirs = InternVLForConditionalGeneration._from_config(hf_config(ours.config), attn_implementation="sdpa")
-    theirs = theirs.to(device=cfg.device, dtype=dtype).eval()
-    theirs.load_state_dict(release_to_hf(ours.state_dict(), theirs.state_dict().keys()), strict=True)
-    theirs.generation_config.eos_token_id = None  # as NO_EOS for ours: generate exactly max_new_tokens
-    theirs.generation_config.pad_token_id = 0
+    theirs = reference().hf_model(ours.config, ours.state_dict(), cfg.device, dtype)  # eos off, as NO_EOS for ours
     theirs.save_pretrained(hf_dir, max_shard_size="5GB")
     return ours, theirs, release_dir, hf_dir
 
@@ -295,7 +234,6 @@ def train_step(model, loss_fn):
 
 
 def load_row(ours, release_dir: str, hf_dir: str, cfg: BenchConfig) -> Row:
-    from transformers import InternVLForConditionalGeneration
     gb = sum(os.path.getsize(os.path.join(release_dir, f)) for f in os.listdir(release_dir)
              if f.endswith(".safetensors")) / 1e9
     dtype = DTYPES[cfg.dtype]
@@ -304,8 +242,7 @@ def load_row(ours, release_dir: str, hf_dir: str, cfg: BenchConfig) -> Row:
         return touched(SkyworkR1V.from_pretrained(release_dir, dtype=dtype, device=cfg.device))
 
     def theirs_fn():
-        device_map = None if cfg.device == "cpu" else cfg.device
-        return touched(InternVLForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype, device_map=device_map))
+        return touched(reference().load_hf(hf_dir, cfg.device, dtype))
 
     def check(a, b):
         assert torch.equal(a.language_model.lm_head.weight, b.lm_head.weight), "loaded weights differ"
@@ -418,10 +355,9 @@ def machine() -> dict:
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    import transformers
     return dict(date=time.strftime("%Y-%m-%d %H:%M %Z"), cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
-                transformers=transformers.__version__, python=platform.python_version())
+                transformers=reference().__version__, python=platform.python_version())
 
 
 def run(cfg: BenchConfig) -> dict:

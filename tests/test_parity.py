@@ -27,7 +27,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration  # noq
 
 from checkpoint import save_state_dict  # noqa: E402
 from data import Tokenizer, train_tokenizer  # noqa: E402
-from bench import HF_TO_RELEASE  # the key mapping of HF's convert_internvl_weights_to_hf.py, read backwards
+from hf_reference import HF_TO_RELEASE  # noqa: E402  (HF's convert_internvl_weights_to_hf.py key map, backwards)
 from model import SkyworkR1V  # noqa: E402
 
 VOCAB = 512
