@@ -265,6 +265,15 @@ def load_image(path_or_pil, max_tiles=12, tile=448, use_thumbnail=True, min_tile
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
+def image_tiles(path_or_pil, config, max_tiles=0):
+    """load_image with a checkpoint's settings (config: model.R1VConfig): tile side force_image_size, up to
+    max_dynamic_patch tiles (1 without dynamic_image_size), at least min_dynamic_patch, thumbnail per use_thumbnail.
+    max_tiles > 0 overrides the limit. Every script tiles through here, so prompts and pixels always agree."""
+    limit = max_tiles or (config.max_dynamic_patch if config.dynamic_image_size else 1)
+    return load_image(path_or_pil, max_tiles=limit, tile=config.force_image_size, use_thumbnail=config.use_thumbnail,
+                      min_tiles=min(config.min_dynamic_patch, limit))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Chat template: ChatML turns as in InternVL2.5's "internvl2_5" template that the release inherits
 

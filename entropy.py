@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from data import Tokenizer, build_prompt, load_image, read_jsonl
+from data import Tokenizer, build_prompt, image_tiles, read_jsonl
 from model import SkyworkR1V
 from train import parse_flags, plot_curves, setup
 
@@ -145,8 +145,7 @@ def critical_positions(tok: Tokenizer, ids, cues=DEFAULT_CUES) -> tuple[str, lis
 def prompt_inputs(model, tok: Tokenizer, rec: dict, thinking: bool = True):
     """Record -> (prompt ids [P], pixel values [tiles,3,H,W] or None), as the release builds its chat prompt."""
     cfg = model.config
-    tiles = [load_image(p, max_tiles=cfg.max_dynamic_patch, tile=cfg.force_image_size, use_thumbnail=cfg.use_thumbnail,
-                        min_tiles=cfg.min_dynamic_patch) for p in rec["images"]]
+    tiles = [image_tiles(p, cfg) for p in rec["images"]]
     text = build_prompt(rec["question"], [t.shape[0] for t in tiles], cfg.num_image_token, thinking=thinking)
     return tok.encode(text), (torch.cat(tiles) if tiles else None)
 

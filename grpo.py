@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import Tokenizer, build_prompt, left_pad, load_image, make_visual_task, read_jsonl
+from data import Tokenizer, build_prompt, image_tiles, left_pad, make_visual_task, read_jsonl
 from entropy import token_logprobs_and_entropy
 from model import SkyworkR1V
 from train import MetricsLog, all_reduce_sum, autocast, clip_grad_norm, load_for_training, lr_at, make_optimizer, \
@@ -351,8 +351,7 @@ def encode_problem(problem: dict, tok: Tokenizer, m: SkyworkR1V, max_tiles: int)
     """-> (prompt ids [Lp] long, pixel values [tiles,3,H,W] or None). Each image's tile count sets its number of
     <IMG_CONTEXT> tokens in the prompt, which opens the assistant turn with <think>."""
     c = m.config
-    images = [load_image(p, max_tiles=max_tiles, tile=c.force_image_size, use_thumbnail=c.use_thumbnail)
-              for p in problem["images"]]
+    images = [image_tiles(p, c, max_tiles) for p in problem["images"]]
     text = build_prompt(problem["question"], [len(x) for x in images], c.num_image_token)
     return torch.tensor(tok.encode(text)), torch.cat(images) if images else None
 

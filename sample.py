@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, build_prompt, load_image, make_visual_task,
+from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, build_prompt, image_tiles, make_visual_task,
                   left_pad, parse_response, read_jsonl)
 from model import R1VConfig, SkyworkR1V
 from train import load_for_training, parse_flags, setup
@@ -72,20 +72,13 @@ def default_checkpoint() -> tuple[str, str]:
     return path, "a tiny random-weight model, so expect gibberish (`python sft.py` trains it)"
 
 
-def image_tiles(path, c: R1VConfig, cfg: SampleConfig) -> torch.Tensor:
-    """Image file -> [tiles, 3, 448, 448] with the checkpoint's tiling settings (errors name the file)."""
-    max_tiles = cfg.max_tiles or (c.max_dynamic_patch if c.dynamic_image_size else 1)
-    return load_image(path, max_tiles=max_tiles, tile=c.force_image_size, use_thumbnail=c.use_thumbnail,
-                      min_tiles=min(c.min_dynamic_patch, max_tiles))
-
-
 def make_request(question, images: list, tok: Tokenizer, c: R1VConfig, cfg: SampleConfig, where: str) -> Request:
     """Decode the images (so a bad one fails now), build the release's chat prompt and tokenise it. Only the tile
     counts are kept: generate() decodes the images again per batch, so a long --prompts file does not hold every
     image's tiles in memory at once."""
     if not isinstance(question, str):
         raise ValueError(f"{where}: 'question' must be a string, got {question!r:.100}")
-    tiles = [len(image_tiles(p, c, cfg)) for p in images]
+    tiles = [len(image_tiles(p, c, cfg.max_tiles)) for p in images]
     try:  # build_prompt checks that <image> placeholders and images pair up
         text = build_prompt(question, tiles, c.num_image_token, cfg.system or None, cfg.think)
     except ValueError as e:
@@ -153,7 +146,7 @@ def generate(model: SkyworkR1V, tok: Tokenizer, requests: list, cfg: SampleConfi
     """Requests -> generated ids of each (up to, not including, <|im_end|>), as one left-padded batch."""
     device, dtype = model.language_model.lm_head.weight.device, model.language_model.lm_head.weight.dtype
     ids, mask = left_pad([r.ids for r in requests], tok.pad_id)
-    pixels = [image_tiles(p, model.config, cfg) for r in requests for p in r.images]  # the order embed() fills
+    pixels = [image_tiles(p, model.config, cfg.max_tiles) for r in requests for p in r.images]  # the order embed() fills
     pixels = torch.cat(pixels).to(device, dtype) if pixels else None
     seq = model.generate(ids.to(device), pixels, mask.to(device), max_new_tokens=cfg.max_new_tokens,
                          temperature=0.0 if cfg.greedy else cfg.temperature, top_p=cfg.top_p,

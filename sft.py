@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from data import (THINK_PREFIX, THINK_START, Tokenizer, build_prompt, encode_chat, load_image, make_visual_task,
-                  read_jsonl, reasoning_trace)
+from data import (THINK_PREFIX, THINK_START, Tokenizer, build_prompt, encode_chat, image_tiles, left_pad,
+                  make_visual_task, read_jsonl, reasoning_trace)
 from entropy import token_logprobs_and_entropy
 from grpo import accuracy_reward, format_reward
+from model import R1VConfig
 from train import (MetricsLog, all_reduce_sum, autocast, barrier, clip_grad_norm, load_for_training, lr_at,
                    make_optimizer, parse_flags, parse_train_spec, plot_curves, resume, save_checkpoint, setup)
 
@@ -132,7 +133,7 @@ def truncate(ids: list, mask: list, max_len: int, img_context_id: int):
     return ids[:max_len], mask[:max_len]
 
 
-def load_sft(path: str, tok: Tokenizer, cfg: SFTConfig, num_image_token: int, img_context_id: int):
+def load_sft(path: str, tok: Tokenizer, cfg: SFTConfig, config: R1VConfig):
     """JSONL -> ([Example], stats). Every image is decoded once here, so a corrupt file fails now with its
     file:line rather than hours into the run. Untagged, truncated and dropped samples are counted in stats."""
     records = read_jsonl(path, required=())
@@ -147,13 +148,13 @@ def load_sft(path: str, tok: Tokenizer, cfg: SFTConfig, num_image_token: int, im
             stats["untagged_at"] += [where] if len(stats["untagged_at"]) < 5 else []
             continue
         try:
-            tiles = [load_image(p, max_tiles=cfg.max_tiles).shape[0] for p in rec["images"]]
-            ids, mask = encode_chat(tok, messages, tiles, num_image_token)
+            tiles = [image_tiles(p, config, cfg.max_tiles).shape[0] for p in rec["images"]]
+            ids, mask = encode_chat(tok, messages, tiles, config.num_image_token)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"{where}: {e}") from None
         if not any(mask):
             raise ValueError(f"{where}: no assistant turn, so nothing to train on")
-        cut = truncate(ids, mask, cfg.max_len, img_context_id)
+        cut = truncate(ids, mask, cfg.max_len, config.img_context_token_id)
         if cut is None:
             stats["dropped"] += 1
             continue
@@ -188,7 +189,7 @@ def synthetic_data(out_dir: str, n_train: int, n_eval: int, seed: int) -> tuple[
     return tuple(paths)
 
 
-def make_batch(examples: list, pad_id: int, max_tiles: int, device) -> dict:
+def make_batch(examples: list, pad_id: int, config: R1VConfig, max_tiles: int, device) -> dict:
     """Right-padded batch: input_ids, attention_mask (1 real, 0 pad), labels (token id on assistant tokens, -100
     elsewhere; unshifted: position t's label is the token at t), pixel_values [tiles, 3, H, W] in sample order, which
     is the order model.embed fills the <IMG_CONTEXT> rows in. Right padding keeps every real token's position and
@@ -201,7 +202,7 @@ def make_batch(examples: list, pad_id: int, max_tiles: int, device) -> dict:
         n = len(e.ids)
         ids[i, :n], attn[i, :n] = e.ids, 1
         labels[i, :n] = torch.where(e.mask, e.ids.long(), -100)
-    tiles = [load_image(p, max_tiles=max_tiles) for e in examples for p in e.images]
+    tiles = [image_tiles(p, config, max_tiles) for e in examples for p in e.images]
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device),
             "pixel_values": torch.cat(tiles).to(device) if tiles else None}
 
@@ -254,7 +255,7 @@ def fit(cfg: SFTConfig, ctx, model, opt, pad_id: int, train_set: list, eval_set:
         n_all, = all_reduce_sum([n_targets(examples)])
         loss_sum = ent_sum = 0.0
         for i in range(0, len(examples), cfg.batch_size):
-            batch = make_batch(examples[i:i + cfg.batch_size], pad_id, cfg.max_tiles, ctx.device)
+            batch = make_batch(examples[i:i + cfg.batch_size], pad_id, model.config, cfg.max_tiles, ctx.device)
             with autocast(ctx):
                 # FSDP averages gradients over ranks; scaling by world turns that average back into the global
                 # token mean (each rank's loss is its share of sum(-log p) / n_all)
@@ -284,7 +285,7 @@ def evaluate(model, examples: list, cfg: SFTConfig, ctx, pad_id: int) -> float:
     mine = examples[ctx.rank::ctx.world]
     total = 0.0
     for i in range(0, len(mine), cfg.batch_size):
-        batch = make_batch(mine[i:i + cfg.batch_size], pad_id, cfg.max_tiles, ctx.device)
+        batch = make_batch(mine[i:i + cfg.batch_size], pad_id, model.config, cfg.max_tiles, ctx.device)
         with autocast(ctx):
             total += sft_loss(model, batch, 1.0, cfg.logprob_chunk)[0].item()
     total, = all_reduce_sum([total])
@@ -302,14 +303,14 @@ def generation_eval(model, tok: Tokenizer, examples: list, cfg: SFTConfig, ctx) 
     sample_text = ""
     for i in range(0, len(mine), cfg.batch_size):
         chunk = mine[i:i + cfg.batch_size]
-        tiles = [[load_image(p, max_tiles=cfg.max_tiles) for p in e.images] for e in chunk]
+        tiles = [[image_tiles(p, model.config, cfg.max_tiles) for p in e.images] for e in chunk]
         prompts = [tok.encode(build_prompt(e.question, [t.shape[0] for t in ts], nit)) for e, ts in zip(chunk, tiles)]
-        T = max(map(len, prompts))
-        ids = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in prompts], device=ctx.device)  # left padding
-        attn = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=ctx.device)
+        ids, attn = left_pad(prompts, tok.pad_id)
+        T = ids.shape[1]
         pix = torch.cat([t for ts in tiles for t in ts]).to(ctx.device) if any(tiles) else None
         with autocast(ctx):
-            out = model.generate(ids, pix, attn, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id)
+            out = model.generate(ids.to(ctx.device), pix, attn.to(ctx.device), max_new_tokens=cfg.max_new_tokens,
+                                 eos_token_id=tok.eos_id)
         for e, row in zip(chunk, out[:, T:].tolist()):
             text = tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row)
             sample_text = sample_text or text
@@ -352,7 +353,7 @@ def main(cfg: SFTConfig) -> dict:
 
     model = load_for_training(ckpt, ctx, cfg.train, cfg.grad_checkpointing, cfg.cpu_offload)
     tok = Tokenizer.from_dir(ckpt)
-    args = (tok, cfg, model.config.num_image_token, model.config.img_context_token_id)
+    args = (tok, cfg, model.config)
     train_set, stats = load_sft(train_path, *args)
     if eval_path:
         eval_set, _ = load_sft(eval_path, *args)

@@ -23,7 +23,7 @@ def write_jsonl(path, rows):
 
 def load(path, ckpt, **kw):
     cfg = R1VConfig.from_dir(ckpt)
-    return load_sft(path, Tokenizer.from_dir(ckpt), SFTConfig(**kw), cfg.num_image_token, cfg.img_context_token_id)
+    return load_sft(path, Tokenizer.from_dir(ckpt), SFTConfig(**kw), cfg)
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_labels_only_on_assistant_tokens(tiny_ckpt, tmp_path, red_png):
                       {"role": "assistant", "content": "1 + 2 = 3</think> \\boxed{3}"}]},  # starts inside <think>
     ])
     (a, b), _ = load(path, tiny_ckpt)
-    batch = make_batch([a, b], tok.pad_id, 12, "cpu")
+    batch = make_batch([a, b], tok.pad_id, R1VConfig.from_dir(tiny_ckpt), 12, "cpu")
     ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
 
     prompt = ("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 256 + "</img>\nWhat is 1+1?<|im_end|>\n"
@@ -81,9 +81,9 @@ def test_padding_does_not_change_loss(tiny_ckpt, tmp_path, red_png):
     assert len({len(e.ids) for e in exs}) == 3
     tok, model = Tokenizer.from_dir(tiny_ckpt), SkyworkR1V.from_pretrained(tiny_ckpt)
     with torch.no_grad():
-        alone = [sft_loss(model, make_batch([e], tok.pad_id, 12, "cpu"), 1.0)[0].item() for e in exs]
+        alone = [sft_loss(model, make_batch([e], tok.pad_id, model.config, 12, "cpu"), 1.0)[0].item() for e in exs]
         for order in ([0, 1, 2], [1, 2, 0]):  # the image sample first, and last behind two padded rows
-            batch = make_batch([exs[i] for i in order], tok.pad_id, 12, "cpu")
+            batch = make_batch([exs[i] for i in order], tok.pad_id, model.config, 12, "cpu")
             assert batch["attention_mask"].sum(1).tolist() == [len(exs[i].ids) for i in order]
             together = sft_loss(model, batch, 1.0)[0].item()
             assert together == pytest.approx(sum(alone), rel=1e-5)
