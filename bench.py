@@ -10,7 +10,7 @@ same thing (same greedy tokens, features, losses, weights), so the comparison is
     decodeB  the same at a GRPO-sized batch (eos disabled on both sides: every row makes every token)
     sft      forward + backward + AdamW    tokens/s   ours: sft.sft_loss (lm_head on response tokens only, chunked)
                                                       theirs: model(labels=...).loss (full logits)
-    grpo     forward + backward + AdamW    tokens/s   ours: entropy.token_logprobs_and_entropy + grpo.grpo_loss
+    grpo     forward + backward + AdamW    tokens/s   ours: model.token_logprobs_and_entropy + grpo.grpo_loss
                                                       theirs: logits(logits_to_keep) + log_softmax + grpo.grpo_loss
     load     checkpoint -> model           GB/s       ours: SkyworkR1V.from_pretrained(release-format dir)
                                                       theirs: from_pretrained(an HF save of the same weights)
@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from checkpoint import write_tiny_checkpoint
-from entropy import token_logprobs_and_entropy
+from model import write_tiny_checkpoint
+from model import token_logprobs_and_entropy
 from grpo import grpo_loss
 from model import R1VConfig, SkyworkR1V, count_params
 from sft import sft_loss
@@ -438,7 +438,7 @@ def decode_bound(c: dict, hw: Hardware, batch: int, context: int, fsdp: bool) ->
       bf16 weights and, with the node's batch = gpus * batch split by KV head, batch sequences' worth of KV.
     fsdp: generate() on the training shards (data parallel, batch sequences per GPU): every step all-gathers the
       decoder ((gpus-1)/gpus of it arrives over NVLink; the root unit's lm_head stays gathered between steps) and
-      reads all of it from HBM. Each GPU holds its fp32 master shard (train.py); optimizer state not counted."""
+      reads all of it from HBM. Each GPU holds its fp32 master shard (parallel.py); optimizer state not counted."""
     weights = 2 * c["dec_matmul"]
     kv = batch * context * c["kv_bytes_per_token"]
     flops = batch * (2 * c["dec_matmul"] + context * c["attn_flops_per_ctx_token"])

@@ -4,24 +4,26 @@ A release directory holds config.json (InternVL-style: vision_config + llm_confi
 `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json` (or one `model.safetensors`), and the
 tokenizer files. Loading builds the model on the meta device (no memory, no random init of 38B parameters), then gives
 each parameter its tensor from `safe_open`, one at a time, so host memory peaks near one tensor, not one model
-(and when dtype and device match the file, the weights are its memory-mapped pages: no copy at all). Under FSDP2 (`shard`, see train.py) a parameter is a DTensor whose local
+(and when dtype and device match the file, the weights are its memory-mapped pages: no copy at all). Under FSDP2 (`shard`, see parallel.py) a parameter is a DTensor whose local
 part is a block of rows: each rank reads only those rows with `get_slice`.
 """
 import json
 import os
 import shutil
 import tempfile
+import warnings
+from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from model import R1VConfig, SkyworkR1V
-
+# torch.distributed.checkpoint saves and loads the optimizer state on one process too, and says so every time
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "special_tokens_map.json", "generation_config.json")
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -110,26 +112,9 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str, device="cpu"):
                     raise ValueError(f"{path}: cannot read tensor {name} ({e})") from None
 
 
-def load_model(ckpt_dir: str, dtype=torch.float32, device="cpu", shard=None) -> SkyworkR1V:
-    """Config -> model on meta -> (optional `shard(model)`, e.g. FSDP2) -> weights -> eval mode.
-    Any error raises before a model is returned, so nothing half-loaded escapes."""
-    config = R1VConfig.from_dir(ckpt_dir)
-    with torch.device("meta"):
-        model = SkyworkR1V(config)
-    model.to(dtype)
-    if shard is not None:
-        shard(model)
-    if any(hasattr(p, "to_local") for p in model.parameters()):
-        model.to_empty(device=device)  # FSDP: each rank allocates its rows, filled in place
-    load_weights(model, ckpt_dir, device)
-    model.ckpt_dir = ckpt_dir  # save_pretrained copies the tokenizer files from here
-    return model.eval()
-
-
 # ------------------------------------------------------------------------------------------------------- saving
-def config_dict(config: R1VConfig) -> dict:
+def config_dict(config) -> dict:
     """The release's config.json layout (InternVL chat config), so the output loads in the ecosystem too."""
-    from dataclasses import asdict
     top = {k: v for k, v in asdict(config).items() if k not in ("vision", "llm", "img_context_token_id")}
     vision = {**asdict(config.vision), "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b"}
     llm = {**asdict(config.llm), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
@@ -179,9 +164,8 @@ def named_shards(model):
     return model.named_parameters()
 
 
-def save_model(model: SkyworkR1V, out_dir: str, max_shard_bytes: int = 5 * 2**30, src_dir: str = None):
+def save_model(model, out_dir: str, max_shard_bytes: int = 5 * 2**30, src_dir: str = None):
     """save_pretrained: the model's tensors (gathered tensor by tensor when FSDP-sharded; only rank 0 writes)."""
-    import torch.distributed as dist
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
 
     def tensors():
@@ -201,33 +185,67 @@ def save_model(model: SkyworkR1V, out_dir: str, max_shard_bytes: int = 5 * 2**30
         dist.barrier()
 
 
-# ------------------------------------------------------------------------------------------------- tiny models
-def write_tiny_checkpoint(out_dir: str, config="tiny", seed: int = 0, max_shard_bytes: int = 256 * 2**10) -> str:
-    """A random-weight checkpoint in the release format from tiny_configs/<config>.json (or a config dict of that
-    format), with a small BPE tokenizer
-    carrying the release's special tokens. Weights are non-trivial (norms, layer scales and biases away from their
-    init) so tests can tell a mis-loaded tensor. Small shards so that even tiny models exercise the index."""
-    from data import train_tokenizer
-    if isinstance(config, dict):
-        cfg_dict, config = config, "config dict"
-    else:
-        with open(os.path.join(HERE, "tiny_configs", f"{config}.json")) as f:
-            cfg_dict = json.load(f)
-    os.makedirs(out_dir, exist_ok=True)
-    tok_dir = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(out_dir)))
-    train_tokenizer(tok_dir)
-    config = R1VConfig.from_dict(cfg_dict, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        model = SkyworkR1V(config)
-    tensors = [(name, init_tensor(name, tuple(p.shape), gen)) for name, p in model.named_parameters()]
-    save_state_dict(tensors, cfg_dict, out_dir, max_shard_bytes, tok_dir)
-    shutil.rmtree(tok_dir)
-    return out_dir
+# ------------------------------------------------------------------------------------------- training state
+def save_checkpoint(out_dir: str, model, optimizer, step: int, extra: dict = None, tensors: dict = None):
+    """out_dir = the model in the release format + train_state/ (optimizer shards, per-rank RNG and tensors,
+    step, world size). Written under out_dir.partial, then renamed: a crash never leaves a half checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    partial = out_dir.rstrip("/") + ".partial"
+    model.save_pretrained(partial)  # gathers tensor by tensor; rank 0 writes
+    state = os.path.join(partial, "train_state")
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(state, "optimizer"))
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    save_file({**{f"rng.{k}": v for k, v in rng.items()}, **(tensors or {})}, os.path.join(state, f"rank{rank}.safetensors"))
+    if rank == 0:
+        with open(os.path.join(state, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                       "extra": extra or {}}, f, indent=2)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(partial, out_dir)
+    if dist.is_initialized():
+        dist.barrier()
 
 
-def init_tensor(name: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
-    if name.endswith((".ls1", ".ls2")) or "norm" in name or name.startswith("mlp1.0."):
-        base = 0.0 if name.endswith(".bias") else 1.0  # scales near 1, shifts near 0, neither exactly at init
-        return base + 0.1 * torch.randn(shape, generator=gen)
-    return 0.02 * torch.randn(shape, generator=gen) * (5.0 if "embed" in name else 1.0)
+def resume(ckpt_dir: str, model, optimizer):
+    """Restore optimizer state and RNG from save_checkpoint's train_state/ -> (step, extra, tensors).
+    The model weights come from loading ckpt_dir itself (load_for_training)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = os.path.join(ckpt_dir, "train_state")
+    meta_path = os.path.join(state, "trainer_state.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{ckpt_dir}: no train_state/trainer_state.json, so it cannot be resumed "
+                                f"(a release checkpoint is a starting point: pass it as --ckpt instead)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    if meta["world_size"] != world:
+        raise ValueError(f"{meta_path}: saved by {meta['world_size']} rank(s), resumed with {world}; resume with "
+                         f"--nproc_per_node {meta['world_size']} (per-rank RNG and data order depend on it)")
+    optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    # parameters that never had a gradient have no Adam state in the checkpoint, but the template built here has
+    # (zero) state for every trainable parameter: a partial load leaves those at zero, as they were when saved
+    dcp.load(optim_state, checkpoint_id=os.path.join(state, "optimizer"),
+             planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(model, optimizer, optim_state["optimizer"])
+    tensors = load_file(os.path.join(state, f"rank{rank}.safetensors"))
+    torch.set_rng_state(tensors.pop("rng.cpu"))
+    if "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors.pop("rng.cuda"))
+    return meta["step"], meta["extra"], tensors
+
+
+def latest_checkpoint(out_dir: str):
+    """The newest out_dir/step_N that has a training state (each save is a release-format model + train_state/;
+    entropy.py ranks them all: `python entropy.py --ckpts out/grpo/step_*`)."""
+    steps = sorted(d for d in os.listdir(out_dir) if d.startswith("step_")) if os.path.isdir(out_dir) else []
+    steps = [d for d in steps if os.path.isdir(os.path.join(out_dir, d, "train_state"))]
+    return os.path.join(out_dir, steps[-1]) if steps else None

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from data import Tokenizer, build_prompt, image_tiles, read_jsonl
-from model import SkyworkR1V
-from train import parse_flags, plot_curves, setup
+from model import SkyworkR1V, token_logprobs_and_entropy
+from rewards import accuracy_reward
+from cli import parse_flags
+from logs import plot_curves
+from parallel import setup
 
 # Reflection cues, matched case-sensitively on decoded text (the lower-case forms are listed on purpose: "wait" in
 # mid-sentence is as much a reflection as "Wait"). Latin cues match on word boundaries only ("Waiter" is not one).
@@ -44,59 +46,6 @@ class EntropyConfig:
     seed: int = 0                 # the same sampling stream for every checkpoint, so they answer comparably
     acc_tolerance: float = 0.02   # checkpoint pick: highest critical entropy within this of the best accuracy
     cues: tuple = DEFAULT_CUES
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Per-token log-probs and entropy, chunked over the vocabulary-sized logits
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """logits [..., V] -> entropy [...] fp32 (nats) of softmax(logits / temperature), differentiable.
-
-    H = logsumexp(z) - sum softmax(z) z, computed as -sum p log p with log p = z - logsumexp(z) (same value, but no
-    cancellation between two large numbers when one token dominates); 0 * log 0 counts as 0, so -inf logits
-    (masked tokens) give no NaN."""
-    return _entropy((logits.float() / temperature).log_softmax(-1))
-
-
-def _entropy(logp):  # log-probs [..., V] -> entropy [...]
-    return -(logp.exp() * logp.masked_fill(logp == float("-inf"), 0.0)).sum(-1)
-
-
-def _chunk_logp_entropy(lm_head, h, targets, temperature):
-    """h [c,D], targets [c] -> (log p(target) [c], entropy [c]) fp32."""
-    logp = (lm_head(h).float() / temperature).log_softmax(-1)  # [c,V]
-    return logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1), _entropy(logp)
-
-
-def token_logprobs_and_entropy(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                               chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [B,T,D] (final-norm states from model(..., return_hidden=True)), targets [B,T] next-token ids
-    -> (log p(target) [B,T] fp32, entropy [B,T] fp32), both differentiable, at the sampling `temperature`.
-
-    lm_head: any callable [N,D] -> [N,V], normally model.language_model.lm_head. Targets < 0 (an ignore index such
-    as -100) get log p = 0; mask them out in the loss. The logits exist `chunk` tokens at a time only: a 16K-token
-    response over a 152K vocabulary would otherwise need a 10 GB fp32 [T,V] tensor. Chunking alone does not bound
-    memory under autograd, because backward would keep every chunk's [chunk,V] logits / softmax alive until the
-    loss is differentiated; so under grad each chunk is activation-checkpointed: forward keeps only its [chunk,D]
-    input, and backward recomputes that chunk's lm_head (one extra lm_head matmul, small next to the decoder). A single
-    chunk is not recomputed: its logits are the peak either way."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); for greedy decoding measure at 1.0")
-    if hidden.shape[:2] != targets.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on [B,T]")
-    B, T, D = hidden.shape
-    h, t = hidden.reshape(B * T, D), targets.reshape(B * T)
-    outs = []
-    recompute = torch.is_grad_enabled() and B * T > chunk  # one chunk: nothing to save, so no extra matmul
-    for i in range(0, B * T, chunk):
-        args = (lm_head, h[i:i + chunk], t[i:i + chunk], temperature)
-        outs.append(checkpoint(_chunk_logp_entropy, *args, use_reentrant=False) if recompute
-                    else _chunk_logp_entropy(*args))
-    if not outs:  # B*T == 0
-        empty = hidden.new_zeros(B, T, dtype=torch.float32)
-        return empty, empty.clone()
-    logp, ent = (torch.cat(x).view(B, T) for x in zip(*outs))
-    return torch.where(targets >= 0, logp, 0.0), ent
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,7 +144,7 @@ def score_checkpoint(ckpt_dir: str, records: list, cfg: EntropyConfig, ctx) -> t
     except Exception as e:  # noqa: BLE001 -- any load failure (missing dir, bad config, truncated shard) is reported
         report["error"] = f"failed to load: {type(e).__name__}: {e}"
         return report, raw
-    from grpo import accuracy_reward  # late: grpo.py imports this file, so a top-level import would be circular
+    from rewards import accuracy_reward  # late: grpo.py imports this file, so a top-level import would be circular
     generator = torch.Generator(ctx.device).manual_seed(cfg.seed)
     per_cue, correct, n_answers, n_empty, examples = {}, 0, 0, 0, []
     for rec in records:
@@ -312,7 +261,7 @@ def plot_histogram(raw: dict, png_path: str, title: str = "") -> bool:
 
 
 def plot_over_steps(reports: list, stem: str) -> None:
-    """Critical-token entropy, mean entropy and accuracy per step, through train.plot_curves (shared plumbing)."""
+    """Critical-token entropy, mean entropy and accuracy per step, through logs.plot_curves (shared plumbing)."""
     rows = [{"step": r["step"] if r["step"] is not None else i, "critical_entropy": r["critical"]["mean"],
              "mean_entropy": r["all"]["mean"], "accuracy": r["accuracy"]}
             for i, r in enumerate(reports) if r["error"] is None]

@@ -6,10 +6,13 @@
 
 Module names equal the release's parameter names (`vision_model.*`, `mlp1.*`, `language_model.model.*`,
 `language_model.lm_head.*`), so a state dict moves in and out of the official checkpoint without renaming.
-Checkpoint files are handled in checkpoint.py; this file is the architecture, the config and `generate`.
+Checkpoint files are handled in checkpoint.py; this file is the architecture, the config, the per-token
+log-probs / entropy every trainer computes from the final hidden states, and `generate`.
 """
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, fields
 
 import torch
@@ -17,8 +20,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from checkpoint import load_weights, save_model, save_state_dict
 from connector import Connector
+from data import train_tokenizer
 from vision import InternViT, RMSNorm, VisionConfig, run_block
 
 
@@ -250,6 +256,60 @@ def make_mask(pad_mask, t: int, start: int, device=None):
     return mask
 
 
+# -----------------------------------------------------------------------------------------------------------
+# Per-token log-probs and entropy from final hidden states, chunked over the vocabulary-sized logits
+# (the loss of SFT, the ratio of GRPO, the measurement of entropy.py)
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """logits [..., V] -> entropy [...] fp32 (nats) of softmax(logits / temperature), differentiable.
+
+    H = logsumexp(z) - sum softmax(z) z, computed as -sum p log p with log p = z - logsumexp(z) (same value, but no
+    cancellation between two large numbers when one token dominates); 0 * log 0 counts as 0, so -inf logits
+    (masked tokens) give no NaN."""
+    return _entropy((logits.float() / temperature).log_softmax(-1))
+
+
+def _entropy(logp):  # log-probs [..., V] -> entropy [...]
+    return -(logp.exp() * logp.masked_fill(logp == float("-inf"), 0.0)).sum(-1)
+
+
+def _chunk_logp_entropy(lm_head, h, targets, temperature):
+    """h [c,D], targets [c] -> (log p(target) [c], entropy [c]) fp32."""
+    logp = (lm_head(h).float() / temperature).log_softmax(-1)  # [c,V]
+    return logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1), _entropy(logp)
+
+
+def token_logprobs_and_entropy(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                               chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [B,T,D] (final-norm states from model(..., return_hidden=True)), targets [B,T] next-token ids
+    -> (log p(target) [B,T] fp32, entropy [B,T] fp32), both differentiable, at the sampling `temperature`.
+
+    lm_head: any callable [N,D] -> [N,V], normally model.language_model.lm_head. Targets < 0 (an ignore index such
+    as -100) get log p = 0; mask them out in the loss. The logits exist `chunk` tokens at a time only: a 16K-token
+    response over a 152K vocabulary would otherwise need a 10 GB fp32 [T,V] tensor. Chunking alone does not bound
+    memory under autograd, because backward would keep every chunk's [chunk,V] logits / softmax alive until the
+    loss is differentiated; so under grad each chunk is activation-checkpointed: forward keeps only its [chunk,D]
+    input, and backward recomputes that chunk's lm_head (one extra lm_head matmul, small next to the decoder). A single
+    chunk is not recomputed: its logits are the peak either way."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature}); for greedy decoding measure at 1.0")
+    if hidden.shape[:2] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on [B,T]")
+    B, T, D = hidden.shape
+    h, t = hidden.reshape(B * T, D), targets.reshape(B * T)
+    outs = []
+    recompute = torch.is_grad_enabled() and B * T > chunk  # one chunk: nothing to save, so no extra matmul
+    for i in range(0, B * T, chunk):
+        args = (lm_head, h[i:i + chunk], t[i:i + chunk], temperature)
+        outs.append(checkpoint(_chunk_logp_entropy, *args, use_reentrant=False) if recompute
+                    else _chunk_logp_entropy(*args))
+    if not outs:  # B*T == 0
+        empty = hidden.new_zeros(B, T, dtype=torch.float32)
+        return empty, empty.clone()
+    logp, ent = (torch.cat(x).view(B, T) for x in zip(*outs))
+    return torch.where(targets >= 0, logp, 0.0), ent
+
+
 # ------------------------------------------------------------------------------------------------------ model
 class SkyworkR1V(nn.Module):
     def __init__(self, config: R1VConfig):
@@ -267,15 +327,25 @@ class SkyworkR1V(nn.Module):
     def grad_checkpointing(self, on: bool):
         self.vision_model.grad_checkpointing = self.language_model.model.grad_checkpointing = on
 
-    # -- checkpoint I/O lives in checkpoint.py; these are the entry points every script uses
+    # -- the release's checkpoint format; file handling lives in checkpoint.py (which does not import this file)
     @classmethod
     def from_pretrained(cls, ckpt_dir: str, dtype=torch.float32, device="cpu", shard=None) -> "SkyworkR1V":
-        import checkpoint  # checkpoint.py imports this module, so import it late
-        return checkpoint.load_model(ckpt_dir, dtype=dtype, device=device, shard=shard)
+        """Config -> model on meta -> (optional `shard(model)`, e.g. FSDP2) -> weights -> eval mode.
+        Any error raises before a model is returned, so nothing half-loaded escapes."""
+        config = R1VConfig.from_dir(ckpt_dir)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to(dtype)
+        if shard is not None:
+            shard(model)
+        if any(hasattr(p, "to_local") for p in model.parameters()):
+            model.to_empty(device=device)  # FSDP: each rank allocates its rows, filled in place
+        load_weights(model, ckpt_dir, device)
+        model.ckpt_dir = ckpt_dir  # save_pretrained copies the tokenizer files from here
+        return model.eval()
 
     def save_pretrained(self, out_dir: str, **kwargs):
-        import checkpoint
-        checkpoint.save_model(self, out_dir, **kwargs)
+        save_model(self, out_dir, **kwargs)
 
     # -- forward
     def extract_feature(self, pixel_values):  # [N,3,H,W] -> [N, 256, D_llm]
@@ -390,3 +460,34 @@ def count_params(config: R1VConfig) -> dict:
         m = SkyworkR1V(config)
     counts = {name: sum(p.numel() for p in part.parameters()) for name, part in m.named_children()}
     return {**counts, "total": sum(counts.values())}
+
+
+# ----------------------------------------------------------------------------------------------- tiny models
+def write_tiny_checkpoint(out_dir: str, config="tiny", seed: int = 0, max_shard_bytes: int = 256 * 2**10) -> str:
+    """A random-weight checkpoint in the release format from tiny_configs/<config>.json (or a config dict of that
+    format), with a small BPE tokenizer
+    carrying the release's special tokens. Weights are non-trivial (norms, layer scales and biases away from their
+    init) so tests can tell a mis-loaded tensor. Small shards so that even tiny models exercise the index."""
+    if isinstance(config, dict):
+        cfg_dict, config = config, "config dict"
+    else:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_configs", f"{config}.json")) as f:
+            cfg_dict = json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    tok_dir = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(out_dir)))
+    train_tokenizer(tok_dir)
+    config = R1VConfig.from_dict(cfg_dict, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = SkyworkR1V(config)
+    tensors = [(name, init_tensor(name, tuple(p.shape), gen)) for name, p in model.named_parameters()]
+    save_state_dict(tensors, cfg_dict, out_dir, max_shard_bytes, tok_dir)
+    shutil.rmtree(tok_dir)
+    return out_dir
+
+
+def init_tensor(name: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    if name.endswith((".ls1", ".ls2")) or "norm" in name or name.startswith("mlp1.0."):
+        base = 0.0 if name.endswith(".bias") else 1.0  # scales near 1, shifts near 0, neither exactly at init
+        return base + 0.1 * torch.randn(shape, generator=gen)
+    return 0.02 * torch.randn(shape, generator=gen) * (5.0 if "embed" in name else 1.0)

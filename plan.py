@@ -5,7 +5,7 @@
 Persistent state, sharded over G GPUs (FSDP2 splits every tensor by rows):
     weights  4 B x all parameters            (fp32 master copies; bf16 weights lose lr~1e-6 updates)
     grads    4 B x trainable parameters      (fp32 reduce dtype; frozen parameters get none)
-    Adam     8 B x trainable (fp32 moments)  or 4 B with bf16 moments (train.LowPrecisionAdamW)
+    Adam     8 B x trainable (fp32 moments)  or 4 B with bf16 moments (optim.LowPrecisionAdamW)
     ref      2 B x all parameters            (GRPO with a KL term: a frozen bf16 reference policy)
 Transient, per GPU, not sharded:
     gathered  2 B x (root unit + 2 largest units)   (bf16 all-gather of the unit running and the one prefetched)
@@ -109,8 +109,9 @@ def measure(ckpt_dir: str, recipe: str, seq: int, tiles: int) -> dict:
     import torch
     import torch._dynamo  # noqa: F401  (imported by torch.utils.checkpoint on first use: count it in the baseline)
 
-    from entropy import token_logprobs_and_entropy
-    from train import PARTS, load_for_training, make_optimizer, setup
+    from model import token_logprobs_and_entropy
+    from optim import PARTS, make_optimizer
+    from parallel import load_for_training, setup
 
     def rss():
         with open("/proc/self/statm") as f:

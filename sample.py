@@ -21,7 +21,8 @@ import torch
 from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, build_prompt, image_tiles, make_visual_task,
                   left_pad, parse_response, read_jsonl)
 from model import R1VConfig, SkyworkR1V
-from train import load_for_training, parse_flags, setup
+from cli import parse_flags
+from parallel import load_for_training, setup
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -67,7 +68,7 @@ def default_checkpoint() -> tuple[str, str]:
             return path, what
     path = "out/tiny-init"
     if not os.path.isfile(os.path.join(path, "config.json")):
-        from checkpoint import write_tiny_checkpoint
+        from model import write_tiny_checkpoint
         write_tiny_checkpoint(path)
     return path, "a tiny random-weight model, so expect gibberish (`python sft.py` trains it)"
 

@@ -18,7 +18,7 @@ format_reward): others are reported by file:line and skipped (--allow-untagged t
 
     python sft.py                                                  # tiny default: cold-start SFT, CPU, minutes
     torchrun --nproc_per_node 8 sft.py --ckpt Skywork-R1V3-38B --data cold_start.jsonl --lr 1e-5 --max-len 16384 \
-        --grad-checkpointing                                       # the 38B, FSDP2 (see train.py)
+        --grad-checkpointing                                       # the 38B, FSDP2 (see parallel.py)
     python sft.py --ckpt out/grpo --data domains.jsonl --train connector --out out/connector   # post-RL stage
 """
 import json
@@ -30,11 +30,14 @@ import torch
 
 from data import (THINK_PREFIX, THINK_START, Tokenizer, build_prompt, encode_chat, image_tiles, left_pad,
                   make_visual_task, read_jsonl, reasoning_trace)
-from entropy import token_logprobs_and_entropy
-from grpo import accuracy_reward, format_reward
+from model import token_logprobs_and_entropy
+from rewards import accuracy_reward, format_reward
 from model import R1VConfig
-from train import (MetricsLog, all_reduce_sum, autocast, barrier, clip_grad_norm, load_for_training, lr_at,
-                   make_optimizer, parse_flags, parse_train_spec, plot_curves, resume, save_checkpoint, setup)
+from checkpoint import resume, save_checkpoint
+from cli import parse_flags
+from logs import MetricsLog, plot_curves
+from optim import clip_grad_norm, lr_at, make_optimizer, parse_train_spec
+from parallel import all_reduce_sum, autocast, barrier, load_for_training, setup
 
 
 @dataclass
@@ -295,7 +298,7 @@ def evaluate(model, examples: list, cfg: SFTConfig, ctx, pad_id: int) -> float:
 @torch.no_grad()
 def generation_eval(model, tok: Tokenizer, examples: list, cfg: SFTConfig, ctx) -> dict:
     """Greedy thinking-mode answers to held-out questions (the prompt grpo.py and sampling use: it ends in
-    `<think>\\n`) -> format rate (grpo.format_reward) and accuracy (grpo.accuracy_reward, samples with an answer)."""
+    `<think>\\n`) -> format rate (rewards.format_reward) and accuracy (rewards.accuracy_reward, samples with an answer)."""
     nit = model.config.num_image_token
     asked = [e for e in examples if e.question is not None][:cfg.gen_eval]
     mine = split_for_ranks(asked, ctx.world)[ctx.rank::ctx.world]
@@ -341,7 +344,7 @@ def main(cfg: SFTConfig) -> dict:
     if not ckpt:
         ckpt = "out/tiny-init"
         if ctx.is_main and not os.path.isfile(os.path.join(ckpt, "config.json")):
-            from checkpoint import write_tiny_checkpoint
+            from model import write_tiny_checkpoint
             write_tiny_checkpoint(ckpt)
     train_path, eval_path = cfg.data, cfg.eval_data
     if not train_path:

@@ -5,11 +5,10 @@ import pytest
 import torch
 
 from data import Tokenizer, make_visual_task, read_jsonl
-from entropy import (EntropyConfig, critical_positions, decode_with_offsets, entropy_from_logits, format_table,
-                     pick_checkpoint, prompt_inputs, response_entropy, run, score_checkpoint, stats,
-                     token_logprobs_and_entropy)
+from entropy import EntropyConfig, critical_positions, decode_with_offsets, format_table, pick_checkpoint, prompt_inputs, response_entropy, run, score_checkpoint, stats
+from model import entropy_from_logits, token_logprobs_and_entropy
 from model import SkyworkR1V
-from train import setup
+from parallel import setup
 
 
 # ---------------------------------------------------------------------------------------------- entropy values

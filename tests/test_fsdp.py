@@ -8,9 +8,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from entropy import token_logprobs_and_entropy
+from model import token_logprobs_and_entropy
 from model import SkyworkR1V
-from train import Context, load_for_training, make_optimizer, resume, save_checkpoint, setup
+from checkpoint import resume, save_checkpoint
+from optim import make_optimizer
+from parallel import Context, load_for_training, setup
 
 WORLD = 2
 

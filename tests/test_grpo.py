@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from data import Tokenizer, make_visual_task, read_jsonl
-from grpo import (TINY_RUN, GRPOConfig, SampleBuffer, accuracy_reward, encode_problem, extract_boxed, format_reward,
-                  latest_checkpoint,
-                  group_advantages, grpo_loss, load_problems, parse_args, prompt_indices, response_logprobs, rollout,
-                  train)
+from grpo import TINY_RUN, GRPOConfig, SampleBuffer, encode_problem, group_advantages, grpo_loss, load_problems, parse_args, prompt_indices, response_logprobs, rollout, train
+from checkpoint import latest_checkpoint
+from rewards import accuracy_reward, extract_boxed, format_reward
 from model import SkyworkR1V
-from train import setup
+from parallel import setup
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,7 +61,13 @@ ACCURACY_CASES = [  # (response, reference answer, expected reward)
     (R + r"\boxed{\text{(C)}}", "C", 1.0),
     (R + r"\boxed{Option D}", "D", 1.0),
     (R + r"\boxed{C}", "B", 0.0),
-    (R + r"\boxed{b}", "B", 0.0),                              # lower case is a variable, not a choice
+    (R + r"\boxed{b}", "B", 1.0),                              # a lower-case letter answers choice B
+    (R + r"\boxed{(b)}", "B", 1.0),
+    (R + r"\boxed{b}", "C", 0.0),
+    (R + r"\boxed{B}", "b", 0.0),                              # a reference answer `b` is a word, not a choice
+    (R + r"\boxed{\$5}", "5", 1.0),                             # an escaped dollar is currency, not a backslash
+    (R + r"\boxed{\$5.00}", "\\$5", 1.0),
+    (R + r"\boxed{\$6}", "5", 0.0),
     (R + r"\boxed{Blue}", "B", 0.0),
     (R + r"\boxed{red}", "Red", 1.0),
     (R + r"\boxed{\sqrt{2}}", r"\sqrt{2}", 1.0),

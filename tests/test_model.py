@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from checkpoint import INDEX, save_state_dict, write_tiny_checkpoint
+from checkpoint import INDEX, save_state_dict
+from model import write_tiny_checkpoint
 from connector import pixel_shuffle
 from model import R1VConfig, SkyworkR1V, count_params, positions
 

@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 
-from checkpoint import write_tiny_checkpoint
+from model import write_tiny_checkpoint
 from model import R1VConfig
 from plan import main as plan_main
 from plan import plan, recipes
-from train import Context, load_for_training, make_optimizer
+from optim import make_optimizer
+from parallel import Context, load_for_training
 from test_fsdp import batch, loss_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -211,7 +211,7 @@ def test_context_check_runs_before_any_model_compute(tiny_ckpt, tmp_path, capsys
         raise AssertionError("the model was touched")
 
     for cls, name in ((SkyworkR1V, "forward"), (SkyworkR1V, "generate"), (SkyworkR1V, "from_pretrained"),
-                      (checkpoint, "load_model")):
+                      (checkpoint, "load_weights")):
         monkeypatch.setattr(cls, name, boom)
     img = save_image(tmp_path / "a.png", (900, 300))  # 3 tiles + thumbnail
     argv = ["--ckpt", tiny_ckpt, "--image", img, "--prompt", "<image> what?"]

@@ -10,7 +10,9 @@ import sft
 from data import Tokenizer, build_prompt
 from model import R1VConfig, SkyworkR1V
 from sft import SFTConfig, fit, load_sft, main, make_batch, parse_args, sft_loss, step_indices, synthetic_data, truncate
-from train import MetricsLog, load_for_training, make_optimizer, read_metrics, setup
+from logs import MetricsLog, read_metrics
+from optim import make_optimizer
+from parallel import load_for_training, setup
 
 GOOD = "<think>\n1 + 1 = 2\n</think>\n\nThe answer is \\boxed{2}."
 
