@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import load_weights, save_model, save_state_dict
@@ -42,7 +43,7 @@ class LLMConfig:
     max_position_embeddings: int = 32768
     bos_token_id: int = 151643
     eos_token_id: int = 151645
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool = False  # the 38B's lm_head is its own matrix; the 0.5B/1.5B Qwen2.5 reuse embed_tokens
     head_dim: int = None  # Qwen2 derives it as hidden / heads
 
     def __post_init__(self):
@@ -50,8 +51,6 @@ class LLMConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"llm_config: num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
-        if self.tie_word_embeddings:
-            raise ValueError("llm_config.tie_word_embeddings: the release has an untied lm_head; tied is not supported")
 
 
 @dataclass
@@ -236,8 +235,16 @@ class Qwen2Model(nn.Module):
 class Qwen2ForCausalLM(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
+        self.config = cfg
         self.model = Qwen2Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from embed_tokens
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Tied models (tie_word_embeddings) read and write one [V,D] matrix as embedding and output layer: one
+        parameter, two uses, so named_parameters() lists it once, as embed_tokens.weight."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
 
 def make_mask(pad_mask, t: int, start: int, device=None):
@@ -341,6 +348,7 @@ class SkyworkR1V(nn.Module):
         if any(hasattr(p, "to_local") for p in model.parameters()):
             model.to_empty(device=device)  # FSDP: each rank allocates its rows, filled in place
         load_weights(model, ckpt_dir, device)
+        model.language_model.tie_weights()  # loading replaced embed_tokens.weight: point lm_head at the new one
         model.ckpt_dir = ckpt_dir  # save_pretrained copies the tokenizer files from here
         return model.eval()
 
@@ -355,11 +363,9 @@ class SkyworkR1V(nn.Module):
         """Token embeddings with the <IMG_CONTEXT> rows replaced, in order, by the image tokens of the tiles."""
         x = self.language_model.model.embed_tokens(input_ids)  # [B,T,D]
         is_img = input_ids == self.config.img_context_token_id
-        n_img_tokens, n_tiles = int(is_img.sum()), 0 if pixel_values is None else pixel_values.shape[0]
-        if n_img_tokens != n_tiles * self.config.num_image_token:
-            raise ValueError(f"the prompt has {n_img_tokens} <IMG_CONTEXT> tokens but {n_tiles} tiles were given, "
-                             f"which need {n_tiles * self.config.num_image_token} "
-                             f"({self.config.num_image_token} per tile)")
+        n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        if has_values(input_ids):
+            check_image_tokens(int(is_img.sum()), n_tiles, self.config.num_image_token)
         if n_tiles:
             vit = self.extract_feature(pixel_values).to(x.dtype)  # [N,256,D]
             x = x.masked_scatter(is_img[..., None], vit)  # row-major over [B,T]: tiles fill prompts in order
@@ -417,9 +423,24 @@ class SkyworkR1V(nn.Module):
         return torch.cat([input_ids, torch.stack(out, dim=1)], dim=1)
 
 
+def has_values(t: torch.Tensor) -> bool:
+    """False while tracing (fake tensors of a dry run, torch.compile): the tensor has a shape but no values, so a
+    check that reads values (a host sync: `int()`, `bool()`, `.item()`) cannot run and is skipped."""
+    return not (torch.compiler.is_compiling() or isinstance(t, FakeTensor))
+
+
+def check_image_tokens(n_img_tokens: int, n_tiles: int, num_image_token: int):
+    if n_img_tokens != n_tiles * num_image_token:
+        raise ValueError(f"the prompt has {n_img_tokens} <IMG_CONTEXT> tokens but {n_tiles} tiles were given, "
+                         f"which need {n_tiles * num_image_token} ({num_image_token} per tile)")
+
+
 def padding(attention_mask):
-    """The [B,T] 0/1 mask if anything is padded, else None (the fast, unmasked attention path)."""
-    return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+    """The [B,T] 0/1 mask if anything is padded, else None (the fast, unmasked attention path). While tracing
+    the values are unknown: keep the mask (same result, the masked kernel)."""
+    if attention_mask is None or (has_values(attention_mask) and bool(attention_mask.all())):
+        return None
+    return attention_mask
 
 def positions(input_ids, attention_mask):
     """Position ids: 0, 1, 2, ... over the real tokens of each row; left padding does not shift them."""

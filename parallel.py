@@ -65,7 +65,9 @@ def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
               offload_policy=CPUOffloadPolicy() if cpu_offload else None)
     kw = {k: v for k, v in kw.items() if v is not None}
     lm = model.language_model.model
-    units = [*model.vision_model.encoder.layers, model.mlp1, lm.embed_tokens, *lm.layers]
+    # a tied embedding is also lm_head's weight, which the root holds: it cannot be a unit of its own
+    embed = [] if model.config.llm.tie_word_embeddings else [lm.embed_tokens]
+    units = [*model.vision_model.encoder.layers, model.mlp1, *embed, *lm.layers]
     for unit in units:
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
