@@ -331,6 +331,25 @@ def build_prompt(question, tiles_per_image=(), num_image_token=256, system=None,
     return text + "<|im_start|>assistant\n" + (THINK_PREFIX if thinking else "")
 
 
+def encode_prompt(tok, config, question, images=(), max_tiles=0, system=None, thinking=True):
+    """The one prompt encoder of every script: a question about images -> (prompt ids [P] list, pixel values
+    [tiles,3,H,W] or None). Each image's tile count sets its number of <IMG_CONTEXT> tokens, so ids and pixels
+    always agree; a literal "<IMG_CONTEXT>" typed into the question would break that and is refused."""
+    tiles = [image_tiles(p, config, max_tiles) for p in images]
+    ids = tok.encode(build_prompt(question, [len(t) for t in tiles], config.num_image_token, system, thinking))
+    n_tiles = sum(len(t) for t in tiles)
+    if ids.count(config.img_context_token_id) != n_tiles * config.num_image_token:
+        raise ValueError(f"the question contains the literal text {IMG_CONTEXT}, which is reserved for image tokens")
+    return ids, torch.cat(tiles) if tiles else None
+
+
+def cut_response(ids: list, stop_ids, keep_stop: bool = True) -> list:
+    """A generated row -> the response: up to the first stop token (kept or not); a row that never stopped stays
+    whole (it hit max_new_tokens)."""
+    stop = next((k for k, i in enumerate(ids) if i in stop_ids), None)
+    return ids if stop is None else ids[:stop + keep_stop]
+
+
 def encode_chat(tok, messages, tiles_per_image=(), num_image_token=256):
     """Tokenise build_chat's segments -> (ids, loss_mask) with loss_mask 1 on assistant tokens. Segments are
     tokenised separately; they meet at special tokens or newlines, where the pre-tokeniser splits anyway."""
@@ -365,6 +384,19 @@ def left_pad(seqs, pad_id: int):
     for i, s in enumerate(seqs):
         ids[i, n - len(s):], mask[i, n - len(s):] = torch.as_tensor(s), 1
     return ids, mask
+
+
+def shuffled_indices(start: int, count: int, n: int, seed: int) -> list:
+    """Items start .. start+count-1 of an endless stream of seeded shuffles of range(n), one shuffle per epoch.
+    Which samples a training step reads is then a pure function of (seed, step): a resumed run reads exactly what
+    the interrupted one would have, with no data-loader state to save."""
+    perms, out = {}, []
+    for k in range(start, start + count):
+        epoch, j = divmod(k, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perms[epoch][j]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,20 @@
 """GRPO for the vision-language model, top to bottom in one file.
 
 Group Relative Policy Optimisation (DeepSeekMath, arXiv 2402.03300) as used for Skywork-R1V2/R1V3's RL stage:
-for each prompt sample a group of G responses, score them with verifiable rewards (format + accuracy), turn the
-rewards into group-relative advantages, and maximise a token-level clipped surrogate (PPO, arXiv 1707.06347) with
-clip-higher (DAPO, arXiv 2503.14476), token-mean aggregation and an optional k3 KL to a frozen reference policy.
-R1V2's Selective Sample Buffer (arXiv 2504.16656) counters vanishing advantages (groups whose rewards are all equal).
+for each prompt sample a group of G responses, score them with verifiable rewards (format + accuracy, rewards.py),
+turn the rewards into group-relative advantages, and maximise a token-level clipped surrogate (PPO, arXiv
+1707.06347) with clip-higher (DAPO, arXiv 2503.14476), token-mean aggregation and an optional k3 KL to a frozen
+reference policy. R1V2's Selective Sample Buffer (arXiv 2504.16656) counters vanishing advantages (groups whose
+rewards are all equal). One step:
+
+    1. rollout      G responses per prompt from the current policy, each scored: r_i
+    2. advantages   A_i = (r_i - mean_G r) / (std_G r + 1e-6); flat groups replaced from the sample buffer
+    3. old log-probs  log pi_old(o_t) of every response token, once per rollout batch (and log pi_ref if beta > 0)
+    4. update       ppo_epochs passes of AdamW on the clipped surrogate, token-mean over each minibatch
+    5. log          reward, accuracy, entropy, clip fractions, held-out accuracy every eval_every steps
+
+    python grpo.py                                        # tiny default: SFT first if out/sft is missing, CPU, minutes
+    torchrun --nproc_per_node 8 grpo.py --ckpt Skywork-R1V3-38B --data math.jsonl    # the 38B, FSDP2 (parallel.py)
 """
 import math
 import os
@@ -13,18 +23,17 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from data import Tokenizer, build_prompt, image_tiles, left_pad, make_visual_task, read_jsonl
-from model import token_logprobs_and_entropy
-from model import SkyworkR1V
-from rewards import accuracy_reward, format_reward, reward  # noqa: F401  (format_reward: re-exported)
 from checkpoint import latest_checkpoint, resume, save_checkpoint
 from cli import parse_flags
+from data import Tokenizer, encode_prompt, make_visual_task, read_jsonl, shuffled_indices
 from logs import MetricsLog, plot_curves
+from model import token_logprobs_and_entropy
 from optim import clip_grad_norm, lr_at, make_optimizer
-from parallel import all_reduce_sum, autocast, barrier, load_for_training, mean_over_ranks, setup
+from parallel import autocast, barrier, load_for_training, mean_over_ranks, setup
+from rewards import accuracy_reward, format_reward, reward  # noqa: F401  (format_reward: re-exported)
+from rollout import cat_pixels, generate_responses, heldout_eval
 
 
 @dataclass
@@ -79,8 +88,45 @@ TINY_RUN = dict(steps=40, prompts_per_step=4, max_new_tokens=256, rollout_batch_
                 save_every=20, grad_checkpointing=False, bf16_moments=False)
 
 
+# The default run (`python grpo.py`, no --ckpt): tiny model from `python sft.py`, synthetic task, CPU, minutes.
+TINY_RUN = dict(steps=40, prompts_per_step=4, max_new_tokens=256, rollout_batch_size=32, lr=1e-4, ppo_epochs=2,
+                minibatch_size=16, micro_batch_size=16, synthetic_size=512, eval_every=10, eval_size=64,
+                save_every=20, grad_checkpointing=False, bf16_moments=False)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The math.
+# 1. Rollout: G responses per prompt from the current policy, scored.
+
+@torch.no_grad()
+def rollout(m, tok, problems, idxs, encoded, cfg, ctx, gen, reward_fn) -> tuple[list[dict], dict]:
+    """-> (samples [{"problem": i, "response": ids [L] long}], stats incl. "rewards" [N] with N = len(idxs) * G,
+    groups contiguous). Each response ends at <|im_end|> (kept: the policy must learn to stop) or after
+    max_new_tokens. A sampled <IMG_CONTEXT> also ends it: fed back as input it would ask for an image that does
+    not exist."""
+    groups = generate_responses(m, [encoded[i] for i in idxs], ctx, pad_id=tok.pad_id, group_size=cfg.group_size,
+                                stop_ids=[tok.eos_id, m.config.img_context_token_id], generator=gen,
+                                batch_size=cfg.rollout_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature)
+    samples, scores = [], []
+    for i, group in zip(idxs, groups):
+        answer = str(problems[i]["answer"])
+        for resp in group:
+            text = tok.decode(resp, skip_special=True)
+            samples.append({"problem": i, "response": torch.tensor(resp, dtype=torch.long)})
+            scores.append((reward_fn(text, answer), accuracy_reward(text, answer), format_reward(text), len(resp)))
+    r, acc, fmt, length = (torch.tensor(x, dtype=torch.float64) for x in zip(*scores))
+    return samples, {"rewards": r.float(), "reward": r.mean().item(), "accuracy": acc.mean().item(),
+                     "format": fmt.mean().item(), "response_len": length.mean().item(), "tokens": length.sum().item()}
+
+
+def encode_problem(problem: dict, tok, m, max_tiles: int):
+    """-> (prompt ids [P] long, pixel values [tiles,3,H,W] or None): the prompt opens the assistant turn with <think>."""
+    ids, pixels = encode_prompt(tok, m.config, problem["question"], problem["images"], max_tiles)
+    return torch.tensor(ids), pixels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Advantages: group-relative, and the selective sample buffer for groups that carry none.
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """rewards [N] (N = prompts * G, groups contiguous) -> (advantages [N], flat [N // G] bool).
@@ -95,44 +141,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     return torch.where(flat[:, None], 0.0, adv).flatten(), flat
 
 
-def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-              clip_low: float = 0.2, clip_high: float = 0.28, beta: float = 0.0, logp_ref: torch.Tensor | None = None,
-              num_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
-    """Token-level clipped surrogate. logp, logp_old, logp_ref, mask [B,T] (mask 1 = response token), adv [B].
-
-    ratio = exp(clamp(logp - logp_old, -20, 20))
-    L_t   = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))  (+ beta k3_t)
-    k3_t  = exp(x) - x - 1, x = logp_ref - logp  (unbiased, >= 0, Schulman's "Approximating KL")
-    loss  = sum_t L_t mask_t / num_tokens: token-mean over the batch (DAPO), num_tokens defaults to mask.sum();
-            pass the whole batch's count when accumulating gradients over micro-batches."""
-    mask = mask.float()
-    n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
-    log_ratio = (logp - logp_old).clamp(-20, 20)
-    ratio = log_ratio.exp()
-    a = adv[:, None].float()
-    unclipped, clipped = -a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    metrics = {}
-    if beta:
-        x = logp_ref - logp
-        kl = x.exp() - x - 1
-        per_token = per_token + beta * kl
-        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).item()
-    loss = (per_token * mask).sum() / n
-    with torch.no_grad():
-        tokens = mask.sum().clamp(min=1)
-        is_clipped = (clipped > unclipped).float() * mask               # the clipped branch won: zero gradient
-        metrics.update(
-            clip_frac=(is_clipped.sum() / tokens).item(),
-            clip_frac_high=(is_clipped * (ratio > 1 + clip_high)).sum().item() / tokens.item(),
-            clip_frac_low=(is_clipped * (ratio < 1 - clip_low)).sum().item() / tokens.item(),
-            approx_kl_old=(((ratio - 1 - log_ratio) * mask).sum() / tokens).item(),   # k3 of old vs new
-            ratio_mean=((ratio * mask).sum() / tokens).item(),
-        )
-    return loss, metrics
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Selective sample buffer (R1V2 sec. 3): when most groups are flat the batch carries little gradient. Keep recent
 # samples whose advantage was large and re-inject them in place of samples from flat groups. Each buffered sample
 # keeps the advantage it had in its own group; it is used once.
@@ -185,115 +193,7 @@ class SampleBuffer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: problems, prompts, and which prompts each step uses.
-
-def load_problems(cfg: GRPOConfig, is_main: bool = True) -> tuple[list[dict], list[dict]]:
-    """-> (train, held-out) problem lists. Bad records raise with the file and line (data.read_jsonl)."""
-    need = ("question", "answer")
-    if cfg.data:
-        return read_jsonl(cfg.data, need), read_jsonl(cfg.eval_data, need) if cfg.eval_data else []
-    # RL problems are new to the SFT model (seed + 1; sft.py trains on `seed`, as the paper's RL set is not its
-    # cold-start set); the held-out split is the one sft.py evaluates on. Same seeds -> same files on resume.
-    root = os.path.join(cfg.out_dir, "data")
-    if is_main:
-        make_visual_task(root, cfg.synthetic_size, cfg.seed + 1, "train")
-        make_visual_task(root, cfg.eval_size, cfg.seed, "heldout")
-    barrier()
-    heldout = read_jsonl(os.path.join(root, "heldout.jsonl"), need) if cfg.eval_size else []
-    return read_jsonl(os.path.join(root, "train.jsonl"), need), heldout
-
-
-def encode_problem(problem: dict, tok: Tokenizer, m: SkyworkR1V, max_tiles: int):
-    """-> (prompt ids [Lp] long, pixel values [tiles,3,H,W] or None). Each image's tile count sets its number of
-    <IMG_CONTEXT> tokens in the prompt, which opens the assistant turn with <think>."""
-    c = m.config
-    images = [image_tiles(p, c, max_tiles) for p in problem["images"]]
-    text = build_prompt(problem["question"], [len(x) for x in images], c.num_image_token)
-    return torch.tensor(tok.encode(text)), torch.cat(images) if images else None
-
-
-def prompt_indices(step: int, n: int, k: int, seed: int) -> list[int]:
-    """The k problems of step `step` (1-based): the next k of an endless sequence of seeded shuffles of the n
-    problems, one shuffle per epoch. A pure function of the step, so resuming needs no data-loader state."""
-    perms, out = {}, []
-    for pos in range((step - 1) * k, step * k):
-        epoch, j = divmod(pos, n)
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perms[epoch][j]))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Models. setup_models is the one call that builds what is trained: swap it to change sharding / precision.
-
-def setup_models(cfg: GRPOConfig, ctx, start_dir: str):
-    """-> (policy, reference or None). The reference (frozen initial policy) exists only when beta > 0."""
-    policy = load_for_training(start_dir, ctx, train=cfg.train, grad_checkpointing=cfg.grad_checkpointing)
-    # sharded like the policy, stored in the compute dtype (2 B/param): it is only ever read
-    ref = load_for_training(cfg.ckpt, ctx, train="none", dtype=ctx.dtype).eval() if cfg.beta else None
-    return policy, ref
-
-
-def cat_pixels(pixels: list) -> torch.Tensor | None:
-    """Tiles of several rows, in row order (the order m.embed fills <IMG_CONTEXT> tokens)."""
-    pixels = [p for p in pixels if p is not None]
-    return torch.cat(pixels) if pixels else None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rollouts: G samples per prompt from the current policy, scored.
-
-@torch.no_grad()
-def rollout(m, tok, problems, idxs, encoded, cfg, ctx, gen, reward_fn) -> tuple[list[dict], dict]:
-    """-> (samples in group order, stats). A sample is {"problem": index, "response": ids [Lr]}; the response
-    ends at <|im_end|> (kept: the policy must learn to stop) or after max_new_tokens. A sampled <IMG_CONTEXT> also
-    ends it: fed back as input it would ask for an image that does not exist."""
-    rows = [i for i in idxs for _ in range(cfg.group_size)]
-    img_ctx, samples, scores = m.config.img_context_token_id, [], []
-    for b in range(0, len(rows), cfg.rollout_batch_size):
-        chunk = rows[b:b + cfg.rollout_batch_size]
-        ids, mask = left_pad([encoded[i][0] for i in chunk], tok.pad_id)
-        pix = cat_pixels([encoded[i][1] for i in chunk])
-        with autocast(ctx):
-            seq = m.generate(ids.to(ctx.device), None if pix is None else pix.to(ctx.device), mask.to(ctx.device),
-                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_token_id=tok.eos_id,
-                             generator=gen)
-        for i, resp in zip(chunk, seq[:, ids.shape[1]:].cpu()):
-            stop = ((resp == tok.eos_id) | (resp == img_ctx)).nonzero()
-            resp = resp[:int(stop[0]) + 1 if len(stop) else len(resp)].clone()
-            text = tok.decode(resp.tolist(), skip_special=True)
-            answer = str(problems[i]["answer"])
-            samples.append({"problem": i, "response": resp})
-            scores.append((reward_fn(text, answer), accuracy_reward(text, answer), format_reward(text), len(resp)))
-    r, acc, fmt, length = (torch.tensor(x, dtype=torch.float64) for x in zip(*scores))
-    return samples, {"rewards": r.float(), "reward": r.mean().item(), "accuracy": acc.mean().item(),
-                     "format": fmt.mean().item(), "response_len": length.mean().item(), "tokens": length.sum().item()}
-
-
-@torch.no_grad()
-def evaluate(m, tok, problems: list[dict], cfg: GRPOConfig, ctx) -> float:
-    """Held-out accuracy with greedy decoding; each rank scores an equal share (under FSDP every rank must make the
-    same number of generate calls), so up to world-1 problems at the end are left out."""
-    hits = [0.0, 0.0]
-    mine = list(range(ctx.rank, len(problems) - len(problems) % ctx.world, ctx.world))
-    for b in range(0, len(mine), cfg.rollout_batch_size):
-        chunk = mine[b:b + cfg.rollout_batch_size]
-        enc = [encode_problem(problems[i], tok, m, cfg.max_tiles) for i in chunk]
-        ids, mask = left_pad([e[0] for e in enc], tok.pad_id)
-        pix = cat_pixels([e[1] for e in enc])
-        with autocast(ctx):
-            seq = m.generate(ids.to(ctx.device), None if pix is None else pix.to(ctx.device), mask.to(ctx.device),
-                             max_new_tokens=cfg.max_new_tokens, temperature=0.0, eos_token_id=tok.eos_id)
-        for i, resp in zip(chunk, seq[:, ids.shape[1]:].tolist()):
-            hits[0] += accuracy_reward(tok.decode(resp, skip_special=True), str(problems[i]["answer"]))
-        hits[1] += len(chunk)
-    right, total = all_reduce_sum(hits)
-    return right / max(total, 1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Log-probs of sampled responses and the optimisation passes.
+# 3. Log-probs of the sampled responses (old policy, reference, and the policy being updated) and the loss.
 
 def response_logprobs(m, samples: list[dict], encoded: dict, pad_id: int, cfg: GRPOConfig, ctx):
     """-> (log p [B,R] fp32, entropy [B,R] fp32, mask [B,R] bool) of each response token under m.
@@ -330,6 +230,46 @@ def batch_logprobs(m, samples, encoded, pad_id, cfg, ctx) -> tuple[list[torch.Te
         ent_sum, n = ent_sum + (ent * mask).sum().item(), n + mask.sum().item()
     return out, ent_sum / max(n, 1)
 
+
+def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+              clip_low: float = 0.2, clip_high: float = 0.28, beta: float = 0.0, logp_ref: torch.Tensor | None = None,
+              num_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Token-level clipped surrogate. logp, logp_old, logp_ref, mask [B,T] (mask 1 = response token), adv [B].
+
+    ratio = exp(clamp(logp - logp_old, -20, 20))
+    L_t   = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))  (+ beta k3_t)
+    k3_t  = exp(x) - x - 1, x = logp_ref - logp  (unbiased, >= 0, Schulman's "Approximating KL")
+    loss  = sum_t L_t mask_t / num_tokens: token-mean over the batch (DAPO), num_tokens defaults to mask.sum();
+            pass the whole batch's count when accumulating gradients over micro-batches."""
+    mask = mask.float()
+    n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    log_ratio = (logp - logp_old).clamp(-20, 20)
+    ratio = log_ratio.exp()
+    a = adv[:, None].float()
+    unclipped, clipped = -a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    metrics = {}
+    if beta:
+        x = logp_ref - logp
+        kl = x.exp() - x - 1
+        per_token = per_token + beta * kl
+        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).item()
+    loss = (per_token * mask).sum() / n
+    with torch.no_grad():
+        tokens = mask.sum().clamp(min=1)
+        is_clipped = (clipped > unclipped).float() * mask               # the clipped branch won: zero gradient
+        metrics.update(
+            clip_frac=(is_clipped.sum() / tokens).item(),
+            clip_frac_high=(is_clipped * (ratio > 1 + clip_high)).sum().item() / tokens.item(),
+            clip_frac_low=(is_clipped * (ratio < 1 - clip_low)).sum().item() / tokens.item(),
+            approx_kl_old=(((ratio - 1 - log_ratio) * mask).sum() / tokens).item(),   # k3 of old vs new
+            ratio_mean=((ratio * mask).sum() / tokens).item(),
+        )
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Update: ppo_epochs passes of AdamW over the rollout batch.
 
 def pad_right(xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)
@@ -370,83 +310,128 @@ def optimise(m, opt, samples, adv, old, ref, encoded, pad_id, cfg, ctx, gen, ste
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop.
+# The loop. Everything but the five steps (set-up, resume, evaluation, logging, saving) is in the helpers below it.
 
 def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
     """Run GRPO; returns the metrics of every step (also in out_dir/metrics.jsonl). reward_fn(text, answer) ->
     float defaults to accuracy + format_weight * format."""
+    reward_fn = reward_fn or (lambda text, answer: reward(text, answer, cfg.format_weight))
+    run = start(cfg)
+    ctx, tok, policy, opt, buffer = run["ctx"], run["tok"], run["policy"], run["opt"], run["buffer"]
+    bar = tqdm(range(run["step"] + 1, cfg.steps + 1), initial=run["step"], total=cfg.steps, disable=not ctx.is_main,
+               desc="grpo")
+    for step in bar:
+        t0, gen = time.perf_counter(), step_generator(cfg, ctx, step, opt)
+        idxs = prompt_indices(step, len(run["train"]), cfg.prompts_per_step, cfg.seed)[ctx.rank::ctx.world]
+        encoded = {i: encode_problem(run["train"][i], tok, policy, cfg.max_tiles) for i in idxs}
+        samples, stats = rollout(policy, tok, run["train"], idxs, encoded, cfg, ctx, gen, reward_fn)      # 1
+        t_rollout = time.perf_counter() - t0
+        adv, flat = group_advantages(stats.pop("rewards"), cfg.group_size, cfg.scale_adv)                # 2
+        batch, batch_adv, n_mixed = buffer.mix(samples, adv.tolist(), flat.repeat_interleave(cfg.group_size).tolist(),
+                                               flat.float().mean().item(), cfg.flat_threshold)
+        buffer.add(samples, adv.tolist(), step)
+        encoded.update({s["problem"]: encode_problem(run["train"][s["problem"]], tok, policy, cfg.max_tiles)
+                        for s in batch if s["problem"] not in encoded})
+        old, entropy = batch_logprobs(policy, batch, encoded, tok.pad_id, cfg, ctx)                      # 3
+        ref = batch_logprobs(run["ref"], batch, encoded, tok.pad_id, cfg, ctx)[0] if run["ref"] else None
+        metrics = optimise(policy, opt, batch, torch.tensor(batch_adv), old, ref, encoded, tok.pad_id, cfg, ctx,  # 4
+                           gen, step)
+        metrics.update(stats, entropy=entropy, flat_frac=flat.float().mean().item(), buffer_mixed=n_mixed,  # 5
+                       buffer_size=len(buffer), lr=opt.param_groups[0]["lr"], rollout_time=t_rollout)
+        end_step(run, cfg, step, metrics, t0)
+        bar.set_postfix(reward=f"{run['history'][-1]['reward']:.2f}", acc=f"{run['history'][-1]['accuracy']:.2f}")
+    finish(run, cfg)
+    return run["history"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bookkeeping: set-up and resume, data, per-step RNG and learning rate, evaluation, logging, saving.
+
+def start(cfg: GRPOConfig) -> dict:
+    """Everything the loop needs, fresh or resumed from the newest out_dir/step_N: the run's state as a dict."""
     if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
         hint = " Run `python sft.py` first: GRPO starts from the cold-start SFT model." if cfg.ckpt == "out/sft" else ""
         raise FileNotFoundError(f"no checkpoint at {cfg.ckpt!r} (config.json missing).{hint}")
-    reward_fn = reward_fn or (lambda text, answer: reward(text, answer, cfg.format_weight))
     ctx = setup(seed=cfg.seed)
     if cfg.prompts_per_step % ctx.world:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} must be a multiple of the world size {ctx.world}")
-    ckpt_dir = latest_checkpoint(cfg.out_dir)
-    resuming = cfg.resume and ckpt_dir is not None
-    if cfg.resume and not resuming and ctx.is_main:
+    ckpt_dir = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if cfg.resume and ckpt_dir is None and ctx.is_main:
         print(f"--resume: no step_* checkpoint in {cfg.out_dir}, starting from {cfg.ckpt}")
-    tok = Tokenizer.from_dir(cfg.ckpt)
     train_set, heldout = load_problems(cfg, ctx.is_main)
-    policy, ref_model = setup_models(cfg, ctx, ckpt_dir if resuming else cfg.ckpt)
+    policy = load_for_training(ckpt_dir or cfg.ckpt, ctx, train=cfg.train, grad_checkpointing=cfg.grad_checkpointing)
+    # the reference (frozen initial policy) exists only when beta > 0: sharded like the policy, in the compute
+    # dtype (2 B/param), as it is only ever read
+    ref = load_for_training(cfg.ckpt, ctx, train="none", dtype=ctx.dtype).eval() if cfg.beta else None
     opt = make_optimizer(policy, cfg.lr, cfg.weight_decay,
                          moments_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
-    buffer, start = SampleBuffer(cfg.buffer_capacity, cfg.buffer_max_age), 0
-    if resuming:
-        start, _, tensors = resume(ckpt_dir, policy, opt)
-        buffer.load_state_dict({k.removeprefix("buffer."): v for k, v in tensors.items() if k.startswith("buffer.")})
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ctx.is_main, start if resuming else None)
-    history = []
-    if start == 0 and heldout:
-        history.append({"step": 0, "heldout_accuracy": evaluate(policy, tok, heldout, cfg, ctx)})
-        log.write(0, {"heldout_accuracy": history[-1]["heldout_accuracy"]})
+    run = dict(ctx=ctx, tok=Tokenizer.from_dir(cfg.ckpt), train=train_set, heldout=heldout, policy=policy, ref=ref,
+               opt=opt, buffer=SampleBuffer(cfg.buffer_capacity, cfg.buffer_max_age), step=0, history=[])
+    if ckpt_dir:
+        run["step"], _, tensors = resume(ckpt_dir, policy, opt)
+        run["buffer"].load_state_dict({k.removeprefix("buffer."): v for k, v in tensors.items()
+                                       if k.startswith("buffer.")})
+    run["log"] = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ctx.is_main, run["step"] if ckpt_dir else None)
+    if run["step"] == 0 and heldout:
+        run["history"].append({"step": 0, "heldout_accuracy": evaluate(run, cfg)})
+        run["log"].write(0, {"heldout_accuracy": run["history"][-1]["heldout_accuracy"]})
+    return run
 
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=not ctx.is_main, desc="grpo")
-    for step in bar:
-        t0 = time.perf_counter()
-        # every random choice of the step (sampling, minibatch order) comes from this generator: resume-exact
-        gen = torch.Generator(ctx.device).manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx.rank)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, cfg.steps, cfg.lr, cfg.warmup_steps, min_lr_ratio=1.0)
-        idxs = prompt_indices(step, len(train_set), cfg.prompts_per_step, cfg.seed)[ctx.rank::ctx.world]
-        encoded = {i: encode_problem(train_set[i], tok, policy, cfg.max_tiles) for i in idxs}
-        samples, stats = rollout(policy, tok, train_set, idxs, encoded, cfg, ctx, gen, reward_fn)
-        t_rollout = time.perf_counter() - t0
 
-        # advantages; flat groups carry no signal, so buffered high-|A| samples take their place (R1V2)
-        adv, flat = group_advantages(stats.pop("rewards"), cfg.group_size, cfg.scale_adv)
-        flat_frac = flat.float().mean().item()
-        batch, batch_adv, n_mixed = buffer.mix(samples, adv.tolist(), flat.repeat_interleave(cfg.group_size).tolist(),
-                                               flat_frac, cfg.flat_threshold)
-        buffer.add(samples, adv.tolist(), step)
-        for s in batch:
-            if s["problem"] not in encoded:
-                encoded[s["problem"]] = encode_problem(train_set[s["problem"]], tok, policy, cfg.max_tiles)
+def load_problems(cfg: GRPOConfig, is_main: bool = True) -> tuple[list[dict], list[dict]]:
+    """-> (train, held-out) problem lists. Bad records raise with the file and line (data.read_jsonl)."""
+    need = ("question", "answer")
+    if cfg.data:
+        return read_jsonl(cfg.data, need), read_jsonl(cfg.eval_data, need) if cfg.eval_data else []
+    # RL problems are new to the SFT model (seed + 1; sft.py trains on `seed`, as the paper's RL set is not its
+    # cold-start set); the held-out split is the one sft.py evaluates on. Same seeds -> same files on resume.
+    root = os.path.join(cfg.out_dir, "data")
+    if is_main:
+        make_visual_task(root, cfg.synthetic_size, cfg.seed + 1, "train")
+        make_visual_task(root, cfg.eval_size, cfg.seed, "heldout")
+    barrier()
+    heldout = read_jsonl(os.path.join(root, "heldout.jsonl"), need) if cfg.eval_size else []
+    return read_jsonl(os.path.join(root, "train.jsonl"), need), heldout
 
-        # old (behaviour) log-probs once per rollout batch; the reference's only if the KL term is on
-        old, entropy = batch_logprobs(policy, batch, encoded, tok.pad_id, cfg, ctx)
-        ref = batch_logprobs(ref_model, batch, encoded, tok.pad_id, cfg, ctx)[0] if ref_model is not None else None
-        metrics = optimise(policy, opt, batch, torch.tensor(batch_adv), old, ref, encoded, tok.pad_id, cfg, ctx, gen,
-                           step)
 
-        metrics.update(stats, entropy=entropy, flat_frac=flat_frac, buffer_mixed=n_mixed, buffer_size=len(buffer),
-                       lr=opt.param_groups[0]["lr"])
-        metrics = mean_over_ranks(metrics)
-        metrics.update(tokens_per_s=metrics["tokens"] / t_rollout, step_time=time.perf_counter() - t0)
-        if heldout and (step % cfg.eval_every == 0 or step == cfg.steps):
-            metrics["heldout_accuracy"] = evaluate(policy, tok, heldout, cfg, ctx)
-        log.write(step, metrics)
-        history.append({"step": step, **metrics})
-        bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
-                        flat=f"{flat_frac:.2f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(os.path.join(cfg.out_dir, f"step_{step:06d}"), policy, opt, step, extra={"config": asdict(cfg)},
-                            tensors={f"buffer.{k}": v for k, v in buffer.state_dict().items()})
-    if ctx.is_main:
-        plot_curves(log.path, os.path.join(cfg.out_dir, "curves.png"),
+def prompt_indices(step: int, n: int, k: int, seed: int) -> list[int]:
+    """The k problems of step `step` (1-based), from data.shuffled_indices: a pure function of the step."""
+    return shuffled_indices((step - 1) * k, k, n, seed)
+
+
+def step_generator(cfg: GRPOConfig, ctx, step: int, opt) -> torch.Generator:
+    """Sets this step's learning rate; returns the generator every random choice of the step (sampling, minibatch
+    order) comes from, seeded by (seed, step, rank): a resumed run makes exactly the same choices."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step - 1, cfg.steps, cfg.lr, cfg.warmup_steps, min_lr_ratio=1.0)
+    return torch.Generator(ctx.device).manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx.rank)
+
+
+def evaluate(run: dict, cfg: GRPOConfig) -> float:
+    """Held-out accuracy with greedy decoding (rollout.heldout_eval)."""
+    return heldout_eval(run["policy"], run["tok"], run["heldout"], run["ctx"], max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.rollout_batch_size, max_tiles=cfg.max_tiles)["accuracy"]
+
+
+def end_step(run: dict, cfg: GRPOConfig, step: int, metrics: dict, t0: float):
+    """Average the step's metrics over ranks, evaluate / log / save when due."""
+    metrics = mean_over_ranks(metrics)
+    metrics.update(tokens_per_s=metrics["tokens"] / metrics["rollout_time"], step_time=time.perf_counter() - t0)
+    if run["heldout"] and (step % cfg.eval_every == 0 or step == cfg.steps):
+        metrics["heldout_accuracy"] = evaluate(run, cfg)
+    run["log"].write(step, metrics)
+    run["history"].append({"step": step, **metrics})
+    if step % cfg.save_every == 0 or step == cfg.steps:
+        save_checkpoint(os.path.join(cfg.out_dir, f"step_{step:06d}"), run["policy"], run["opt"], step,
+                        extra={"config": asdict(cfg)},
+                        tensors={f"buffer.{k}": v for k, v in run["buffer"].state_dict().items()})
+
+
+def finish(run: dict, cfg: GRPOConfig):
+    if run["ctx"].is_main:
+        plot_curves(run["log"].path, os.path.join(cfg.out_dir, "curves.png"),
                     ["reward", "accuracy", "heldout_accuracy", "format", "response_len", "entropy", "clip_frac",
                      "flat_frac"])
-    return history
 
 
 def parse_args(argv=None) -> GRPOConfig:
