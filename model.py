@@ -153,19 +153,32 @@ def apply_rope(x, cos, sin):  # x [B,H,T,E]
 class KVCache:
     """Preallocated keys/values for every layer: [layers, B, kv_heads, max_len, head_dim]. Decoding writes one
     column per step in place, so a step costs the same Python work at token 10 as at token 10,000. Allocated at
-    the first write, in the dtype attention computes in (bf16 under FSDP mixed precision even if weights are fp32)."""
+    the first write, in the dtype attention computes in (bf16 under FSDP mixed precision even if weights are fp32).
+
+    `start` is a Python int (eager: attend to the columns written so far) or a position tensor (the fixed-shape
+    step that torch.compile captures: the write goes to a position held in a tensor and attention reads the whole
+    cache, future columns masked, so no shape changes from one token to the next)."""
 
     def __init__(self, cfg: LLMConfig, batch: int, max_len: int):
         self.shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = self.v = None
 
-    def update(self, layer: int, start: int, k, v):  # k, v [B,Hkv,t,E] -> keys/values up to start+t
+    def update(self, layer: int, start, k, v):  # k, v [B,Hkv,t,E] -> keys/values up to start+t
         if self.k is None:
             self.k, self.v = (k.new_zeros(self.shape) for _ in range(2))
+        if torch.is_tensor(start):  # fixed shape: start [t] positions
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def repeat_rows(self, n: int):
+        """Row b -> rows b*n .. b*n+n-1: one prompt's prefilled keys/values become the start of n samples."""
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        self.shape = self.k.shape
 
 
 class Attention(nn.Module):
@@ -239,6 +252,66 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+
+    sync_done = True  # sharded by FSDP, ranks hold different rows: "all done?" is asked of every rank
+
+    @torch.no_grad()
+    def decode(self, x, input_ids, attention_mask=None, *, max_new_tokens: int, eos: int, temperature=0.0,
+               top_p=1.0, repetition_penalty=1.0, stream=None, generator=None, num_return_sequences=1,
+               compile=False):
+        """Prompt embeddings x [B,T,D] (ids [B,T] for the repetition penalty, left padding in attention_mask)
+        -> new tokens [B*G, new]. One prefill per prompt; its KV cache is then copied into G rows, and each row
+        samples its own first token and continuation: G samples cost one prompt's prefill, not G (nanochat's
+        engine, vLLM's n > 1). Then one cached single-token step per new token."""
+        G, t = num_return_sequences, input_ids.shape[1]
+        pad = padding(attention_mask)
+        pos = positions(input_ids, pad)
+        cache = KVCache(self.model.config, x.shape[0], t + max_new_tokens)
+        h = self.model(x, pos, make_mask(pad, t, 0, x.device), cache, 0)[:, -1:]          # prefill: [B,1,D]
+        if G > 1:  # one prompt -> G samples: copy its cache row, last state, positions, padding and ids G times
+            cache.repeat_rows(G)
+            h, pos, input_ids = (z.repeat_interleave(G, 0) for z in (h, pos, input_ids))
+            pad = None if pad is None else pad.repeat_interleave(G, 0)
+        b = input_ids.shape[0]
+        real = torch.ones(b, t + max_new_tokens, dtype=torch.bool, device=x.device)        # generated tokens are real
+        if pad is not None:
+            real[:, :t] = pad.bool()
+        seen = seen_tokens(input_ids, real[:, :t], self.config.vocab_size) if repetition_penalty != 1.0 else None
+        step = self.decode_step_static if compile else self.decode_step
+        if compile:
+            step = torch.compile(step, mode="reduce-overhead" if x.is_cuda else "default", dynamic=False)
+        out, done = [], torch.zeros(b, dtype=torch.bool, device=x.device)
+        for i in range(max_new_tokens):
+            logits = self.lm_head(h[:, -1]).float()  # [B,V]
+            tok = sample(logits, seen, temperature, top_p, repetition_penalty, generator)
+            tok = torch.where(done, torch.full_like(tok, eos), tok)
+            out.append(tok)
+            if stream is not None:
+                stream(tok)
+            if seen is not None:
+                seen[torch.arange(b), tok] = True
+            done |= tok == eos
+            if i == max_new_tokens - 1 or not any_unfinished(done, self.sync_done):
+                break
+            pos = pos[:, -1:] + 1
+            h = step(tok, pos, cache, t + i, None if pad is None else real[:, :t + i + 1])
+        return torch.stack(out, dim=1)
+
+    def decode_step(self, tok, pos, cache, start: int, real=None):
+        """One new token per row [B] at position `start` -> final hidden state [B,1,D] (eager: the attention reads
+        the start+1 columns written so far)."""
+        mask = make_mask(real, 1, start, tok.device)
+        return self.model(self.model.embed_tokens(tok[:, None]), pos, mask, cache, start)
+
+    def decode_step_static(self, tok, pos, cache, start: int, real=None):
+        """decode_step with shapes that never change (for torch.compile / CUDA graphs): the position is a tensor
+        and attention reads the whole preallocated cache, the columns after `start` (and left padding) masked."""
+        cols = torch.arange(cache.shape[3], device=tok.device)
+        at = torch.full((1,), start, device=tok.device)
+        mask = (cols <= at)[None, None, None, :].expand(tok.shape[0], 1, 1, -1)                # [B,1,1,L]
+        if real is not None:
+            mask = mask & torch.cat([real, real.new_ones(real.shape[0], cache.shape[3] - real.shape[1])], 1)[:, None, None]
+        return self.model(self.model.embed_tokens(tok[:, None]), pos, mask, cache, at)
 
     def tie_weights(self):
         """Tied models (tie_word_embeddings) read and write one [V,D] matrix as embedding and output layer: one
@@ -325,6 +398,7 @@ class SkyworkR1V(nn.Module):
         self.vision_model = InternViT(config.vision)
         self.mlp1 = Connector(config.vision.hidden_size, config.llm.hidden_size, config.downsample_ratio)
         self.language_model = Qwen2ForCausalLM(config.llm)
+        self.sharded_vit = False  # set by parallel.shard: the ViT's forward is then a collective
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -359,68 +433,60 @@ class SkyworkR1V(nn.Module):
     def extract_feature(self, pixel_values):  # [N,3,H,W] -> [N, 256, D_llm]
         return self.mlp1(self.vision_model(pixel_values, self.config.select_layer))
 
-    def embed(self, input_ids, pixel_values=None):
-        """Token embeddings with the <IMG_CONTEXT> rows replaced, in order, by the image tokens of the tiles."""
+    @torch.no_grad()
+    def image_features(self, pixel_values):
+        """extract_feature as an entry point of its own, for features computed once and passed to forward /
+        generate as image_features (under FSDP it is registered like forward: parallel.shard)."""
+        return self.extract_feature(pixel_values)
+
+    def embed(self, input_ids, pixel_values=None, image_features=None):
+        """Token embeddings with the <IMG_CONTEXT> rows replaced, in order, by the image tokens of the tiles.
+        image_features [N,256,D] (extract_feature's output) stand in for pixel_values when they were computed once
+        already, e.g. for all the log-prob passes of a GRPO step while the ViT is frozen."""
         x = self.language_model.model.embed_tokens(input_ids)  # [B,T,D]
         is_img = input_ids == self.config.img_context_token_id
-        n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        feats = image_features if image_features is not None else pixel_values
+        n_tiles = 0 if feats is None else feats.shape[0]
         if has_values(input_ids):
             check_image_tokens(int(is_img.sum()), n_tiles, self.config.num_image_token)
+        if n_tiles == 0 and image_features is None and self.sharded_vit:
+            # FSDP: every ViT block all-gathers its weights in forward, a collective all ranks must join, so a rank
+            # whose prompts have no image runs the ViT on zero tiles while the others run theirs
+            pixel_values = x.new_zeros(0, 3, self.config.force_image_size, self.config.force_image_size)
+            self.extract_feature(pixel_values)
         if n_tiles:
-            vit = self.extract_feature(pixel_values).to(x.dtype)  # [N,256,D]
+            vit = (image_features if image_features is not None else self.extract_feature(pixel_values)).to(x.dtype)
             x = x.masked_scatter(is_img[..., None], vit)  # row-major over [B,T]: tiles fill prompts in order
         return x
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, return_hidden=False):
-        """input_ids [B,T], pixel_values [tiles,3,H,W] in image order, attention_mask [B,T] (1 real, 0 left pad)
-        -> logits [B,T,V], or the final hidden states [B,T,D] with return_hidden (for chunked log-probs)."""
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, return_hidden=False, image_features=None):
+        """input_ids [B,T], pixel_values [tiles,3,H,W] in image order (or their image_features [tiles,256,D]),
+        attention_mask [B,T] (1 real, 0 left pad) -> logits [B,T,V], or the final hidden states [B,T,D] with
+        return_hidden (for chunked log-probs)."""
         pad = padding(attention_mask)
-        h = self.language_model.model(self.embed(input_ids, pixel_values), positions(input_ids, pad),
+        h = self.language_model.model(self.embed(input_ids, pixel_values, image_features), positions(input_ids, pad),
                                       make_mask(pad, input_ids.shape[1], 0, input_ids.device))
         return h if return_hidden else self.language_model.lm_head(h)
 
     # -- generation
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0,
-                 top_p=1.0, repetition_penalty=1.0, eos_token_id=None, stream=None, generator=None):
-        """Sample up to max_new_tokens after left-padded prompts [B,T] -> [B, T+new]. Rows that finished are
-        padded with eos. temperature 0 is greedy. One prefill, then one cached single-token step per new token."""
-        b, t = input_ids.shape
+                 top_p=1.0, repetition_penalty=1.0, eos_token_id=None, stream=None, generator=None,
+                 num_return_sequences=1, image_features=None, decoder=None, compile=False):
+        """Sample up to max_new_tokens after left-padded prompts [B,T] -> [B*G, T+new] with G =
+        num_return_sequences (rows b*G .. b*G+G-1 answer prompt b). Rows that finished are padded with eos;
+        temperature 0 is greedy. The images go through the ViT here; the decoder (this model's language_model,
+        or a tensor-parallel copy, tp.py) prefills each prompt once and samples G continuations of it."""
+        if input_ids.shape[1] + max_new_tokens > self.config.llm.max_position_embeddings:
+            raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's context of {self.config.llm.max_position_embeddings} tokens")
+        x = self.embed(input_ids, pixel_values, image_features)  # [B,T,D]
         eos = self.config.llm.eos_token_id if eos_token_id is None else eos_token_id
-        lm = self.language_model
-        pad = padding(attention_mask)
-        if t + max_new_tokens > self.config.llm.max_position_embeddings:
-            raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
-                             f"of {self.config.llm.max_position_embeddings} tokens")
-        if pad is not None:  # [B, T+new]: generated tokens are real
-            pad = torch.cat([pad, pad.new_ones(b, max_new_tokens)], dim=1)
-        pos = positions(input_ids, None if pad is None else pad[:, :t])
-        cache = KVCache(self.config.llm, b, t + max_new_tokens)
-        seen = None  # [B,V] tokens seen so far, for the repetition penalty (prompt + output, as in HF)
-        if repetition_penalty != 1.0:
-            real = torch.ones_like(input_ids) if pad is None else pad[:, :t].long()
-            seen = torch.zeros(b, self.config.llm.vocab_size, dtype=torch.long, device=input_ids.device)
-            seen = seen.scatter_add_(1, input_ids, real) > 0  # add, not assign: a pad id may also be a real token
-        cut = lambda n: None if pad is None else pad[:, :n]  # noqa: E731
-
-        h = lm.model(self.embed(input_ids, pixel_values), pos, make_mask(cut(t), t, 0, input_ids.device), cache, 0)
-        out, done = [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        for i in range(max_new_tokens):
-            logits = lm.lm_head(h[:, -1]).float()  # [B,V]
-            tok = sample(logits, seen, temperature, top_p, repetition_penalty, generator)
-            tok = torch.where(done, torch.full_like(tok, eos), tok)
-            out.append(tok)
-            if stream is not None:
-                stream(tok)
-            if seen is not None:
-                seen[torch.arange(b), tok] = True
-            done |= tok == eos
-            if i == max_new_tokens - 1 or not any_unfinished(done):
-                break
-            pos = pos[:, -1:] + 1
-            mask = make_mask(cut(t + i + 1), 1, t + i, input_ids.device)
-            h = lm.model(lm.model.embed_tokens(tok[:, None]), pos, mask, cache, t + i)
-        return torch.cat([input_ids, torch.stack(out, dim=1)], dim=1)
+        new = (decoder or self.language_model).decode(
+            x, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos=eos, temperature=temperature,
+            top_p=top_p, repetition_penalty=repetition_penalty, stream=stream, generator=generator,
+            num_return_sequences=num_return_sequences, compile=compile)
+        return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), new], dim=1)
 
 
 def has_values(t: torch.Tensor) -> bool:
@@ -449,13 +515,21 @@ def positions(input_ids, attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def any_unfinished(done) -> bool:
+def any_unfinished(done, sync: bool = True) -> bool:
     """Under FSDP every rank must run the same number of forwards (each one all-gathers weights): a rank whose rows
-    all hit EOS keeps stepping until every rank is done, or the others would wait forever in the all-gather."""
+    all hit EOS keeps stepping until every rank is done, or the others would wait forever in the all-gather.
+    (The tensor-parallel decoder holds every rank's rows on every rank: no need to ask, sync=False.)"""
     unfinished = (~done).any().to(torch.int32)
-    if dist.is_available() and dist.is_initialized():
+    if sync and dist.is_available() and dist.is_initialized():
         dist.all_reduce(unfinished)
     return bool(unfinished)
+
+
+def seen_tokens(input_ids, real, vocab_size: int):
+    """[B,V] bool: the tokens each prompt holds (padding excluded), for the repetition penalty (prompt + output,
+    as in HF). scatter_add, not assign: a pad id may also be a real token."""
+    seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.long, device=input_ids.device)
+    return seen.scatter_add_(1, input_ids, real.long()) > 0
 
 
 def sample(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):

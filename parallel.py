@@ -71,9 +71,11 @@ def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
     for unit in units:
         fully_shard(unit, **kw)
     fully_shard(model, **kw)
+    model.sharded_vit = True
     # generate() uses the root's parameters (ViT patch embedding, lm_head) outside forward(): FSDP must gather them
     # around that call too
     register_fsdp_forward_method(model, "generate")
+    register_fsdp_forward_method(model, "image_features")  # the ViT once per GRPO step (grpo.py)
     if dist.get_backend() == "gloo":
         # gloo has no AVG reduce-scatter, so FSDP2 falls back to SUM and gradients come out world-size times too
         # large (pytorch#162338); an explicit divide factor makes FSDP divide by the world size itself.
