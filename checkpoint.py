@@ -6,6 +6,13 @@ tokenizer files. Loading builds the model on the meta device (no memory, no rand
 each parameter its tensor from `safe_open`, one at a time, so host memory peaks near one tensor, not one model
 (and when dtype and device match the file, the weights are its memory-mapped pages: no copy at all). Under FSDP2 (`shard`, see parallel.py) a parameter is a DTensor whose local
 part is a block of rows: each rank reads only those rows with `get_slice`.
+
+Tied embeddings (`llm_config.tie_word_embeddings`, as in Qwen2.5-0.5B/1.5B): one [V,D] Parameter is registered twice,
+as `language_model.model.embed_tokens.weight` and `language_model.lm_head.weight`. Files written by different tools
+disagree on whether the second name is stored: transformers' save_pretrained drops it (`_tied_weights_keys`), other
+exporters keep a copy. Loading accepts both, and a stored copy must equal the embedding bit for bit (one matrix is
+kept, so a different one would be silently lost). Saving stores the matrix once, under the embedding's name, as
+transformers does: save -> load gives back the same model whichever way the source stored it.
 """
 import json
 import os
@@ -54,11 +61,25 @@ def _open(path: str):
         raise ValueError(f"{path}: cannot read safetensors file ({e})") from None
 
 
+def tied_names(model: torch.nn.Module) -> dict:
+    """{alias: name} for every parameter registered under more than one name. named_parameters() lists a shared
+    Parameter once, under the first name met; the other names (lm_head.weight of a tied model) are its aliases."""
+    first, aliases = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
 def check_keys(model: torch.nn.Module, names: dict, ckpt_dir: str):
-    """Strict loading: the checkpoint must hold exactly the model's parameters, with the right shapes.
+    """Strict loading: the checkpoint must hold exactly the model's parameters, with the right shapes; an alias of
+    a tied parameter may be stored too (a copy, checked against the original in load_weights), or left out.
     Checked on headers only, before any tensor is read."""
-    params = dict(model.named_parameters())
-    missing, unexpected = sorted(params.keys() - names.keys()), sorted(names.keys() - params.keys())
+    params, aliases = dict(model.named_parameters()), tied_names(model)
+    missing = sorted(params.keys() - names.keys())
+    unexpected = sorted(names.keys() - params.keys() - aliases.keys())
     if missing or unexpected:
         raise ValueError(f"{ckpt_dir}: checkpoint does not match the config: missing keys {missing[:20]}"
                          f"{' ...' if len(missing) > 20 else ''} ({len(missing)}), unexpected keys "
@@ -67,9 +88,27 @@ def check_keys(model: torch.nn.Module, names: dict, ckpt_dir: str):
         with _open(path) as f:
             for name in f.keys():
                 shape = list(f.get_slice(name).get_shape())
-                if name in params and shape != list(params[name].shape):
-                    raise ValueError(f"{path}: tensor {name} has shape {shape}, the config needs "
-                                     f"{list(params[name].shape)}")
+                want = params.get(name, params.get(aliases.get(name)))
+                if want is not None and shape != list(want.shape):
+                    raise ValueError(f"{path}: tensor {name} has shape {shape}, the config needs {list(want.shape)}")
+
+
+def check_tied_copy(names: dict, alias: str, name: str, rows: int = 4096):
+    """A stored alias (lm_head.weight of a tied checkpoint) must be a copy of the tensor it aliases: loading keeps
+    only `name`, so anything else in `alias` would be dropped without a word. Compared block by block, in the
+    files, before any cast; every rank compares everything, so under FSDP all ranks reach the same verdict (an
+    error on one rank alone would leave the others waiting in their next collective)."""
+    with _open(names[alias]) as fa, _open(names[name]) as fn:
+        a, n = fa.get_slice(alias), fn.get_slice(name)
+        for i in range(0, a.get_shape()[0], rows):
+            x, y = a[i:i + rows], n[i:i + rows]
+            dtype = torch.promote_types(x.dtype, y.dtype)
+            if not torch.equal(x.to(dtype), y.to(dtype)):
+                raise ValueError(
+                    f"{names[alias]}: tensor {alias} differs from {name} (in {names[name]}), but the config ties "
+                    f"them (llm_config.tie_word_embeddings: true), so only {name} would be kept. Store {alias} as "
+                    f"an exact copy or leave it out; or, if the checkpoint really has its own output layer, set "
+                    f"tie_word_embeddings: false")
 
 
 def local_rows(param):
@@ -79,11 +118,14 @@ def local_rows(param):
     return min(rank * step, n), min((rank + 1) * step, n)
 
 
-def adopt(model: torch.nn.Module, name: str, tensor: torch.Tensor):
-    """Replace the (meta) parameter `name` by `tensor`, keeping its requires_grad."""
+def adopt(model: torch.nn.Module, name: str, tensor: torch.Tensor, aliases=()):
+    """Replace the (meta) parameter `name`, and the same parameter under its `aliases`, by one new Parameter
+    holding `tensor`, keeping requires_grad: a tied pair stays one Parameter."""
     module, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module)
-    module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+    p = torch.nn.Parameter(tensor, requires_grad=model.get_submodule(module)._parameters[leaf].requires_grad)
+    for n in (name, *aliases):
+        module, _, leaf = n.rpartition(".")
+        model.get_submodule(module)._parameters[leaf] = p
 
 
 @torch.no_grad()
@@ -91,20 +133,25 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str, device="cpu"):
     """Fill every parameter of `model` from the shards. A parameter still on the meta device (one process) adopts
     the file's tensor, cast to its dtype and moved to `device`: when those already match, the weights are the
     memory-mapped pages of the file, with no copy at all. An FSDP-sharded one (a DTensor, materialised) gets just
-    this rank's rows, read with get_slice."""
+    this rank's rows, read with get_slice. A tied parameter is read once, under its first name; a copy stored
+    under its alias is only compared with it."""
     names = weight_map(ckpt_dir)
     check_keys(model, names, ckpt_dir)
-    params = dict(model.named_parameters())
+    params, aliases = dict(model.named_parameters()), tied_names(model)
+    for alias, name in aliases.items():
+        if alias in names:
+            check_tied_copy(names, alias, name)
     by_shard = {}
-    for name, path in names.items():
-        by_shard.setdefault(path, []).append(name)
+    for name in params:
+        by_shard.setdefault(names[name], []).append(name)
     for path, shard_names in by_shard.items():
         with _open(path) as f:
             for name in shard_names:
                 p = params[name]
                 try:
                     if p.is_meta:
-                        adopt(model, name, f.get_tensor(name).to(device=device, dtype=p.dtype))
+                        also = [a for a, n in aliases.items() if n == name]
+                        adopt(model, name, f.get_tensor(name).to(device=device, dtype=p.dtype), also)
                     else:
                         start, stop = local_rows(p)
                         p.to_local().copy_(f.get_slice(name)[start:stop])
@@ -165,7 +212,8 @@ def named_shards(model):
 
 
 def save_model(model, out_dir: str, max_shard_bytes: int = 5 * 2**30, src_dir: str = None):
-    """save_pretrained: the model's tensors (gathered tensor by tensor when FSDP-sharded; only rank 0 writes)."""
+    """save_pretrained: the model's tensors (gathered tensor by tensor when FSDP-sharded; only rank 0 writes).
+    A tied matrix is written once, under its first name (the embedding), as transformers' save_pretrained does."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
 
     def tensors():

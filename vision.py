@@ -1,11 +1,14 @@
-"""InternViT-6B, the vision encoder of Skywork-R1V3 (InternVL lineage), in plain PyTorch.
+"""InternViT, the vision encoder of Skywork-R1V3 and the InternVL family, in plain PyTorch.
 
 A 448x448 tile is cut into 32x32 patches of 14x14 pixels, a CLS token is prepended and learned position embeddings
-are added; then a stack of pre-norm transformer blocks. Three details differ from a textbook ViT:
-  * RMSNorm instead of LayerNorm (the 6B model's `norm_type: rms_norm`),
+are added; then a stack of pre-norm transformer blocks. Three details of InternViT-6B (R1V3, InternVL3-38B/78B)
+differ from a textbook ViT:
+  * RMSNorm instead of LayerNorm (`norm_type: rms_norm`),
   * QK-norm: q and k are RMS-normalised over the *full* width (all heads at once) before being split into heads,
-    which keeps attention logits bounded in a 6B-parameter ViT,
+    which keeps attention logits bounded in a 6B-parameter ViT (`qk_normalization: true`),
   * layer scale: each residual branch is multiplied by a learned per-channel vector (ls1, ls2).
+InternViT-300M (InternVL3-1B..14B: 24 layers of width 1024, 16 heads) is the textbook half of the same code: LayerNorm
+(`norm_type: layer_norm`), no QK-norm, and a bias on the fused qkv projection (`qkv_bias: true`); it keeps layer scale.
 There is no final norm: the connector consumes the raw output of layer `select_layer`, CLS token dropped.
 Parameter names follow the release (`vision_model.embeddings.*`, `vision_model.encoder.layers.N.*`).
 """

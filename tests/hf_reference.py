@@ -34,8 +34,12 @@ HF_TO_RELEASE = [  # HF's convert_internvl_weights_to_hf.py key mapping, read ba
 ]
 
 
+TIED = {"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}  # tie_word_embeddings
+
+
 def release_to_hf(release_sd: dict, hf_keys) -> dict:
-    """Release state dict -> HF InternVL keys. HF splits the release's fused `attn.qkv` (rows q, k, v) in three."""
+    """Release state dict -> HF InternVL keys. HF splits the release's fused `attn.qkv` (rows q, k, v) in three.
+    A tied checkpoint stored once has no lm_head.weight: HF's (tied) lm_head gets the embedding."""
     out, used = {}, set()
     for key in hf_keys:
         name = key
@@ -44,6 +48,8 @@ def release_to_hf(release_sd: dict, hf_keys) -> dict:
         qkv = re.search(r"\.attn\.([qkv])_proj\.", name)
         if qkv:
             name = name.replace(qkv.group(0), ".attn.qkv.")
+        if name in TIED and name not in release_sd:
+            name = TIED[name]
         if name not in release_sd:
             raise ValueError(f"HF parameter {key} maps to {name}, which the release state dict does not have")
         out[key] = release_sd[name].chunk(3)["qkv".index(qkv.group(1))] if qkv else release_sd[name]
@@ -55,7 +61,9 @@ def release_to_hf(release_sd: dict, hf_keys) -> dict:
 
 def hf_config(c: R1VConfig):
     """Our config as an InternVLConfig. use_mean_pooling=True is what makes HF's final vision norm an Identity (the
-    release has no final norm); tie_word_embeddings=False at both levels, as in the release."""
+    release has no final norm). HF ties lm_head by its top-level tie_word_embeddings (default True); the release's
+    top-level flag belongs to the InternVL wrapper (always false) and the decoder's llm_config flag decides: that one
+    is passed at both levels."""
     v, t = c.vision, c.llm
     vision = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
                   intermediate_size=v.intermediate_size, num_attention_heads=v.num_attention_heads,
@@ -65,13 +73,13 @@ def hf_config(c: R1VConfig):
     text = dict(model_type="qwen2", hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
                 num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
                 intermediate_size=t.intermediate_size, vocab_size=t.vocab_size, rms_norm_eps=t.rms_norm_eps,
-                max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=False,
+                max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=t.tie_word_embeddings,
                 rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
                 bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id)
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=c.img_context_token_id,
                           image_seq_length=c.num_image_token, downsample_ratio=c.downsample_ratio,
                           vision_feature_layer=c.select_layer, vision_feature_select_strategy="default",
-                          projector_hidden_act="gelu", tie_word_embeddings=False)
+                          projector_hidden_act="gelu", tie_word_embeddings=t.tie_word_embeddings)
 
 
 def hf_model(config: R1VConfig, release_sd: dict, device="cpu", dtype=torch.float32):

@@ -1,8 +1,12 @@
 """Parity with transformers' native InternVL (`InternVLForConditionalGeneration`, used here as a reference only).
 
-A tiny InternVL (InternViT with RMSNorm + QK-norm + layer scale, v2 pixel shuffle, Qwen2 decoder) gets random
-weights in HF's layout; they are renamed to the release's keys, written as a release-format checkpoint directory and
-loaded with `SkyworkR1V.from_pretrained`. Both models must then give the same fp32 logits.
+A tiny InternVL gets random weights in HF's layout; they are renamed to the release's keys, written as a
+release-format checkpoint directory and loaded with `SkyworkR1V.from_pretrained`. Both models must then give the same
+fp32 logits. Two layouts of the family, each a fixture parameter:
+  * "6b": InternViT-6B blocks (RMSNorm + QK-norm, no qkv bias) and a separate lm_head: R1V3, InternVL3-38B/78B;
+  * "300m-tied": InternViT-300M blocks (LayerNorm, qkv bias, no QK-norm) and lm_head tied to the token embedding,
+    the InternVL3-1B/2B vision layout with a Qwen2.5-0.5B/1.5B-style tied head. HF's state dict lists the tied
+    matrix under both names, so this checkpoint also stores lm_head.weight as a copy (accepted, and checked equal).
 
 HF's port re-keys the release (see its convert_internvl_weights_to_hf.py); what this file has to undo or pin:
   * q, k, v are three Linears in HF, one `attn.qkv` in the release (rows ordered q, k, v) -> concatenated;
@@ -10,7 +14,8 @@ HF's port re-keys the release (see its convert_internvl_weights_to_hf.py); what 
   * HF's QK-norm eps is hard-coded 1e-6 while the release uses vision `layer_norm_eps` (1e-6 in the release);
   * HF's projector LayerNorm and the release's mlp1.0 both keep nn.LayerNorm's default eps 1e-5 (not 1e-6);
   * HF always does the v2 pixel shuffle (ps_version "v1" has no HF counterpart);
-  * HF's InternVLConfig ties lm_head to embed_tokens by default, the release does not -> tie_word_embeddings False.
+  * HF ties lm_head to embed_tokens by its top-level tie_word_embeddings (default True); the release ties by
+    llm_config.tie_word_embeddings -> hf_reference.hf_config passes the decoder's flag at both levels.
 Weights are scaled so the test can see mistakes: O(1) attention logits (a near-uniform attention hides RoPE and QK
 bugs) and small residual streams at the first norms (var ~1e-4: an eps of 1e-5 instead of 1e-6, a v1 pixel shuffle,
 per-head QK-norm, a wrong RoPE theta or a stale KV-cache column each move the logits by >= 7e-3, 70x the tolerance).
@@ -23,12 +28,12 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import InternVLConfig, InternVLForConditionalGeneration  # noqa: E402
+from transformers import InternVLForConditionalGeneration  # noqa: E402
 
 from checkpoint import save_state_dict  # noqa: E402
 from data import Tokenizer, train_tokenizer  # noqa: E402
-from hf_reference import HF_TO_RELEASE  # noqa: E402  (HF's convert_internvl_weights_to_hf.py key map, backwards)
-from model import SkyworkR1V  # noqa: E402
+from hf_reference import HF_TO_RELEASE, hf_config  # noqa: E402  (key map: HF conversion script, backwards)
+from model import R1VConfig, SkyworkR1V  # noqa: E402
 
 VOCAB = 512
 TOKENS_PER_TILE = 256  # (448 / 14)^2 * 0.5^2
@@ -37,21 +42,14 @@ VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, interm
 LLM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, rms_norm_eps=1e-6,
            max_position_embeddings=4096, rope_theta=1e6)
 MAX_REL_ERR = 1e-4
+LAYOUTS = {  # vision blocks and output layer of the two InternVL shapes (release config.json field values)
+    "6b": (dict(norm_type="rms_norm", qk_normalization=True, qkv_bias=False), False),
+    "300m-tied": (dict(norm_type="layer_norm", qk_normalization=False, qkv_bias=True), True),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # HF reference model and HF -> release conversion
-
-def hf_config(num_kv_heads, img_context_id, bos_id, eos_id):
-    vision = dict(VISION, norm_type="rms_norm", use_qk_norm=True, attention_bias=False, use_mean_pooling=True)
-    text = dict(LLM, model_type="qwen2", num_key_value_heads=num_kv_heads, vocab_size=VOCAB, tie_word_embeddings=False,
-                bos_token_id=bos_id, eos_token_id=eos_id)
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
-    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=img_context_id,
-                          image_seq_length=TOKENS_PER_TILE, downsample_ratio=0.5, vision_feature_layer=-1,
-                          vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                          tie_word_embeddings=False)
-
 
 @torch.no_grad()
 def randomize_(model, seed=0):
@@ -90,16 +88,16 @@ def hf_to_release(hf_sd):
     return out
 
 
-def release_config(num_kv_heads, bos_id, eos_id):
+def release_config(layout, num_kv_heads, bos_id, eos_id):
     """config.json in the release's format (InternVL chat config with vision_config / llm_config)."""
+    blocks, tied = LAYOUTS[layout]
     llm = dict(LLM, architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_key_value_heads=num_kv_heads,
-               vocab_size=VOCAB, hidden_act="silu", tie_word_embeddings=False, bos_token_id=bos_id,
+               vocab_size=VOCAB, hidden_act="silu", tie_word_embeddings=tied, bos_token_id=bos_id,
                eos_token_id=eos_id, use_sliding_window=False, sliding_window=4096, max_window_layers=2,
                attention_dropout=0.0, rope_scaling=None, torch_dtype="float32")
-    vision = dict(VISION, architectures=["InternVisionModel"], model_type="intern_vit_6b", qk_normalization=True,
-                  norm_type="rms_norm", qkv_bias=False, num_channels=3, initializer_factor=0.1,
-                  initializer_range=1e-10, attention_dropout=0.0, dropout=0.0, drop_path_rate=0.0,
-                  use_flash_attn=False, torch_dtype="float32")
+    vision = dict(VISION, **blocks, architectures=["InternVisionModel"], model_type="intern_vit_6b",
+                  num_channels=3, initializer_factor=0.1, initializer_range=1e-10, attention_dropout=0.0, dropout=0.0,
+                  drop_path_rate=0.0, use_flash_attn=False, torch_dtype="float32")
     return dict(architectures=["SkyworkR1VChatModel"], model_type="skywork_chat", vision_config=vision,
                 llm_config=llm, select_layer=-1, downsample_ratio=0.5, ps_version="v2", force_image_size=448,
                 template="internvl2_5", dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1,
@@ -108,25 +106,34 @@ def release_config(num_kv_heads, bos_id, eos_id):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fixtures: one (HF model, our model) pair per GQA ratio, 4 query heads over 2 KV heads and over 1
+# Fixtures: one (HF model, our model) pair per layout and GQA ratio (4 query heads over 2 KV heads and over 1)
 
-@pytest.fixture(scope="module", params=[2, 1], ids=["kv2", "kv1"])
+@pytest.fixture(scope="module", params=[("6b", 2), ("6b", 1), ("300m-tied", 2)], ids=["6b-kv2", "6b-kv1", "300m-tied"])
 def pair(request, tmp_path_factory):
     torch.manual_seed(0)
-    tmp = tmp_path_factory.mktemp(f"parity_kv{request.param}")
+    layout, kv = request.param
+    tmp = tmp_path_factory.mktemp(f"parity_{layout}_kv{kv}")
     tok = Tokenizer.from_dir(train_tokenizer(str(tmp / "tok"), vocab_size=VOCAB))
     ids = {t: tok.token_id(t) for t in ("<IMG_CONTEXT>", "<img>", "</img>", "<|im_start|>", "<|endoftext|>")}
     ids["eos"] = tok.eos_id
     assert tok.vocab_size == VOCAB
-    cfg = hf_config(request.param, ids["<IMG_CONTEXT>"], ids["<|endoftext|>"], ids["eos"])
-    hf = randomize_(InternVLForConditionalGeneration._from_config(cfg, attn_implementation="eager")).eval()
+    release = release_config(layout, kv, ids["<|endoftext|>"], ids["eos"])
+    config = R1VConfig.from_dict(release)
+    config.img_context_token_id = ids["<IMG_CONTEXT>"]
+    hf = InternVLForConditionalGeneration._from_config(hf_config(config), attn_implementation="eager")
+    hf = randomize_(hf).eval()
+    tied = config.llm.tie_word_embeddings
+    assert (hf.get_output_embeddings().weight is hf.get_input_embeddings().weight) == tied
     sd = hf_to_release(hf.state_dict())
     ckpt = str(tmp / "ckpt")
-    save_state_dict(sd.items(), release_config(request.param, ids["<|endoftext|>"], ids["eos"]), ckpt,
-                    max_shard_bytes=400_000, src_dir=str(tmp / "tok"))
+    save_state_dict(sd.items(), release, ckpt, max_shard_bytes=400_000, src_dir=str(tmp / "tok"))
     with open(os.path.join(ckpt, "model.safetensors.index.json")) as f:
-        assert len(set(json.load(f)["weight_map"].values())) > 1  # sharded, as the release
+        weight_map = json.load(f)["weight_map"]
+    assert len(set(weight_map.values())) > 1  # sharded, as the release
+    assert "language_model.lm_head.weight" in weight_map  # tied: stored as a copy
     ours = SkyworkR1V.from_pretrained(ckpt, dtype=torch.float32, device="cpu").eval()
+    lm = ours.language_model
+    assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == tied
     return hf, ours, sd, ids
 
 
