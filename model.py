@@ -53,6 +53,29 @@ class LLMConfig:
                              f"num_key_value_heads {self.num_key_value_heads}")
 
 
+def check_supported(d: dict, where: str):
+    """Refuse, before any weight is read, the release options this code does not compute: a model that loads but
+    computes something else is worse than an error. The InternVL family shares config.json's format with other
+    decoders (InternLM2, Llama, Phi-3) and with LoRA and long-context settings."""
+    llm = d["llm_config"]
+    for arch in llm.get("architectures") or ["Qwen2ForCausalLM"]:
+        if arch != "Qwen2ForCausalLM":
+            raise ValueError(f"{where}: llm_config.architectures is {arch!r}: only Qwen2ForCausalLM (Qwen2/2.5 "
+                             f"decoders: Skywork-R1V3, InternVL3) is implemented")
+    for key in ("use_backbone_lora", "use_llm_lora"):
+        if d.get(key):
+            raise ValueError(f"{where}: {key} = {d[key]}: LoRA adapters are not implemented (merge them into the "
+                             f"weights first)")
+    scaling = llm.get("rope_scaling")
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if scaling and kind != "dynamic":  # dynamic NTK equals plain RoPE up to max_position_embeddings
+        raise ValueError(f"{where}: llm_config.rope_scaling {scaling} is not supported (plain RoPE, or 'dynamic', "
+                         f"which equals it within max_position_embeddings)")
+    if llm.get("use_sliding_window"):
+        raise ValueError(f"{where}: llm_config.use_sliding_window = true: sliding-window attention is not "
+                         f"implemented")
+
+
 @dataclass
 class R1VConfig:
     vision: VisionConfig
@@ -78,6 +101,7 @@ class R1VConfig:
         for key in ("vision_config", "llm_config"):
             if not isinstance(d.get(key), dict):
                 raise ValueError(f"{where}: missing required field {key!r}")
+        check_supported(d, where)
         vision = _dataclass_from(VisionConfig, d["vision_config"], f"{where}: vision_config",
                                  ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"))
         llm = _dataclass_from(LLMConfig, d["llm_config"], f"{where}: llm_config",
@@ -434,37 +458,38 @@ class SkyworkR1V(nn.Module):
         return self.mlp1(self.vision_model(pixel_values, self.config.select_layer))
 
     @torch.no_grad()
-    def image_features(self, pixel_values):
-        """extract_feature as an entry point of its own, for features computed once and passed to forward /
-        generate as image_features (under FSDP it is registered like forward: parallel.shard)."""
-        return self.extract_feature(pixel_values)
+    def vit_features(self, pixel_values):  # [N,3,H,W] -> [N, 1024, D_vit]
+        """The ViT's output alone, to compute once and pass to forward / generate as vit_features: while the ViT
+        is frozen its output for a prompt never changes, and the connector after it may still train. Under FSDP
+        this is an entry point like forward (registered in parallel.shard)."""
+        return self.vision_model(pixel_values, self.config.select_layer)
 
-    def embed(self, input_ids, pixel_values=None, image_features=None):
+    def embed(self, input_ids, pixel_values=None, vit_features=None):
         """Token embeddings with the <IMG_CONTEXT> rows replaced, in order, by the image tokens of the tiles.
-        image_features [N,256,D] (extract_feature's output) stand in for pixel_values when they were computed once
-        already, e.g. for all the log-prob passes of a GRPO step while the ViT is frozen."""
+        vit_features [N,1024,D_vit] (vit_features()'s output) stand in for pixel_values when they were computed
+        once already, e.g. for every pass of a GRPO step while the ViT is frozen; the connector still runs here."""
         x = self.language_model.model.embed_tokens(input_ids)  # [B,T,D]
         is_img = input_ids == self.config.img_context_token_id
-        feats = image_features if image_features is not None else pixel_values
-        n_tiles = 0 if feats is None else feats.shape[0]
+        tiles = vit_features if vit_features is not None else pixel_values
+        n_tiles = 0 if tiles is None else tiles.shape[0]
         if has_values(input_ids):
             check_image_tokens(int(is_img.sum()), n_tiles, self.config.num_image_token)
-        if n_tiles == 0 and image_features is None and self.sharded_vit:
+        if n_tiles == 0 and vit_features is None and self.sharded_vit:
             # FSDP: every ViT block all-gathers its weights in forward, a collective all ranks must join, so a rank
             # whose prompts have no image runs the ViT on zero tiles while the others run theirs
             pixel_values = x.new_zeros(0, 3, self.config.force_image_size, self.config.force_image_size)
             self.extract_feature(pixel_values)
         if n_tiles:
-            vit = (image_features if image_features is not None else self.extract_feature(pixel_values)).to(x.dtype)
+            vit = (self.mlp1(vit_features) if vit_features is not None else self.extract_feature(pixel_values)).to(x.dtype)
             x = x.masked_scatter(is_img[..., None], vit)  # row-major over [B,T]: tiles fill prompts in order
         return x
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, return_hidden=False, image_features=None):
-        """input_ids [B,T], pixel_values [tiles,3,H,W] in image order (or their image_features [tiles,256,D]),
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, return_hidden=False, vit_features=None):
+        """input_ids [B,T], pixel_values [tiles,3,H,W] in image order (or their vit_features [tiles,1024,D_vit]),
         attention_mask [B,T] (1 real, 0 left pad) -> logits [B,T,V], or the final hidden states [B,T,D] with
         return_hidden (for chunked log-probs)."""
         pad = padding(attention_mask)
-        h = self.language_model.model(self.embed(input_ids, pixel_values, image_features), positions(input_ids, pad),
+        h = self.language_model.model(self.embed(input_ids, pixel_values, vit_features), positions(input_ids, pad),
                                       make_mask(pad, input_ids.shape[1], 0, input_ids.device))
         return h if return_hidden else self.language_model.lm_head(h)
 
@@ -472,7 +497,7 @@ class SkyworkR1V(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0,
                  top_p=1.0, repetition_penalty=1.0, eos_token_id=None, stream=None, generator=None,
-                 num_return_sequences=1, image_features=None, decoder=None, compile=False):
+                 num_return_sequences=1, vit_features=None, decoder=None, compile=False):
         """Sample up to max_new_tokens after left-padded prompts [B,T] -> [B*G, T+new] with G =
         num_return_sequences (rows b*G .. b*G+G-1 answer prompt b). Rows that finished are padded with eos;
         temperature 0 is greedy. The images go through the ViT here; the decoder (this model's language_model,
@@ -480,7 +505,7 @@ class SkyworkR1V(nn.Module):
         if input_ids.shape[1] + max_new_tokens > self.config.llm.max_position_embeddings:
             raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's context of {self.config.llm.max_position_embeddings} tokens")
-        x = self.embed(input_ids, pixel_values, image_features)  # [B,T,D]
+        x = self.embed(input_ids, pixel_values, vit_features)  # [B,T,D]
         eos = self.config.llm.eos_token_id if eos_token_id is None else eos_token_id
         new = (decoder or self.language_model).decode(
             x, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos=eos, temperature=temperature,

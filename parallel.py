@@ -75,7 +75,7 @@ def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
     # generate() uses the root's parameters (ViT patch embedding, lm_head) outside forward(): FSDP must gather them
     # around that call too
     register_fsdp_forward_method(model, "generate")
-    register_fsdp_forward_method(model, "image_features")  # the ViT once per GRPO step (grpo.py)
+    register_fsdp_forward_method(model, "vit_features")  # the ViT once per GRPO step (grpo.py)
     if dist.get_backend() == "gloo":
         # gloo has no AVG reduce-scatter, so FSDP2 falls back to SUM and gradients come out world-size times too
         # large (pytorch#162338); an explicit divide factor makes FSDP divide by the world size itself.
