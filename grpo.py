@@ -21,6 +21,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -29,11 +30,12 @@ from checkpoint import latest_checkpoint, resume, save_checkpoint
 from cli import parse_flags
 from data import Tokenizer, encode_prompt, make_visual_task, read_jsonl, shuffled_indices
 from logs import MetricsLog, plot_curves
-from model import token_logprobs_and_entropy
+from model import R1VConfig, token_logprobs_and_entropy
 from optim import clip_grad_norm, lr_at, make_optimizer
 from parallel import autocast, barrier, load_for_training, mean_over_ranks, setup
 from rewards import accuracy_reward, format_reward, reward  # noqa: F401  (format_reward: re-exported)
-from rollout import cat_pixels, generate_responses, heldout_eval
+from rollout import cat_pixels, generate_responses, heldout_eval, vit_once
+from tp import check_divisible, make_decoder, refresh
 
 
 @dataclass
@@ -54,7 +56,11 @@ class GRPOConfig:
     max_new_tokens: int = 6144    # prompt (~2K with 7 tiles) + response <= 8K: the 38B memory plan (plan.py)
     temperature: float = 1.0      # sampling temperature; log-probs are taken at the same temperature
     max_tiles: int = 12           # dynamic tiling limit per image
-    rollout_batch_size: int = 8   # sequences per generate call per rank (bounds the KV cache: 8 x 8K x 256 KiB)
+    rollout_batch_size: int = 8   # sequences per generate call per rank (bounds the KV cache: 8 x 8K x 256 KiB);
+                                  # each call takes rollout_batch_size // group_size prompts, prefilled once each
+    tp: bool = True               # on W > 1 ranks, generate from a tensor-parallel copy of the decoder (tp.py),
+                                  # refreshed after each update; --no-tp generates from the FSDP shards (slow)
+    compile: bool = False         # torch.compile the fixed-shape decode step (CUDA graphs on a GPU)
     # objective
     clip_low: float = 0.2         # ratio clipped to [1 - clip_low, 1 + clip_high] (clip-higher, DAPO)
     clip_high: float = 0.28
@@ -88,25 +94,38 @@ TINY_RUN = dict(steps=40, prompts_per_step=4, max_new_tokens=256, rollout_batch_
                 save_every=20, grad_checkpointing=False, bf16_moments=False)
 
 
-# The default run (`python grpo.py`, no --ckpt): tiny model from `python sft.py`, synthetic task, CPU, minutes.
-TINY_RUN = dict(steps=40, prompts_per_step=4, max_new_tokens=256, rollout_batch_size=32, lr=1e-4, ppo_epochs=2,
-                minibatch_size=16, micro_batch_size=16, synthetic_size=512, eval_every=10, eval_size=64,
-                save_every=20, grad_checkpointing=False, bf16_moments=False)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Rollout: G responses per prompt from the current policy, scored.
 
+class Prompt(NamedTuple):
+    """A problem as the policy sees it, built once per step and shared by the rollout and every log-prob pass."""
+    ids: torch.Tensor              # [P] long: the chat template, opening the assistant turn with <think>
+    pixels: torch.Tensor | None    # [tiles,3,H,W]
+    vit: torch.Tensor              # [tiles,1024,D_vit]: the ViT's output for those tiles (zero tiles: no image)
+
+
+def encode_problems(problems: list, idxs: list, tok, m, cfg, ctx) -> dict:
+    """{problem index: Prompt}. The images of all of them go through the ViT in one call (rollout.vit_once): a
+    prompt's tiles are seen by the ViT once per step, not once per sample and pass (8 x (2 + ppo_epochs) before)."""
+    idxs = list(dict.fromkeys(idxs))  # a problem drawn twice in a step (a small data set) is encoded once
+    enc = [encode_prompt(tok, m.config, problems[i]["question"], problems[i]["images"], cfg.max_tiles) for i in idxs]
+    vit = vit_once(m, [pixels for _, pixels in enc], ctx)
+    return {i: Prompt(torch.tensor(ids), pixels, v) for i, (ids, pixels), v in zip(idxs, enc, vit)}
+
+
 @torch.no_grad()
-def rollout(m, tok, problems, idxs, encoded, cfg, ctx, gen, reward_fn) -> tuple[list[dict], dict]:
-    """-> (samples [{"problem": i, "response": ids [L] long}], stats incl. "rewards" [N] with N = len(idxs) * G,
-    groups contiguous). Each response ends at <|im_end|> (kept: the policy must learn to stop) or after
-    max_new_tokens. A sampled <IMG_CONTEXT> also ends it: fed back as input it would ask for an image that does
-    not exist."""
-    groups = generate_responses(m, [encoded[i] for i in idxs], ctx, pad_id=tok.pad_id, group_size=cfg.group_size,
-                                stop_ids=[tok.eos_id, m.config.img_context_token_id], generator=gen,
-                                batch_size=cfg.rollout_batch_size, max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature)
+def rollout(m, tok, problems, idxs, prompts: dict, cfg, ctx, gen, reward_fn, decoder=None) -> tuple[list[dict], dict]:
+    """Problems idxs, encoded in prompts -> (samples [{"problem": i, "response": ids [L] long}], stats incl.
+    "rewards" [N] with N = len(idxs) * G,
+    groups contiguous). Each prompt is prefilled once and its G responses sampled from copies of its KV cache
+    (rollout.generate_responses), by the tensor-parallel decoder when there is one. Each response ends at
+    <|im_end|> (kept: the policy must learn to stop) or after max_new_tokens. A sampled <IMG_CONTEXT> also ends
+    it: fed back as input it would ask for an image that does not exist."""
+    groups = generate_responses(m, [(prompts[i].ids, prompts[i].pixels) for i in idxs], ctx, pad_id=tok.pad_id,
+                                group_size=cfg.group_size, stop_ids=[tok.eos_id, m.config.img_context_token_id],
+                                generator=gen, batch_size=cfg.rollout_batch_size,
+                                vit_features=[prompts[i].vit for i in idxs], decoder=decoder, compile=cfg.compile,
+                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     samples, scores = [], []
     for i, group in zip(idxs, groups):
         answer = str(problems[i]["answer"])
@@ -117,12 +136,6 @@ def rollout(m, tok, problems, idxs, encoded, cfg, ctx, gen, reward_fn) -> tuple[
     r, acc, fmt, length = (torch.tensor(x, dtype=torch.float64) for x in zip(*scores))
     return samples, {"rewards": r.float(), "reward": r.mean().item(), "accuracy": acc.mean().item(),
                      "format": fmt.mean().item(), "response_len": length.mean().item(), "tokens": length.sum().item()}
-
-
-def encode_problem(problem: dict, tok, m, max_tiles: int):
-    """-> (prompt ids [P] long, pixel values [tiles,3,H,W] or None): the prompt opens the assistant turn with <think>."""
-    ids, pixels = encode_prompt(tok, m.config, problem["question"], problem["images"], max_tiles)
-    return torch.tensor(ids), pixels
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,37 +208,40 @@ class SampleBuffer:
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Log-probs of the sampled responses (old policy, reference, and the policy being updated) and the loss.
 
-def response_logprobs(m, samples: list[dict], encoded: dict, pad_id: int, cfg: GRPOConfig, ctx):
-    """-> (log p [B,R] fp32, entropy [B,R] fp32, mask [B,R] bool) of each response token under m.
+def response_logprobs(m, samples: list[dict], prompts: dict, pad_id: int, cfg: GRPOConfig, ctx, features=True):
+    """-> (log p [B,R] fp32, entropy [B,R] fp32, mask [B,R] bool) of each response token under m. The images enter
+    as the step's ViT features (features=True), or as pixels through m's ViT (when the ViT trains: with grad).
 
     Rows are [left pad | prompt | response | right pad] with every prompt ending at column P, so the hidden
     states at columns P-1 .. P+R-2 predict the R response columns; only those go through the chunked lm_head."""
-    prompts = [encoded[s["problem"]][0] for s in samples]
-    P, R = max(len(p) for p in prompts), max(len(s["response"]) for s in samples)
+    ps = [prompts[s["problem"]] for s in samples]
+    P, R = max(len(p.ids) for p in ps), max(len(s["response"]) for s in samples)
     ids, attn = torch.full((len(samples), P + R), pad_id), torch.zeros(len(samples), P + R, dtype=torch.long)
     targets = torch.full((len(samples), R), -100)
-    for b, (p, s) in enumerate(zip(prompts, samples)):
-        lp, lr = len(p), len(s["response"])
-        ids[b, P - lp:P], ids[b, P:P + lr], attn[b, P - lp:P + lr], targets[b, :lr] = p, s["response"], 1, s["response"]
+    for b, (p, s) in enumerate(zip(ps, samples)):
+        lp, lr = len(p.ids), len(s["response"])
+        ids[b, P - lp:P], ids[b, P:P + lr], attn[b, P - lp:P + lr], targets[b, :lr] = p.ids, s["response"], 1, s["response"]
     # A response can end with a sampled <IMG_CONTEXT> (see rollout). As an input it only feeds positions after
     # the response, which are never read, but m.embed would count it as an image slot: blank it.
     ids[:, P:][ids[:, P:] == m.config.img_context_token_id] = pad_id
-    pix = cat_pixels([encoded[s["problem"]][1] for s in samples])
+    # features: always a tensor (maybe of zero tiles), so under FSDP every rank takes the same path through embed
+    vit = torch.cat([p.vit for p in ps]).to(ctx.device) if features else None
+    pix = None if features else cat_pixels([p.pixels for p in ps])
     with autocast(ctx):
         h = m(ids[:, :-1].to(ctx.device), None if pix is None else pix.to(ctx.device), attn[:, :-1].to(ctx.device),
-              return_hidden=True)[:, P - 1:]                                           # [B,R,D]
+              return_hidden=True, vit_features=vit)[:, P - 1:]                         # [B,R,D]
         logp, ent = token_logprobs_and_entropy(m.language_model.lm_head, h, targets.to(ctx.device),
                                                cfg.temperature, cfg.logprob_chunk)
     return logp, ent, (targets >= 0).to(ctx.device)
 
 
 @torch.no_grad()
-def batch_logprobs(m, samples, encoded, pad_id, cfg, ctx) -> tuple[list[torch.Tensor], float]:
+def batch_logprobs(m, samples, prompts, pad_id, cfg, ctx, features=True) -> tuple[list[torch.Tensor], float]:
     """Per-sample response log-probs [Lr] under m (old policy or reference), in micro-batches; + mean entropy."""
     out, ent_sum, n = [], 0.0, 0
     for b in range(0, len(samples), cfg.micro_batch_size):
         chunk = samples[b:b + cfg.micro_batch_size]
-        logp, ent, mask = response_logprobs(m, chunk, encoded, pad_id, cfg, ctx)
+        logp, ent, mask = response_logprobs(m, chunk, prompts, pad_id, cfg, ctx, features)
         out += [lp[:len(s["response"])] for lp, s in zip(logp, chunk)]
         ent_sum, n = ent_sum + (ent * mask).sum().item(), n + mask.sum().item()
     return out, ent_sum / max(n, 1)
@@ -275,10 +291,10 @@ def pad_right(xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)
 
 
-def optimise(m, opt, samples, adv, old, ref, encoded, pad_id, cfg, ctx, gen, step) -> dict:
+def optimise(m, opt, samples, adv, old, ref, prompts, pad_id, cfg, ctx, gen, step, features=True) -> dict:
     """ppo_epochs passes over the batch in shuffled minibatches, one AdamW step each. The loss is the token-mean
     over the minibatch, accumulated over micro-batches. A non-finite loss or gradient skips the step (warning):
-    the weights and the optimizer state stay untouched."""
+    the weights and the optimizer state stay untouched. features=False when the ViT trains: pixels, with grad."""
     sums, skipped, updates = {}, 0, 0
     lengths = torch.tensor([len(s["response"]) for s in samples])
     for _ in range(cfg.ppo_epochs):
@@ -287,7 +303,8 @@ def optimise(m, opt, samples, adv, old, ref, encoded, pad_id, cfg, ctx, gen, ste
             n_tokens, loss_sum, parts = lengths[mb].sum().item(), 0.0, []
             for micro in mb.split(cfg.micro_batch_size):
                 micro = micro.tolist()
-                logp, _, mask = response_logprobs(m, [samples[i] for i in micro], encoded, pad_id, cfg, ctx)
+                logp, _, mask = response_logprobs(m, [samples[i] for i in micro], prompts, pad_id, cfg, ctx,
+                                                  features)
                 loss, metrics = grpo_loss(logp, pad_right([old[i] for i in micro]), adv[micro].to(ctx.device), mask,
                                           cfg.clip_low, cfg.clip_high, cfg.beta,
                                           pad_right([ref[i] for i in micro]) if ref else None, num_tokens=n_tokens)
@@ -309,6 +326,15 @@ def optimise(m, opt, samples, adv, old, ref, encoded, pad_id, cfg, ctx, gen, ste
     return {**{k: v / max(updates, 1) for k, v in sums.items()}, "skipped_updates": skipped}
 
 
+def refresh_rollout_copy(run: dict) -> float:
+    """After the update, the tensor-parallel rollout copy of the decoder takes the new weights (tp.refresh: local
+    copies and one all-to-all per row-parallel matrix) -> seconds. Nothing to copy on one process (the rollout
+    uses the policy itself) or while the decoder is frozen (connector-only tuning)."""
+    if run["decoder"] is None or not any(p.requires_grad for p in run["policy"].language_model.parameters()):
+        return 0.0
+    return refresh(run["decoder"], run["policy"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop. Everything but the five steps (set-up, resume, evaluation, logging, saving) is in the helpers below it.
 
@@ -323,21 +349,24 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
     for step in bar:
         t0, gen = time.perf_counter(), step_generator(cfg, ctx, step, opt)
         idxs = prompt_indices(step, len(run["train"]), cfg.prompts_per_step, cfg.seed)[ctx.rank::ctx.world]
-        encoded = {i: encode_problem(run["train"][i], tok, policy, cfg.max_tiles) for i in idxs}
-        samples, stats = rollout(policy, tok, run["train"], idxs, encoded, cfg, ctx, gen, reward_fn)      # 1
+        prompts = encode_problems(run["train"], idxs, tok, policy, cfg, ctx)                      # ViT: once
+        samples, stats = rollout(policy, tok, run["train"], idxs, prompts, cfg, ctx, gen, reward_fn,      # 1
+                                 run["decoder"])
         t_rollout = time.perf_counter() - t0
         adv, flat = group_advantages(stats.pop("rewards"), cfg.group_size, cfg.scale_adv)                # 2
         batch, batch_adv, n_mixed = buffer.mix(samples, adv.tolist(), flat.repeat_interleave(cfg.group_size).tolist(),
                                                flat.float().mean().item(), cfg.flat_threshold)
         buffer.add(samples, adv.tolist(), step)
-        encoded.update({s["problem"]: encode_problem(run["train"][s["problem"]], tok, policy, cfg.max_tiles)
-                        for s in batch if s["problem"] not in encoded})
-        old, entropy = batch_logprobs(policy, batch, encoded, tok.pad_id, cfg, ctx)                      # 3
-        ref = batch_logprobs(run["ref"], batch, encoded, tok.pad_id, cfg, ctx)[0] if run["ref"] else None
-        metrics = optimise(policy, opt, batch, torch.tensor(batch_adv), old, ref, encoded, tok.pad_id, cfg, ctx,  # 4
-                           gen, step)
+        prompts.update(encode_problems(run["train"], buffered_problems(batch, prompts), tok, policy, cfg, ctx))
+        old, entropy = batch_logprobs(policy, batch, prompts, tok.pad_id, cfg, ctx)                      # 3
+        ref = batch_logprobs(run["ref"], batch, prompts, tok.pad_id, cfg, ctx, run["vit_frozen"])[0] if run["ref"] \
+            else None
+        metrics = optimise(policy, opt, batch, torch.tensor(batch_adv), old, ref, prompts, tok.pad_id, cfg, ctx,  # 4
+                           gen, step, features=run["vit_frozen"])
+        metrics["refresh_time"] = refresh_rollout_copy(run)
         metrics.update(stats, entropy=entropy, flat_frac=flat.float().mean().item(), buffer_mixed=n_mixed,  # 5
-                       buffer_size=len(buffer), lr=opt.param_groups[0]["lr"], rollout_time=t_rollout)
+                       buffer_size=len(buffer), lr=opt.param_groups[0]["lr"], rollout_time=t_rollout,
+                       **work_saved(prompts, idxs, batch, cfg, run))
         end_step(run, cfg, step, metrics, t0)
         bar.set_postfix(reward=f"{run['history'][-1]['reward']:.2f}", acc=f"{run['history'][-1]['accuracy']:.2f}")
     finish(run, cfg)
@@ -358,6 +387,8 @@ def start(cfg: GRPOConfig) -> dict:
     ckpt_dir = latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if cfg.resume and ckpt_dir is None and ctx.is_main:
         print(f"--resume: no step_* checkpoint in {cfg.out_dir}, starting from {cfg.ckpt}")
+    if cfg.tp and ctx.world > 1:  # before any weight is read
+        check_divisible(R1VConfig.from_dir(cfg.ckpt).llm, ctx.world)
     train_set, heldout = load_problems(cfg, ctx.is_main)
     policy = load_for_training(ckpt_dir or cfg.ckpt, ctx, train=cfg.train, grad_checkpointing=cfg.grad_checkpointing)
     # the reference (frozen initial policy) exists only when beta > 0: sharded like the policy, in the compute
@@ -371,6 +402,9 @@ def start(cfg: GRPOConfig) -> dict:
         run["step"], _, tensors = resume(ckpt_dir, policy, opt)
         run["buffer"].load_state_dict({k.removeprefix("buffer."): v for k, v in tensors.items()
                                        if k.startswith("buffer.")})
+    # the rollout copy of the decoder is made from the (resumed) policy; None on one process (tp.make_decoder)
+    run["decoder"] = make_decoder(policy, ctx.dtype) if cfg.tp else None
+    run["vit_frozen"] = not any(p.requires_grad for p in policy.vision_model.parameters())
     run["log"] = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ctx.is_main, run["step"] if ckpt_dir else None)
     if run["step"] == 0 and heldout:
         run["history"].append({"step": 0, "heldout_accuracy": evaluate(run, cfg)})
@@ -410,7 +444,24 @@ def step_generator(cfg: GRPOConfig, ctx, step: int, opt) -> torch.Generator:
 def evaluate(run: dict, cfg: GRPOConfig) -> float:
     """Held-out accuracy with greedy decoding (rollout.heldout_eval)."""
     return heldout_eval(run["policy"], run["tok"], run["heldout"], run["ctx"], max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.rollout_batch_size, max_tiles=cfg.max_tiles)["accuracy"]
+                        batch_size=cfg.rollout_batch_size, max_tiles=cfg.max_tiles, decoder=run["decoder"],
+                        compile=cfg.compile)["accuracy"]
+
+
+def buffered_problems(batch: list, prompts: dict) -> list:
+    """Problems of buffered samples mixed into the batch that this step did not encode (in first-seen order)."""
+    return list(dict.fromkeys(s["problem"] for s in batch if s["problem"] not in prompts))
+
+
+def work_saved(prompts: dict, idxs: list, batch: list, cfg: GRPOConfig, run: dict) -> dict:
+    """What computing each prompt once saves this step, against running the ViT and the prefill per sample and
+    per pass: vit_tiles (tiles through the ViT), vit_tiles_saved, prefill_tokens_saved (rollout prompts)."""
+    tiles = {i: p.vit.shape[0] for i, p in prompts.items()}
+    passes = 1 + bool(run["ref"]) + (cfg.ppo_epochs if run["vit_frozen"] else 0)  # old, ref, update passes
+    per_sample = cfg.group_size * sum(tiles[i] for i in idxs) + passes * sum(tiles[s["problem"]] for s in batch)
+    used = sum(tiles.values())
+    return {"vit_tiles": used, "vit_tiles_saved": per_sample - used,
+            "prefill_tokens_saved": (cfg.group_size - 1) * sum(len(prompts[i].ids) for i in idxs)}
 
 
 def end_step(run: dict, cfg: GRPOConfig, step: int, metrics: dict, t0: float):

@@ -290,20 +290,21 @@ class Qwen2ForCausalLM(nn.Module):
         G, t = num_return_sequences, input_ids.shape[1]
         pad = padding(attention_mask)
         pos = positions(input_ids, pad)
-        cache = KVCache(self.model.config, x.shape[0], t + max_new_tokens)
+        length = t + max_new_tokens
+        if compile:  # a bucketed cache length: batches of similar prompt lengths reuse one compiled step
+            length = -(-length // CACHE_BUCKET) * CACHE_BUCKET
+        cache = KVCache(self.model.config, x.shape[0], length)
         h = self.model(x, pos, make_mask(pad, t, 0, x.device), cache, 0)[:, -1:]          # prefill: [B,1,D]
         if G > 1:  # one prompt -> G samples: copy its cache row, last state, positions, padding and ids G times
             cache.repeat_rows(G)
             h, pos, input_ids = (z.repeat_interleave(G, 0) for z in (h, pos, input_ids))
             pad = None if pad is None else pad.repeat_interleave(G, 0)
         b = input_ids.shape[0]
-        real = torch.ones(b, t + max_new_tokens, dtype=torch.bool, device=x.device)        # generated tokens are real
+        real = torch.ones(b, length, dtype=torch.bool, device=x.device)                   # generated tokens are real
         if pad is not None:
             real[:, :t] = pad.bool()
         seen = seen_tokens(input_ids, real[:, :t], self.config.vocab_size) if repetition_penalty != 1.0 else None
-        step = self.decode_step_static if compile else self.decode_step
-        if compile:
-            step = torch.compile(step, mode="reduce-overhead" if x.is_cuda else "default", dynamic=False)
+        step = compiled(self.decode_step_static, compile, x.is_cuda) if compile else self.decode_step
         out, done = [], torch.zeros(b, dtype=torch.bool, device=x.device)
         for i in range(max_new_tokens):
             logits = self.lm_head(h[:, -1]).float()  # [B,V]
@@ -318,7 +319,10 @@ class Qwen2ForCausalLM(nn.Module):
             if i == max_new_tokens - 1 or not any_unfinished(done, self.sync_done):
                 break
             pos = pos[:, -1:] + 1
-            h = step(tok, pos, cache, t + i, None if pad is None else real[:, :t + i + 1])
+            if compile:  # the same shapes every token: position as a tensor, the mask over the whole cache
+                h = step(tok, pos, cache, torch.full((1,), t + i, device=x.device), None if pad is None else real)
+            else:
+                h = step(tok, pos, cache, t + i, None if pad is None else real[:, :t + i + 1])
         return torch.stack(out, dim=1)
 
     def decode_step(self, tok, pos, cache, start: int, real=None):
@@ -327,14 +331,13 @@ class Qwen2ForCausalLM(nn.Module):
         mask = make_mask(real, 1, start, tok.device)
         return self.model(self.model.embed_tokens(tok[:, None]), pos, mask, cache, start)
 
-    def decode_step_static(self, tok, pos, cache, start: int, real=None):
-        """decode_step with shapes that never change (for torch.compile / CUDA graphs): the position is a tensor
-        and attention reads the whole preallocated cache, the columns after `start` (and left padding) masked."""
+    def decode_step_static(self, tok, pos, cache, at, real=None):
+        """decode_step with shapes that never change (for torch.compile / CUDA graphs): the position `at` [1] is a
+        tensor, and attention reads the whole preallocated cache with the columns after `at` masked, and the left
+        padding too (real [B,L]: 1 = a real token, over the cache's full length)."""
         cols = torch.arange(cache.shape[3], device=tok.device)
-        at = torch.full((1,), start, device=tok.device)
-        mask = (cols <= at)[None, None, None, :].expand(tok.shape[0], 1, 1, -1)                # [B,1,1,L]
-        if real is not None:
-            mask = mask & torch.cat([real, real.new_ones(real.shape[0], cache.shape[3] - real.shape[1])], 1)[:, None, None]
+        mask = (cols <= at)[None, None, None, :]                                                # [1,1,1,L]
+        mask = mask.expand(tok.shape[0], 1, 1, -1) if real is None else mask & real[:, None, None, :].bool()
         return self.model(self.model.embed_tokens(tok[:, None]), pos, mask, cache, at)
 
     def tie_weights(self):
@@ -342,6 +345,19 @@ class Qwen2ForCausalLM(nn.Module):
         parameter, two uses, so named_parameters() lists it once, as embed_tokens.weight."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+
+CACHE_BUCKET = 256  # KV cache lengths of a compiled decode step are multiples of this
+
+
+def compiled(step, backend, cuda: bool):
+    """torch.compile of the fixed-shape decode step: one graph (fullgraph: a graph break is an error, not a slow
+    path), shapes static. On a GPU mode="reduce-overhead" replays it as a CUDA graph, which removes the per-kernel
+    launch cost that dominates single-token steps. backend: True (inductor) or a backend name ("aot_eager": the
+    same capture without code generation, for fast tests)."""
+    backend = "inductor" if backend is True else backend
+    mode = {"mode": "reduce-overhead"} if cuda and backend == "inductor" else {}
+    return torch.compile(step, backend=backend, dynamic=False, fullgraph=True, **mode)
 
 
 def make_mask(pad_mask, t: int, start: int, device=None):
@@ -474,15 +490,17 @@ class SkyworkR1V(nn.Module):
         n_tiles = 0 if tiles is None else tiles.shape[0]
         if has_values(input_ids):
             check_image_tokens(int(is_img.sum()), n_tiles, self.config.num_image_token)
-        if n_tiles == 0 and vit_features is None and self.sharded_vit:
-            # FSDP: every ViT block all-gathers its weights in forward, a collective all ranks must join, so a rank
-            # whose prompts have no image runs the ViT on zero tiles while the others run theirs
-            pixel_values = x.new_zeros(0, 3, self.config.force_image_size, self.config.force_image_size)
-            self.extract_feature(pixel_values)
-        if n_tiles:
-            vit = (self.mlp1(vit_features) if vit_features is not None else self.extract_feature(pixel_values)).to(x.dtype)
-            x = x.masked_scatter(is_img[..., None], vit)  # row-major over [B,T]: tiles fill prompts in order
-        return x
+        if n_tiles == 0 and not self.sharded_vit:
+            return x
+        # FSDP: each ViT block and the connector all-gather their weights in forward, a collective all ranks must
+        # join, so a rank whose prompts have no image runs them on zero tiles while the others run theirs. (Ranks
+        # agree on the path: all pass vit_features, or none does.)
+        if vit_features is None:
+            if n_tiles == 0:
+                pixel_values = x.new_zeros(0, 3, self.config.force_image_size, self.config.force_image_size)
+            vit_features = self.vision_model(pixel_values, self.config.select_layer)
+        image_tokens = self.mlp1(vit_features).to(x.dtype)  # [N,256,D]
+        return x.masked_scatter(is_img[..., None], image_tokens) if n_tiles else x  # row-major: tiles fill in order
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, return_hidden=False, vit_features=None):
         """input_ids [B,T], pixel_values [tiles,3,H,W] in image order (or their vit_features [tiles,1024,D_vit]),

@@ -20,34 +20,56 @@ def cat_pixels(pixels: list):
 
 
 @torch.no_grad()
+def vit_once(m: SkyworkR1V, pixels: list, ctx: Context) -> list:
+    """Tiles of several prompts ([tiles,3,H,W] or None each) -> the ViT's output for each ([tiles,1024,D_vit], zero
+    tiles for a text-only prompt), from one ViT call over all of them. While the ViT is frozen this is all the
+    vision work of a GRPO step: the rollout and every log-prob pass reuse it (issue: once per prompt, not once per
+    sample and pass). One call per rank whatever its prompts hold: under FSDP the ViT's forward is a collective."""
+    counts = [0 if p is None else p.shape[0] for p in pixels]
+    tiles = cat_pixels(pixels)
+    if tiles is None:
+        size = m.config.force_image_size
+        tiles = torch.zeros(0, 3, size, size)
+    with autocast(ctx):
+        return list(m.vit_features(tiles.to(ctx.device)).split(counts))
+
+
+@torch.no_grad()
 def generate_responses(m: SkyworkR1V, prompts: list, ctx: Context, *, pad_id: int, stop_ids, group_size: int = 1,
-                       batch_size: int = 8, generator=None, **sampling) -> list:
-    """prompts: [(ids [P] list, pixels [tiles,3,H,W] or None)] -> for each prompt, group_size responses, each a
-    list of ids up to and including its first stop token. The first stop id is the eos generate pads with.
-    `sampling`: max_new_tokens, temperature, top_p, repetition_penalty (SkyworkR1V.generate)."""
-    rows = [p for p in prompts for _ in range(group_size)]
-    out = []
-    for b in range(0, len(rows), batch_size):
-        chunk = rows[b:b + batch_size]
+                       batch_size: int = 8, generator=None, vit_features=None, decoder=None, compile=False,
+                       **sampling) -> list:
+    """prompts: [(ids [P], pixels [tiles,3,H,W] or None)] -> for each prompt, group_size responses, each a list of
+    ids up to and including its first stop token (the first stop id is the eos generate pads with).
+
+    Each generate call takes batch_size // group_size prompts (at least one): every prompt is prefilled once and
+    its group_size samples continue from copies of its KV cache (model.decode). vit_features (one tensor per
+    prompt, vit_once) replace the pixels; decoder is tp.py's tensor-parallel copy; compile: a compiled fixed-shape
+    decode step. `sampling`: max_new_tokens, temperature, top_p, repetition_penalty (SkyworkR1V.generate)."""
+    per_call, out = max(1, batch_size // group_size), []
+    for b in range(0, len(prompts), per_call):
+        chunk = prompts[b:b + per_call]
         ids, mask = left_pad([p[0] for p in chunk], pad_id)
-        pix = cat_pixels([p[1] for p in chunk])
+        # with features, always a tensor (maybe of zero tiles): every rank takes the same path through embed
+        feats = None if vit_features is None else torch.cat(vit_features[b:b + per_call]).to(ctx.device)
+        pix = None if feats is not None else cat_pixels([p[1] for p in chunk])
         with autocast(ctx):
             seq = m.generate(ids.to(ctx.device), None if pix is None else pix.to(ctx.device), mask.to(ctx.device),
-                             eos_token_id=stop_ids[0], generator=generator, **sampling)
+                             eos_token_id=stop_ids[0], generator=generator, num_return_sequences=group_size,
+                             vit_features=feats, decoder=decoder, compile=compile, **sampling)
         out += [cut_response(row, stop_ids) for row in seq[:, ids.shape[1]:].tolist()]
     return [out[i:i + group_size] for i in range(0, len(out), group_size)]
 
 
 @torch.no_grad()
 def heldout_eval(m: SkyworkR1V, tok, problems: list, ctx: Context, *, max_new_tokens: int, batch_size: int = 8,
-                 max_tiles: int = 0) -> dict:
+                 max_tiles: int = 0, decoder=None, compile=False) -> dict:
     """Greedy thinking-mode answers to held-out problems {"question", "images", ["answer"]} -> format rate
     (rewards.format_reward), accuracy (rewards.accuracy_reward, over problems with an answer), one sample text.
     Each rank answers an equal share, so up to world-1 problems at the end are left out."""
     mine = problems[:len(problems) - len(problems) % ctx.world][ctx.rank::ctx.world]
     prompts = [encode_prompt(tok, m.config, p["question"], p.get("images", ()), max_tiles) for p in mine]
     responses = generate_responses(m, prompts, ctx, pad_id=tok.pad_id, stop_ids=[tok.eos_id], batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, temperature=0.0)
+                                   max_new_tokens=max_new_tokens, temperature=0.0, decoder=decoder, compile=compile)
     texts = [tok.decode(r[0], skip_special=True) for r in responses]
     answered = [(t, str(p["answer"])) for t, p in zip(texts, mine) if p.get("answer") is not None]
     n, fmt, right, n_ans = all_reduce_sum([len(mine), sum(map(format_reward, texts)),

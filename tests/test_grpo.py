@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data import Tokenizer, make_visual_task, read_jsonl
-from grpo import TINY_RUN, GRPOConfig, SampleBuffer, encode_problem, group_advantages, grpo_loss, load_problems, parse_args, prompt_indices, response_logprobs, rollout, train
+from grpo import TINY_RUN, GRPOConfig, SampleBuffer, encode_problems, group_advantages, grpo_loss, load_problems, parse_args, prompt_indices, response_logprobs, rollout, train
 from checkpoint import latest_checkpoint
 from rewards import accuracy_reward, extract_boxed, format_reward
 from model import SkyworkR1V
@@ -306,9 +306,9 @@ def mean_sampled_reward(ckpt_dir, tok, task, n=128):
     """Mean reward of n fresh samples (fixed seed) for the task's prompt."""
     m = SkyworkR1V.from_pretrained(ckpt_dir)
     problems = read_jsonl(task)
-    encoded = {0: encode_problem(problems[0], tok, m, 1)}
-    cfg = GRPOConfig(group_size=n, max_new_tokens=8, rollout_batch_size=n)
-    _, stats = rollout(m, tok, problems, [0], encoded, cfg, setup(), torch.Generator().manual_seed(123), vowel_reward)
+    cfg, ctx = GRPOConfig(group_size=n, max_new_tokens=8, rollout_batch_size=n, max_tiles=1), setup()
+    prompts = encode_problems(problems, [0], tok, m, cfg, ctx)
+    _, stats = rollout(m, tok, problems, [0], prompts, cfg, ctx, torch.Generator().manual_seed(123), vowel_reward)
     return stats["reward"]
 
 
@@ -332,14 +332,14 @@ def test_response_logprobs_match_full_forward(tiny_ckpt, tmp_path):
     """Batched, padded, prompt-aligned log-probs == one full forward per sample; images fill the right rows."""
     m, tok, ctx = SkyworkR1V.from_pretrained(tiny_ckpt), Tokenizer.from_dir(tiny_ckpt), setup()
     problems = read_jsonl(make_visual_task(str(tmp_path), 1, 0, "train")) + read_jsonl(text_task(tmp_path))
-    encoded = {i: encode_problem(p, tok, m, 1) for i, p in enumerate(problems)}
-    cfg = GRPOConfig(group_size=2, max_new_tokens=5, rollout_batch_size=4, logprob_chunk=3)
-    samples, _ = rollout(m, tok, problems, [1, 0], encoded, cfg, ctx, torch.Generator().manual_seed(0), vowel_reward)
+    cfg = GRPOConfig(group_size=2, max_new_tokens=5, rollout_batch_size=4, logprob_chunk=3, max_tiles=1)
+    prompts = encode_problems(problems, [1, 0], tok, m, cfg, ctx)
+    samples, _ = rollout(m, tok, problems, [1, 0], prompts, cfg, ctx, torch.Generator().manual_seed(0), vowel_reward)
     img = m.config.img_context_token_id
     samples.append({"problem": 0, "response": torch.tensor([5, 6, img])})   # a sampled <IMG_CONTEXT> ends a response
-    logp, ent, mask = response_logprobs(m, samples, encoded, tok.pad_id, cfg, ctx)
+    logp, ent, mask = response_logprobs(m, samples, prompts, tok.pad_id, cfg, ctx)
     for b, s in enumerate(samples):
-        prompt, pix = encoded[s["problem"]]
+        prompt, pix, _ = prompts[s["problem"]]
         ids = torch.cat([prompt, s["response"]])[None, :-1]
         logits = m(ids, pix)[0, len(prompt) - 1:].float()
         want = logits.log_softmax(-1).gather(-1, s["response"][:, None])[:, 0]
@@ -406,3 +406,57 @@ def test_prompt_indices_and_args():
     assert parse_args([]).lr == TINY_RUN["lr"] and parse_args([]).ckpt == "out/sft"
     cfg = parse_args(["--ckpt", "x", "--no-scale_adv", "--beta", "0.001"])
     assert (cfg.lr, cfg.scale_adv, cfg.beta, cfg.group_size) == (1e-6, False, 0.001, 8)
+
+
+# ------------------------------------------------------------------------ each piece of work once (issue 14)
+
+def test_vit_runs_once_per_prompt_per_step(tiny_ckpt, tmp_path, monkeypatch):
+    """With the ViT frozen (the default), a step's tiles go through the ViT in one call, each prompt's once, and the
+    rollout, the old log-probs and both PPO epochs reuse them; the metrics count it."""
+    from data import encode_prompt
+    from vision import InternViT
+    calls, real = [], InternViT.forward
+    monkeypatch.setattr(InternViT, "forward", lambda self, pv, *a, **kw: calls.append(pv.shape[0]) or real(
+        self, pv, *a, **kw))
+    task = make_visual_task(str(tmp_path), 8, 0, "train")
+    cfg = small_cfg(tiny_ckpt, tmp_path / "run", data=task, group_size=4, rollout_batch_size=8, max_tiles=2,
+                    flat_threshold=1.0)   # no buffered samples mixed in: the batch is the rollout's
+    history = train(cfg, vowel_reward)
+    tok, problems = Tokenizer.from_dir(tiny_ckpt), read_jsonl(task)
+    config = SkyworkR1V.from_pretrained(tiny_ckpt).config
+    for step, h in enumerate(history, 1):
+        idxs = set(prompt_indices(step, len(problems), cfg.prompts_per_step, cfg.seed))
+        tiles = sum(encode_prompt(tok, config, problems[i]["question"], problems[i]["images"], 2)[1].shape[0]
+                    for i in idxs)
+        assert h["vit_tiles"] == tiles > 0
+        if len(idxs) == cfg.prompts_per_step:  # per sample: G rollout rows + G rows x (old + 2 PPO epochs)
+            assert h["vit_tiles_saved"] == (cfg.group_size * (1 + 1 + cfg.ppo_epochs) - 1) * tiles
+    assert [c for c in calls if c] == [h["vit_tiles"] for h in history]
+
+
+def test_step_features_give_the_loss_and_gradients_of_pixels(tiny_ckpt, tmp_path):
+    """The GRPO loss and every gradient (connector, decoder) from the step's ViT features equal those from pixels
+    through the ViT (today's computation, and what a training ViT uses), on a fixed batch with images and text."""
+    m, tok, ctx = SkyworkR1V.from_pretrained(tiny_ckpt).train(), Tokenizer.from_dir(tiny_ckpt), setup()
+    problems = read_jsonl(make_visual_task(str(tmp_path), 2, 0, "train")) + read_jsonl(text_task(tmp_path))
+    cfg = GRPOConfig(group_size=2, max_new_tokens=6, rollout_batch_size=4, logprob_chunk=5, max_tiles=2)
+    prompts = encode_problems(problems, [0, 2, 1], tok, m, cfg, ctx)
+    samples, _ = rollout(m, tok, problems, [0, 2, 1], prompts, cfg, ctx, torch.Generator().manual_seed(0),
+                         vowel_reward)
+    adv = torch.linspace(-1, 1, len(samples))
+    old = None
+    out = {}
+    for features in (True, False):
+        m.zero_grad(set_to_none=True)
+        logp, _, mask = response_logprobs(m, samples, prompts, tok.pad_id, cfg, ctx, features)
+        old = logp.detach() + 0.3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(1)) \
+            if old is None else old
+        loss, _ = grpo_loss(logp, old, adv, mask)
+        loss.backward()
+        out[features] = loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                        if not n.startswith("vision_model")}
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=0)
+    for name, g in out[False][1].items():
+        assert g is not None or out[True][1][name] is None, name
+        torch.testing.assert_close(out[True][1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert out[True][1]["mlp1.1.weight"].abs().sum() > 0   # the connector did get gradient through the features

@@ -82,6 +82,64 @@ def test_left_padded_batch_equals_each_prompt_alone(model):
     assert torch.equal(out[1, 7:], model.generate(b, max_new_tokens=10, eos_token_id=-1)[0])
 
 
+def padded_pair():
+    """Two prompts of 13 and 6 tokens, the second left-padded, and their attention mask."""
+    a, b = torch.randint(0, 400, (1, 13)), torch.randint(0, 400, (1, 6))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 7, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :7] = 0
+    return batch, mask
+
+
+def test_group_greedy_is_copies_of_each_prompt_alone(model):
+    """num_return_sequences: one prefill, the KV cache copied into G rows; greedy rows b*G .. b*G+G-1 are G copies
+    of prompt b's own greedy output (left padding included)."""
+    batch, mask = padded_pair()
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=8, eos_token_id=-1, num_return_sequences=3)
+    assert out.shape == (6, 13 + 8)
+    alone = model.generate(batch, attention_mask=mask, max_new_tokens=8, eos_token_id=-1)
+    for b in range(2):
+        for g in range(3):
+            assert torch.equal(out[3 * b + g], alone[b])
+
+
+def test_group_samples_differ_and_their_logprobs_equal_a_full_recompute(model, monkeypatch):
+    """Each row of a group samples its own tokens from the shared prefill: the rows differ, and the log-prob of every
+    sampled token under the logits generate used (cache copied G times) equals a fresh full forward (1e-5)."""
+    import model as model_py
+    seen_logits, real_sample = [], model_py.sample
+    monkeypatch.setattr(model_py, "sample", lambda logits, *a, **kw: seen_logits.append(logits) or real_sample(
+        logits, *a, **kw))
+    batch, mask = padded_pair()
+    T, G, temp = 0.7, 4, 13
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, eos_token_id=-1, temperature=T,
+                         num_return_sequences=G, generator=torch.Generator().manual_seed(0))
+    new = out[:, temp:]                                                            # [B*G, 6]
+    assert len({tuple(r) for r in new[:G].tolist()}) > 1 and len({tuple(r) for r in new[G:].tolist()}) > 1
+    used = torch.stack(seen_logits, 1).div(T).log_softmax(-1)                     # [B*G, 6, V]
+    used = used.gather(-1, new[..., None])[..., 0]
+    rows_mask = mask.repeat_interleave(G, 0)
+    full_mask = torch.cat([rows_mask, torch.ones_like(new)], 1)
+    logits = model(out[:, :-1], attention_mask=full_mask[:, :-1])[:, temp - 1:]   # the states predicting new
+    full = logits.float().div(T).log_softmax(-1).gather(-1, new[..., None])[..., 0]
+    torch.testing.assert_close(used, full, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens(model):
+    """--compile: the fixed-shape step (position as a tensor, whole-cache mask) captured as ONE graph for every
+    token of a left-padded group (a recompile per token would mean a shape still changes), same tokens as eager.
+    aot_eager captures exactly what inductor compiles, without the minutes of code generation."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    batch, mask = padded_pair()
+    kw = dict(attention_mask=mask, max_new_tokens=7, eos_token_id=-1, num_return_sequences=2, temperature=1.0)
+    eager = model.generate(batch, generator=torch.Generator().manual_seed(1), **kw)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = model.generate(batch, generator=torch.Generator().manual_seed(1), compile="aot_eager", **kw)
+    assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 1
+
+
 def test_position_ids_skip_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert positions(None, mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
