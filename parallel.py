@@ -90,7 +90,7 @@ def load_for_training(ckpt_dir: str, ctx: Context, train: str = "all", grad_chec
     world > 1 (loaded shard by shard, each rank only its rows), activation checkpointing per block if asked."""
     def prepare(model):
         n = freeze(model, train)
-        if ctx.is_main:
+        if ctx.is_main and n:  # (a frozen model, e.g. sample.py's or the reference policy: nothing to say)
             print(f"trainable parameters ({train}): {n:,} of {sum(p.numel() for p in model.parameters()):,}")
         model.grad_checkpointing = grad_checkpointing
         if ctx.world > 1:

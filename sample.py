@@ -23,6 +23,7 @@ from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, b
 from model import R1VConfig, SkyworkR1V
 from cli import parse_flags
 from parallel import load_for_training, setup
+from tp import check_divisible, make_decoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -45,6 +46,9 @@ class SampleConfig:
     seed: int = 0
     dtype: str = ""               # fp32 | bf16; "" = bf16 on GPU, fp32 on CPU
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    tp: bool = True               # under torchrun: decode with a tensor-parallel copy of the decoder (tp.py);
+                                  # --no-tp decodes from the FSDP shards (an all-gather of every layer per token)
+    compile: bool = False         # torch.compile the fixed-shape decode step (CUDA graphs on a GPU)
 
 
 @dataclass
@@ -143,8 +147,9 @@ class Progress:
 
 
 @torch.no_grad()
-def generate(model: SkyworkR1V, tok: Tokenizer, requests: list, cfg: SampleConfig, stream=None) -> list:
-    """Requests -> generated ids of each (up to, not including, <|im_end|>), as one left-padded batch."""
+def generate(model: SkyworkR1V, tok: Tokenizer, requests: list, cfg: SampleConfig, stream=None, decoder=None) -> list:
+    """Requests -> generated ids of each (up to, not including, <|im_end|>), as one left-padded batch. decoder: the
+    tensor-parallel copy under torchrun (every rank brings the same prompts and keeps its copy of the answers)."""
     device, dtype = model.language_model.lm_head.weight.device, model.language_model.lm_head.weight.dtype
     ids, mask = left_pad([r.ids for r in requests], tok.pad_id)
     pixels = [image_tiles(p, model.config, cfg.max_tiles) for r in requests for p in r.images]  # the order embed() fills
@@ -152,7 +157,8 @@ def generate(model: SkyworkR1V, tok: Tokenizer, requests: list, cfg: SampleConfi
     seq = model.generate(ids.to(device), pixels, mask.to(device), max_new_tokens=cfg.max_new_tokens,
                          temperature=0.0 if cfg.greedy else cfg.temperature, top_p=cfg.top_p,
                          repetition_penalty=cfg.repetition_penalty, eos_token_id=tok.eos_id, stream=stream,
-                         generator=torch.Generator(device).manual_seed(cfg.seed))
+                         generator=torch.Generator(device).manual_seed(cfg.seed), decoder=decoder,
+                         compile=cfg.compile)
     rows = seq[:, ids.shape[1]:].tolist()
     return [row[:row.index(tok.eos_id)] if tok.eos_id in row else row for row in rows]
 
@@ -178,7 +184,7 @@ def parse_args(argv=None) -> SampleConfig:
 
 
 def prepare(cfg: SampleConfig):
-    """-> (model, tokenizer, requests). Raises ValueError / FileNotFoundError naming the problem; every input is
+    """-> (model, tokenizer, requests, tensor-parallel decoder or None). Raises ValueError / FileNotFoundError naming the problem; every input is
     checked before the weights are loaded, so a bad prompt costs no model compute."""
     if cfg.dtype and cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
@@ -194,14 +200,19 @@ def prepare(cfg: SampleConfig):
     config, tok = R1VConfig.from_dir(ckpt), Tokenizer.from_dir(ckpt)
     requests = read_requests(cfg, tok, config)
     check_context(requests, cfg.max_new_tokens, config)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
         # torchrun: the model sharded over the GPUs with FSDP2 (the 38B does not fit one 80 GB GPU with a KV cache),
-        # through the same loading code as training; every rank runs the same prompts in step, rank 0 prints
+        # through the same loading code as training; the decoder's tensor-parallel copy generates (tp.py). Every
+        # rank runs the same prompts in step, rank 0 prints.
+        if cfg.tp:
+            check_divisible(config.llm, world)
         ctx = setup(cfg.dtype or None, cfg.seed)
         cfg.device = str(ctx.device)
-        return load_for_training(ckpt, ctx, train="none", dtype=ctx.dtype).eval(), tok, requests
+        model = load_for_training(ckpt, ctx, train="none", dtype=ctx.dtype).eval()
+        return model, tok, requests, make_decoder(model, ctx.dtype) if cfg.tp else None
     dtype = DTYPES[cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")]
-    return SkyworkR1V.from_pretrained(ckpt, dtype=dtype, device=cfg.device), tok, requests
+    return SkyworkR1V.from_pretrained(ckpt, dtype=dtype, device=cfg.device), tok, requests, None
 
 
 def main(argv=None) -> int:
@@ -209,14 +220,14 @@ def main(argv=None) -> int:
     if os.environ.get("RANK", "0") != "0":
         sys.stdout = open(os.devnull, "w")  # under torchrun only rank 0 prints; the others step along
     try:
-        model, tok, requests = prepare(cfg)
+        model, tok, requests, decoder = prepare(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
     if not cfg.prompts:  # one prompt: stream it, then show the answer on its own
         progress, t0 = Progress(tok, sys.stdout), time.perf_counter()
         print(THINK_PREFIX if cfg.think else "", end="", flush=True)
-        ids = generate(model, tok, requests, cfg, progress)[0]
+        ids = generate(model, tok, requests, cfg, progress, decoder)[0]
         progress.finish()
         response = response_text(tok, ids, cfg)
         if cfg.think:  # the reasoning can be long: repeat the answer after it
@@ -228,7 +239,7 @@ def main(argv=None) -> int:
     for b in range(0, len(requests), cfg.batch_size):
         chunk = requests[b:b + cfg.batch_size]
         progress, t0 = Progress(tok), time.perf_counter()
-        for r, ids in zip(chunk, generate(model, tok, chunk, cfg, progress)):
+        for r, ids in zip(chunk, generate(model, tok, chunk, cfg, progress, decoder)):
             response = response_text(tok, ids, cfg)
             thinking, answer = parse_response(response)
             print(json.dumps({"question": r.question, "response": response, "thinking": thinking, "answer": answer},

@@ -28,6 +28,7 @@ loop (model.Qwen2ForCausalLM.decode) runs here, on plain tensors: DTensor is use
 All ranks decode one batch together: every rank's prompts are gathered, sampled identically on every rank (same
 logits after the all-gather, same generator seed), and each rank keeps its own rows of the result.
 """
+import logging
 import time
 from dataclasses import replace
 
@@ -39,6 +40,11 @@ from torch.distributed.tensor import Shard
 
 from checkpoint import named_shards
 from model import LLMConfig, Qwen2ForCausalLM, SkyworkR1V
+
+# On gloo (CPU) DTensor's Shard(0) -> Shard(1) falls back from all-to-all to all-gather + chunk and says so: the
+# same result, and a CPU-only message (NCCL has all-to-all); the refresh would print it at start-up on every rank.
+logging.getLogger("torch.distributed.tensor._collective_utils").addFilter(
+    lambda record: "does not support alltoall" not in record.getMessage())
 
 
 def check_divisible(cfg: LLMConfig, world: int):
@@ -182,7 +188,8 @@ def refresh(decoder: TPDecoder, model: SkyworkR1V) -> float:
             model.config.llm.tie_word_embeddings else [name]
         for target in targets:
             dst = params[target]
-            dst.zero_() if local.shape[0] < dst.shape[0] else None  # the padding rows of the last vocabulary slice
+            if local.shape[0] < dst.shape[0]:
+                dst.zero_()  # the padding rows of the last vocabulary slice
             dst[:local.shape[0]].copy_(local)
     if next(decoder.parameters()).is_cuda:
         torch.cuda.synchronize()

@@ -230,3 +230,18 @@ def test_context_limit_is_exact(loaded):
         check_context([req], room + 1, c)
     with pytest.raises(ValueError, match="context"):  # and generate() itself agrees on the limit
         model.generate(torch.tensor([req.ids]), max_new_tokens=room + 1)
+
+
+def test_torchrun_two_ranks_print_the_single_process_text(tiny_ckpt, tmp_path):
+    """`torchrun --nproc_per_node 2 sample.py --greedy` (FSDP2 shards, tensor-parallel decode) prints exactly what
+    one process prints, for a prompt with an image."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["sample.py", "--ckpt", tiny_ckpt, "--greedy", "--max-new-tokens", "12", "--image",
+            save_image(tmp_path / "a.png"), "--prompt", "<image>\nWhat is shown?"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert one.stdout.strip() and two.stdout == one.stdout
