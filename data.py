@@ -25,10 +25,6 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 # tokens, as in Qwen3 / DeepSeek-R1, so a decoded response keeps its reasoning markers for parse_response.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 ADDED_TOKENS = SPECIAL_TOKENS + ["<think>", "</think>"]
-# What train_tokenizer writes (and what a checkpoint directory should carry along with its weights).
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
-
 DEFAULT_CORPUS = [  # what the tiny models will see: chat markup, reasoning words, digits, LaTeX, Chinese, emoji
     "<|im_start|>user\n<image>\nHow many red shapes are in the image?<|im_end|>\n<|im_start|>assistant\n",
     "<think>\nI see a red circle, a blue square and a red triangle. That makes 2 red shapes. Wait, let me check "
