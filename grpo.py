@@ -10,8 +10,14 @@ rewards are all equal). One step:
     1. rollout      G responses per prompt from the current policy, each scored: r_i
     2. advantages   A_i = (r_i - mean_G r) / (std_G r + 1e-6); flat groups replaced from the sample buffer
     3. old log-probs  log pi_old(o_t) of every response token, once per rollout batch (and log pi_ref if beta > 0)
-    4. update       ppo_epochs passes of AdamW on the clipped surrogate, token-mean over each minibatch
+    4. update       ppo_epochs passes of AdamW on the clipped surrogate, token-mean over each minibatch; the
+                    rollout copy of the decoder takes the new weights
     5. log          reward, accuracy, entropy, clip fractions, held-out accuracy every eval_every steps
+
+Work done once per step, not per sample: each prompt's tiles go through the ViT once (the rollout and every
+log-prob pass reuse the features while the ViT is frozen); each prompt is prefilled once and its KV cache copied
+into its G sample rows. On W > 1 ranks the rollout decodes with a tensor-parallel copy of the decoder (tp.py),
+not from the FSDP shards, which would all-gather every layer for every new token.
 
     python grpo.py                                        # tiny default: SFT first if out/sft is missing, CPU, minutes
     torchrun --nproc_per_node 8 grpo.py --ckpt Skywork-R1V3-38B --data math.jsonl    # the 38B, FSDP2 (parallel.py)
@@ -31,7 +37,7 @@ from cli import parse_flags
 from data import Tokenizer, encode_prompt, make_visual_task, read_jsonl, shuffled_indices
 from logs import MetricsLog, plot_curves
 from model import R1VConfig, token_logprobs_and_entropy
-from optim import clip_grad_norm, lr_at, make_optimizer
+from optim import clip_grads, lr_at, make_optimizer
 from parallel import autocast, barrier, load_for_training, mean_over_ranks, setup
 from rewards import accuracy_reward, format_reward, reward  # noqa: F401  (format_reward: re-exported)
 from rollout import cat_pixels, generate_responses, heldout_eval, vit_once
@@ -238,13 +244,13 @@ def response_logprobs(m, samples: list[dict], prompts: dict, pad_id: int, cfg: G
 @torch.no_grad()
 def batch_logprobs(m, samples, prompts, pad_id, cfg, ctx, features=True) -> tuple[list[torch.Tensor], float]:
     """Per-sample response log-probs [Lr] under m (old policy or reference), in micro-batches; + mean entropy."""
-    out, ent_sum, n = [], 0.0, 0
+    out, ent_sum = [], 0.0
     for b in range(0, len(samples), cfg.micro_batch_size):
         chunk = samples[b:b + cfg.micro_batch_size]
         logp, ent, mask = response_logprobs(m, chunk, prompts, pad_id, cfg, ctx, features)
         out += [lp[:len(s["response"])] for lp, s in zip(logp, chunk)]
-        ent_sum, n = ent_sum + (ent * mask).sum().item(), n + mask.sum().item()
-    return out, ent_sum / max(n, 1)
+        ent_sum = ent_sum + (ent * mask).sum()
+    return out, float(ent_sum) / max(sum(len(s["response"]) for s in samples), 1)
 
 
 def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
@@ -265,21 +271,21 @@ def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mas
     unclipped, clipped = -a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
     metrics = {}
+    tokens = mask.sum().clamp(min=1)
     if beta:
         x = logp_ref - logp
         kl = x.exp() - x - 1
         per_token = per_token + beta * kl
-        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).item()
+        metrics["kl"] = (kl.detach() * mask).sum() / tokens
     loss = (per_token * mask).sum() / n
-    with torch.no_grad():
-        tokens = mask.sum().clamp(min=1)
+    with torch.no_grad():  # 0-dim tensors, read when logging: no host sync per micro-batch
         is_clipped = (clipped > unclipped).float() * mask               # the clipped branch won: zero gradient
         metrics.update(
-            clip_frac=(is_clipped.sum() / tokens).item(),
-            clip_frac_high=(is_clipped * (ratio > 1 + clip_high)).sum().item() / tokens.item(),
-            clip_frac_low=(is_clipped * (ratio < 1 - clip_low)).sum().item() / tokens.item(),
-            approx_kl_old=(((ratio - 1 - log_ratio) * mask).sum() / tokens).item(),   # k3 of old vs new
-            ratio_mean=((ratio * mask).sum() / tokens).item(),
+            clip_frac=is_clipped.sum() / tokens,
+            clip_frac_high=(is_clipped * (ratio > 1 + clip_high)).sum() / tokens,
+            clip_frac_low=(is_clipped * (ratio < 1 - clip_low)).sum() / tokens,
+            approx_kl_old=((ratio - 1 - log_ratio) * mask).sum() / tokens,   # k3 of old vs new
+            ratio_mean=(ratio * mask).sum() / tokens,
         )
     return loss, metrics
 
@@ -296,7 +302,7 @@ def optimise(m, opt, samples, adv, old, ref, prompts, pad_id, cfg, ctx, gen, ste
     over the minibatch, accumulated over micro-batches. A non-finite loss or gradient skips the step (warning):
     the weights and the optimizer state stay untouched. features=False when the ViT trains: pixels, with grad."""
     sums, skipped, updates = {}, 0, 0
-    lengths = torch.tensor([len(s["response"]) for s in samples])
+    lengths = torch.tensor([len(s["response"]) for s in samples])      # on the host: token counts without a sync
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(len(samples), generator=gen).split(cfg.minibatch_size):
             opt.zero_grad(set_to_none=True)
@@ -309,11 +315,12 @@ def optimise(m, opt, samples, adv, old, ref, prompts, pad_id, cfg, ctx, gen, ste
                                           cfg.clip_low, cfg.clip_high, cfg.beta,
                                           pad_right([ref[i] for i in micro]) if ref else None, num_tokens=n_tokens)
                 loss.backward()
-                loss_sum += loss.item()
-                parts.append((mask.sum().item(), metrics))
-            grad_norm = clip_grad_norm(m, cfg.grad_clip)
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                warnings.warn(f"step {step}: non-finite loss {loss_sum} / grad norm {grad_norm}: update skipped")
+                loss_sum = loss_sum + loss.detach()
+                parts.append((lengths[micro].sum().item(), metrics))
+            grad_norm = clip_grads(m, cfg.grad_clip)
+            if not torch.isfinite(loss_sum + grad_norm):  # the one host sync of an optimizer step
+                warnings.warn(f"step {step}: non-finite loss {float(loss_sum)} / grad norm {float(grad_norm)}: "
+                              f"update skipped")
                 opt.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
@@ -323,7 +330,7 @@ def optimise(m, opt, samples, adv, old, ref, prompts, pad_id, cfg, ctx, gen, ste
                     (k, sum(w * mt[k] for w, mt in parts) / max(n_tokens, 1)) for k in parts[0][1]]:
                 sums[k] = sums.get(k, 0.0) + v
     opt.zero_grad(set_to_none=True)
-    return {**{k: v / max(updates, 1) for k, v in sums.items()}, "skipped_updates": skipped}
+    return {**{k: float(v) / max(updates, 1) for k, v in sums.items()}, "skipped_updates": skipped}
 
 
 def refresh_rollout_copy(run: dict) -> float:
