@@ -30,4 +30,8 @@ class Connector(nn.Sequential):
         self.downsample_ratio = downsample_ratio
 
     def forward(self, vit_features):  # [N, 1024, D_vit] -> [N, 256, D_llm]
-        return super().forward(pixel_shuffle(vit_features, self.downsample_ratio))
+        out = super().forward(pixel_shuffle(vit_features, self.downsample_ratio))
+        # nn.Linear on a 3-D input returns a view of its 2-D matmul result. FSDP2 shards mlp1 as a unit (parallel.py)
+        # and warns, every step, when a unit returns a view: an in-place op on it would bypass the unit's backward
+        # hook. A copy is a tensor of its own with the same values, 256 tokens a tile: small next to the ViT's work.
+        return out.clone()

@@ -3,8 +3,12 @@
 Skywork-R1V3 (arXiv 2507.06167) observes that a model which really reasons is uncertain at reflection points
 ("Wait", "Alternatively", ...), while a model that only imitated long chains of thought during SFT emits those words
 almost deterministically; the entropy at those critical tokens is used to select RL checkpoints. (High-entropy
-"forking" tokens are the same idea, arXiv 2506.01939.) This file holds the chunked log-prob / entropy function that
-grpo.py and sft.py import, the cue matcher, scoring (generate-then-score or teacher forcing) and checkpoint ranking.
+"forking" tokens are the same idea, arXiv 2506.01939.) In the order of the method: find the critical tokens of a
+response (the cue matcher), measure the entropy of every response token (teacher forcing, after sampling the
+response or on a given one), score a checkpoint over a set of problems, pick a checkpoint; then the report (table,
+histogram, curves over steps). The chunked log-prob / entropy function itself is model.token_logprobs_and_entropy.
+
+    python entropy.py --ckpts out/sft "out/grpo/step_*" --data out/grpo/data/heldout.jsonl   # -> out/entropy/
 """
 import bisect
 import glob
@@ -16,12 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data import Tokenizer, build_prompt, image_tiles, read_jsonl
-from model import SkyworkR1V, token_logprobs_and_entropy
-from rewards import accuracy_reward
-from cli import parse_flags
+from cli import at_least, check_choices, choice, parse_config
+from data import IMG_CONTEXT, THINK_START, Tokenizer, encode_prompt, read_jsonl
 from logs import plot_curves
+from model import SkyworkR1V, token_logprobs_and_entropy
 from parallel import setup
+from rewards import accuracy_reward
+from rollout import generate_responses
 
 # Reflection cues, matched case-sensitively on decoded text (the lower-case forms are listed on purpose: "wait" in
 # mid-sentence is as much a reflection as "Wait"). Latin cues match on word boundaries only ("Waiter" is not one).
@@ -32,20 +37,31 @@ DEFAULT_CUES = ("Wait", "wait", "But wait", "but wait", "Alternatively", "altern
 
 @dataclass
 class EntropyConfig:
-    ckpts: list = field(default_factory=list)  # checkpoint dirs (glob patterns are expanded)
-    data: str = ""                # JSONL: {"images", "question", ["answer"], ["response" for --mode score]}
-    out: str = "entropy_report.json"  # + <stem>.md table, <stem>_hist.png, <stem>_steps.{jsonl,png}
-    mode: str = "generate"        # generate: sample a response per record and score it; score: teacher-force "response"
+    ckpts: list = field(default_factory=list, metadata={"required": True})  # checkpoint dirs (globs are expanded)
+    # JSONL {"images", "question", ["answer"], ["response" for --mode score]}
+    data: str = field(default="", metadata={"required": True})
+    out: str = "out/entropy/report.json"  # + report.md (the table), report_hist.png, report_steps.{jsonl,png}
+    # generate: sample a response per record and score it; score: teacher-force the record's "response"
+    mode: str = choice("generate", "score")
     max_new_tokens: int = 512
     temperature: float = 1.0      # sampling temperature and the one entropy is measured at (as GRPO's); 0 = greedy,
                                   # measured at 1.0
     top_p: float = 1.0            # < 1 samples from a truncated distribution; entropy is still of the full one
     limit: int = 0                # score the first `limit` records only (0 = all)
     chunk: int = 1024             # tokens per lm_head chunk
-    dtype: str = ""               # bf16 | fp32; default bf16 on GPU, fp32 on CPU
+    dtype: str = choice("", "bf16", "fp32")  # "" = bf16 on GPU, fp32 on CPU
     seed: int = 0                 # the same sampling stream for every checkpoint, so they answer comparably
     acc_tolerance: float = 0.02   # checkpoint pick: highest critical entropy within this of the best accuracy
     cues: tuple = DEFAULT_CUES
+
+    def __post_init__(self):
+        check_choices(self)
+        at_least(self, 1, "max_new_tokens", "chunk")
+        at_least(self, 0, "temperature", "limit", "acc_tolerance")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.data and not os.path.isfile(self.data):
+            raise ValueError(f"--data {self.data}: no such file")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,15 +105,7 @@ def critical_positions(tok: Tokenizer, ids, cues=DEFAULT_CUES) -> tuple[str, lis
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scoring one checkpoint
-
-def prompt_inputs(model, tok: Tokenizer, rec: dict, thinking: bool = True):
-    """Record -> (prompt ids [P], pixel values [tiles,3,H,W] or None), as the release builds its chat prompt."""
-    cfg = model.config
-    tiles = [image_tiles(p, cfg) for p in rec["images"]]
-    text = build_prompt(rec["question"], [t.shape[0] for t in tiles], cfg.num_image_token, thinking=thinking)
-    return tok.encode(text), (torch.cat(tiles) if tiles else None)
-
+# Per-token entropy of a response
 
 @torch.inference_mode()
 def response_entropy(model, prompt_ids, pixel_values, response_ids, temperature=1.0, chunk=1024) -> list:
@@ -112,14 +120,72 @@ def response_entropy(model, prompt_ids, pixel_values, response_ids, temperature=
     return ent[0].tolist()
 
 
-def generate_response(model, prompt_ids, pixel_values, eos_id, cfg: EntropyConfig, generator) -> list:
-    """Sample one response -> its ids, up to and including the first eos."""
-    dev = model.language_model.lm_head.weight.device
-    pv = None if pixel_values is None else pixel_values.to(dev, model.language_model.lm_head.weight.dtype)
-    seq = model.generate(torch.tensor([prompt_ids], device=dev), pv, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=eos_id, generator=generator)
-    out = seq[0, len(prompt_ids):].tolist()
-    return out[:out.index(eos_id) + 1] if eos_id in out else out
+def generate_response(model, tok: Tokenizer, prompt_ids, pixel_values, cfg: EntropyConfig, ctx, generator) -> list:
+    """Sample one response -> its ids, up to and including the first stop token (rollout.generate_responses, as
+    GRPO samples). <IMG_CONTEXT> stops it too, as in GRPO's rollouts: a tiny or early model can sample it, and fed
+    back in teacher forcing it would ask for an image that does not exist (it stays the last token: a target only)."""
+    stop_ids = [tok.eos_id, model.config.img_context_token_id]
+    return generate_responses(model, [(prompt_ids, pixel_values)], ctx, pad_id=tok.pad_id, stop_ids=stop_ids,
+                              batch_size=1, generator=generator, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, top_p=cfg.top_p)[0][0]
+
+
+def score_response(model, tok: Tokenizer, rec: dict, cfg: EntropyConfig, ctx, generator) -> tuple[str, list, list]:
+    """One record -> (response text, entropy of each response token [n], critical positions [(token index, cue)]).
+    --mode generate samples the response (thinking-mode prompt); --mode score teacher-forces rec["response"]."""
+    question, images = rec["question"], rec.get("images", ())
+    if cfg.mode == "score":
+        thinking = not rec["response"].lstrip().startswith(THINK_START)  # the prompt must not open <think> twice
+        prompt_ids, pv = encode_prompt(tok, model.config, question, images, thinking=thinking)
+        response_ids = tok.encode(rec["response"]) + [tok.eos_id]
+        if model.config.img_context_token_id in response_ids:
+            raise ValueError(f"a response contains {IMG_CONTEXT}, which is reserved for image tokens: "
+                             f"{rec['response'][:80]!r}")
+    else:
+        prompt_ids, pv = encode_prompt(tok, model.config, question, images)
+        response_ids = generate_response(model, tok, prompt_ids, pv, cfg, ctx, generator)
+    ent = response_entropy(model, prompt_ids, pv, response_ids, cfg.temperature or 1.0, cfg.chunk)
+    text, cues = critical_positions(tok, response_ids, cfg.cues)
+    return text, ent, cues
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring one checkpoint
+
+def score_checkpoint(ckpt_dir: str, records: list, cfg: EntropyConfig, ctx) -> tuple[dict, dict]:
+    """-> (report, raw {"all": [...], "critical": [...]}) for one checkpoint. A checkpoint that fails to load gives a
+    report with "error" set instead of raising: one broken step must not stop the ranking of the others."""
+    report = {"ckpt": ckpt_dir, "step": checkpoint_step(ckpt_dir), "error": None}
+    try:
+        if not os.path.isdir(ckpt_dir):
+            raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+        model = SkyworkR1V.from_pretrained(ckpt_dir, dtype=ctx.dtype, device=ctx.device).eval()
+        tok = Tokenizer.from_dir(ckpt_dir)
+    except Exception as e:  # noqa: BLE001 -- any load failure (missing dir, bad config, truncated shard) is reported
+        report["error"] = f"failed to load: {type(e).__name__}: {e}"
+        return report, {"all": [], "critical": []}
+    generator = torch.Generator(ctx.device).manual_seed(cfg.seed)  # every checkpoint gets the same sampling stream
+    scored = [score_response(model, tok, rec, cfg, ctx, generator) for rec in records]
+    return summarize(report, records, scored)
+
+
+def summarize(report: dict, records: list, scored: list) -> tuple[dict, dict]:
+    """Per-record (text, entropies, critical positions) -> (report: entropy at critical tokens and at all tokens,
+    per cue, accuracy over records with an answer, three examples; raw values for the histogram)."""
+    raw = {"all": [h for _, ent, _ in scored for h in ent],
+           "critical": [ent[k] for _, ent, cues in scored for k, _ in cues]}
+    per_cue = {}
+    for _, ent, cues in scored:
+        for k, cue in cues:
+            per_cue.setdefault(cue, []).append(ent[k])
+    answered = [(text, str(rec["answer"])) for (text, _, _), rec in zip(scored, records) if "answer" in rec]
+    report.update(n_responses=len(records), n_empty=sum(not t.replace("<|im_end|>", "").strip() for t, _, _ in scored),
+                  n_cues=len(raw["critical"]), critical=stats(raw["critical"]), all=stats(raw["all"]),
+                  per_cue={c: {"n": len(v), "mean": float(np.mean(v))} for c, v in sorted(per_cue.items())},
+                  accuracy=sum(accuracy_reward(t, a) for t, a in answered) / len(answered) if answered else None,
+                  examples=[{"response": text[:400], "cues": [[cue, round(ent[k], 4)] for k, cue in cues[:10]]}
+                            for text, ent, cues in scored[:3]])
+    return report, raw
 
 
 def stats(values) -> dict:
@@ -129,50 +195,6 @@ def stats(values) -> dict:
     v = np.asarray(values, dtype=np.float64)
     p50, p80, p95 = np.percentile(v, [50, 80, 95]).tolist()
     return {"n": len(v), "mean": float(v.mean()), "p50": p50, "p80": p80, "p95": p95}
-
-
-def score_checkpoint(ckpt_dir: str, records: list, cfg: EntropyConfig, ctx) -> tuple[dict, dict]:
-    """-> (report, raw {"all": [...], "critical": [...]}) for one checkpoint. A checkpoint that fails to load gives a
-    report with "error" set instead of raising: one broken step must not stop the ranking of the others."""
-    report = {"ckpt": ckpt_dir, "step": checkpoint_step(ckpt_dir), "error": None}
-    raw = {"all": [], "critical": []}
-    try:
-        if not os.path.isdir(ckpt_dir):
-            raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
-        model = SkyworkR1V.from_pretrained(ckpt_dir, dtype=ctx.dtype, device=ctx.device).eval()
-        tok = Tokenizer.from_dir(ckpt_dir)
-    except Exception as e:  # noqa: BLE001 -- any load failure (missing dir, bad config, truncated shard) is reported
-        report["error"] = f"failed to load: {type(e).__name__}: {e}"
-        return report, raw
-    from rewards import accuracy_reward  # late: grpo.py imports this file, so a top-level import would be circular
-    generator = torch.Generator(ctx.device).manual_seed(cfg.seed)
-    per_cue, correct, n_answers, n_empty, examples = {}, 0, 0, 0, []
-    for rec in records:
-        if cfg.mode == "score":
-            response = rec["response"]
-            thinking = not response.lstrip().startswith("<think>")  # the prompt must not open <think> twice
-            prompt_ids, pv = prompt_inputs(model, tok, rec, thinking)
-            response_ids = tok.encode(response) + [tok.eos_id]
-        else:
-            prompt_ids, pv = prompt_inputs(model, tok, rec)
-            response_ids = generate_response(model, prompt_ids, pv, tok.eos_id, cfg, generator)
-        ent = response_entropy(model, prompt_ids, pv, response_ids, cfg.temperature or 1.0, cfg.chunk)
-        text, cues = critical_positions(tok, response_ids, cfg.cues)
-        raw["all"] += ent
-        for k, cue in cues:
-            raw["critical"].append(ent[k])
-            per_cue.setdefault(cue, []).append(ent[k])
-        n_empty += not text.replace("<|im_end|>", "").strip()
-        if "answer" in rec:
-            n_answers += 1
-            correct += accuracy_reward(text, str(rec["answer"]))
-        if len(examples) < 3:
-            examples.append({"response": text[:400], "cues": [[cue, round(ent[k], 4)] for k, cue in cues[:10]]})
-    report.update(n_responses=len(records), n_empty=n_empty, n_cues=len(raw["critical"]),
-                  critical=stats(raw["critical"]), all=stats(raw["all"]),
-                  per_cue={c: {"n": len(v), "mean": float(np.mean(v))} for c, v in sorted(per_cue.items())},
-                  accuracy=correct / n_answers if n_answers else None, examples=examples)
-    return report, raw
 
 
 def checkpoint_step(path: str):
@@ -212,6 +234,58 @@ def pick_checkpoint(reports: list, acc_tolerance: float = 0.02) -> tuple:
     return None, "no checkpoint emitted a reflection cue and no answers were given: nothing to rank by"
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# main: score every checkpoint, pick one
+
+def expand_ckpts(patterns) -> list:
+    """Shell-style patterns -> checkpoint dirs ordered by step; an unmatched pattern stays (and reports not found)."""
+    paths = [p for pat in patterns for p in (sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]) or [pat]]
+    return sorted(dict.fromkeys(paths), key=lambda p: (checkpoint_step(p) is None, checkpoint_step(p) or 0))
+
+
+def run(cfg: EntropyConfig) -> dict:
+    """Score every checkpoint of cfg.ckpts on cfg.data, pick one, report -> the report's json content."""
+    if not cfg.ckpts:
+        raise ValueError("no checkpoints given (--ckpts DIR [DIR ...])")
+    records = read_jsonl(cfg.data, required=("question", "response") if cfg.mode == "score" else ("question",))
+    records = records[:cfg.limit] if cfg.limit else records
+    ctx = setup(cfg.dtype or None, cfg.seed)
+    reports, raws = [], []
+    for path in expand_ckpts(cfg.ckpts):
+        report, raw = score_checkpoint(path, records, cfg, ctx)
+        print(f"{path}: " + (report["error"] or f"critical H {fmt(report['critical']['mean'])} over "
+                             f"{report['n_cues']} cues, mean H {fmt(report['all']['mean'])}, "
+                             f"accuracy {fmt(report['accuracy'])}"))
+        reports.append(report)
+        raws.append(raw)
+    chosen, why = pick_checkpoint(reports, cfg.acc_tolerance)
+    return write_report(cfg, reports, raws, chosen, why)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting: the ranked table, the pick, the files (json, md; plots if matplotlib is installed)
+
+def write_report(cfg: EntropyConfig, reports: list, raws: list, chosen: dict | None, why: str) -> dict:
+    """Print the table and the pick; write cfg.out (json) and, beside it, <stem>.md, <stem>_hist.png (the pick's
+    entropies) and <stem>_steps.{jsonl,png} (over steps) -> the json's content."""
+    table = format_table(reports)
+    pick = f"pick: {chosen['ckpt'] if chosen else 'none'} -- {why}"
+    print(table + "\n\n" + pick)
+    stem = os.path.splitext(cfg.out)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    result = {"config": {**cfg.__dict__, "cues": list(cfg.cues)}, "checkpoints": reports,
+              "pick": chosen["ckpt"] if chosen else None, "why": why}
+    with open(cfg.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, ensure_ascii=False, indent=1)
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(table + "\n\n" + pick + "\n")
+    if chosen is not None:
+        plot_histogram(raws[reports.index(chosen)], stem + "_hist.png", f"{chosen['ckpt']} ({cfg.mode})")
+    if sum(r["error"] is None for r in reports) > 1:
+        plot_over_steps(reports, stem)
+    return result
+
+
 def fmt(x, digits=3):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -234,9 +308,6 @@ def format_table(reports: list) -> str:
                      f"{fmt(r['all']['mean'])} | {fmt(r['all']['p80'])} | {fmt(r['accuracy'])} | {note.strip('; ')} |")
     return "\n".join(lines)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Plots (matplotlib is optional)
 
 def plot_histogram(raw: dict, png_path: str, title: str = "") -> bool:
     try:
@@ -271,52 +342,8 @@ def plot_over_steps(reports: list, stem: str) -> None:
     plot_curves(stem + "_steps.jsonl", stem + "_steps.png", ["critical_entropy", "mean_entropy", "accuracy"])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# main
-
-def expand_ckpts(patterns) -> list:
-    """Shell-style patterns -> checkpoint dirs ordered by step; an unmatched pattern stays (and reports not found)."""
-    paths = [p for pat in patterns for p in (sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]) or [pat]]
-    return sorted(dict.fromkeys(paths), key=lambda p: (checkpoint_step(p) is None, checkpoint_step(p) or 0))
-
-
-def run(cfg: EntropyConfig) -> dict:
-    if cfg.mode not in ("generate", "score"):
-        raise ValueError(f"--mode must be generate or score, got {cfg.mode!r}")
-    if not cfg.ckpts:
-        raise ValueError("no checkpoints given (--ckpts DIR [DIR ...])")
-    records = read_jsonl(cfg.data, required=("question", "response") if cfg.mode == "score" else ("question",))
-    records = records[:cfg.limit] if cfg.limit else records
-    ctx = setup(cfg.dtype or None, cfg.seed)
-    reports, raws = [], []
-    for path in expand_ckpts(cfg.ckpts):
-        report, raw = score_checkpoint(path, records, cfg, ctx)
-        print(f"{path}: " + (report["error"] or f"critical H {fmt(report['critical']['mean'])} over "
-                             f"{report['n_cues']} cues, mean H {fmt(report['all']['mean'])}, "
-                             f"accuracy {fmt(report['accuracy'])}"))
-        reports.append(report)
-        raws.append(raw)
-    chosen, why = pick_checkpoint(reports, cfg.acc_tolerance)
-    table = format_table(reports)
-    pick = f"pick: {chosen['ckpt'] if chosen else 'none'} -- {why}"
-    print(table + "\n\n" + pick)
-    stem = os.path.splitext(cfg.out)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    result = {"config": {**cfg.__dict__, "cues": list(cfg.cues)}, "checkpoints": reports,
-              "pick": chosen["ckpt"] if chosen else None, "why": why}
-    with open(cfg.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, ensure_ascii=False, indent=1)
-    with open(stem + ".md", "w", encoding="utf-8") as f:
-        f.write(table + "\n\n" + pick + "\n")
-    if chosen is not None:
-        plot_histogram(raws[reports.index(chosen)], stem + "_hist.png", f"{chosen['ckpt']} ({cfg.mode})")
-    if sum(r["error"] is None for r in reports) > 1:
-        plot_over_steps(reports, stem)
-    return result
-
-
 def parse_args(argv=None) -> EntropyConfig:
-    return EntropyConfig(**parse_flags(EntropyConfig, argv, __doc__.split("\n")[0]))
+    return parse_config(EntropyConfig, argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def read_metrics(path: str) -> list:
 
 
 def plot_curves(jsonl_path: str, png_path: str, keys) -> bool:
-    """One panel per metric over steps. matplotlib is optional: without it, say so and skip."""
+    """One panel per metric over steps, in a grid of at most 4 columns (8 metrics: 2 x 4), so each curve stays
+    wide enough to read. matplotlib is optional: without it, say so and skip."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -36,13 +37,19 @@ def plot_curves(jsonl_path: str, png_path: str, keys) -> bool:
         print(f"matplotlib is not installed: skipping {png_path} (pip install matplotlib)")
         return False
     rows = read_metrics(jsonl_path)
-    keys = [k for k in keys if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    if not keys:
+        return False
+    n_rows = -(-len(keys) // 4)
+    n_cols = -(-len(keys) // n_rows)  # 5 metrics: 2 x 3, not 2 x 4 with three empty panels
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 2.6 * n_rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         ax.plot(*zip(*pts), marker=".")
         ax.set_title(key)
         ax.set_xlabel("step")
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

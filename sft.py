@@ -13,8 +13,8 @@ CPU minutes and leaves out/sft, the checkpoint grpo.py starts from.
 
 Data: JSONL, one sample a line: {"images": [...], "question": str, "response": str, ["answer": str]} or
 {"images": [...], "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}; image paths are
-relative to the file. Every assistant turn must be `<think> reasoning </think> ... \\boxed{answer}` (grpo's
-format_reward): others are reported by file:line and skipped (--allow-untagged trains on them).
+relative to the file. Every assistant turn must be `<think> reasoning </think> ... \\boxed{answer}`
+(rewards.format_reward): others are reported by file:line and skipped (--allow-untagged trains on them).
 
     python sft.py                                                  # tiny default: cold-start SFT, CPU, minutes
     torchrun --nproc_per_node 8 sft.py --ckpt Skywork-R1V3-38B --data cold_start.jsonl --lr 1e-5 --max-len 16384 \
@@ -28,16 +28,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from data import (THINK_PREFIX, THINK_START, Tokenizer, build_prompt, encode_chat, image_tiles, left_pad,
-                  make_visual_task, read_jsonl, reasoning_trace)
-from model import token_logprobs_and_entropy
-from rewards import accuracy_reward, format_reward
-from model import R1VConfig
 from checkpoint import resume, save_checkpoint
-from cli import parse_flags
+from cli import at_least, parse_config
+from data import (THINK_PREFIX, THINK_START, Tokenizer, encode_chat, image_tiles, make_visual_task, read_jsonl,
+                  reasoning_trace, shuffled_indices)
 from logs import MetricsLog, plot_curves
+from model import R1VConfig, token_logprobs_and_entropy, write_tiny_checkpoint
 from optim import clip_grad_norm, lr_at, make_optimizer, parse_train_spec
 from parallel import all_reduce_sum, autocast, barrier, load_for_training, setup
+from rewards import format_reward
+from rollout import heldout_eval
 
 
 @dataclass
@@ -77,14 +77,185 @@ class SFTConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "print_every", "max_len", "max_tiles"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        at_least(self, 1, "steps", "batch_size", "grad_accum", "eval_every", "print_every", "max_len", "max_tiles",
+                 "max_new_tokens", "logprob_chunk", "n_train")
+        at_least(self, 0, "n_eval", "save_every", "gen_eval", "warmup", "lr", "weight_decay")
         parse_train_spec(self.train)  # a typo in --train fails now, not after the data is prepared
+        for flag, path in (("--data", self.data), ("--eval-data", self.eval_data)):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{flag} {path}: no such file")
+        if self.ckpt and not os.path.isfile(os.path.join(self.ckpt, "config.json")):
+            raise ValueError(f"--ckpt {self.ckpt}: not a checkpoint directory (no config.json)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: JSONL -> tokenised examples with a mask on the assistant tokens
+# 1. The loss: token-mean negative log-likelihood of the assistant tokens
+
+def sft_loss(model, batch: dict, n_tokens: float, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (sum over the batch's assistant tokens of -log p(token) / n_tokens, sum of the policy's entropy there).
+    Pass the whole optimizer step's token count as n_tokens: with gradient accumulation the step's gradient is
+    then that of the token mean over all its micro-batches (long responses weigh by their length, as in one batch).
+
+    Every position of the [B, T] batch goes through lm_head (chunk tokens at a time), and the positions without a
+    target (prompt, image tokens, padding: label -100) are masked by multiplication, not selected: shapes never
+    depend on the data, so there is no host sync and the function traces under FakeTensorMode (plan.py's dry run)
+    and torch.compile. The price is lm_head on the prompt's tokens too: lm_head is ~2.5% of the 38B's matmul FLOPs
+    per token, so under 1% of a step when the response is most of the sequence, as in long chain-of-thought SFT."""
+    hidden = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], return_hidden=True)  # [B,T,D]
+    targets = batch["labels"][:, 1:]                                  # position t predicts token t+1; -100 = none
+    logp, ent = token_logprobs_and_entropy(model.language_model.lm_head, hidden[:, :-1], targets, chunk=chunk)
+    keep = (targets >= 0).float()                                     # logp is already 0 where the target is -100
+    return -logp.sum() / n_tokens, (ent.detach() * keep).sum()
+
+
+def n_targets(examples: list) -> int:
+    return sum(int(e.mask[1:].sum()) for e in examples)  # the first token has no predecessor, so it is never a target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. One optimizer step, and the loop
+
+def train_step(model, opt, examples: list, lr: float, pad_id: int, cfg: SFTConfig, ctx) -> dict:
+    """The step's examples (this rank's share) -> micro-batches -> accumulated gradients -> clip -> AdamW at lr."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    n_all, = all_reduce_sum([n_targets(examples)])  # the step's assistant tokens on all ranks
+    loss_sum = ent_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)  # one host sync a step
+    for i in range(0, len(examples), cfg.batch_size):  # gradient accumulation over micro-batches
+        batch = make_batch(examples[i:i + cfg.batch_size], pad_id, model.config, cfg.max_tiles, ctx.device)
+        with autocast(ctx):
+            # FSDP averages gradients over ranks; scaling by world turns that average back into the global token
+            # mean (each rank's loss is its share of sum(-log p) / n_all)
+            loss, ent = sft_loss(model, batch, n_all / ctx.world, cfg.logprob_chunk)
+        loss.backward()
+        loss_sum, ent_sum = loss_sum + loss.detach().double() / ctx.world, ent_sum + ent.double()
+    grad_norm = clip_grad_norm(model, cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    loss_all, ent_all = all_reduce_sum([loss_sum.item(), ent_sum.item()])
+    return {"loss": loss_all, "entropy": ent_all / max(n_all, 1), "lr": lr, "grad_norm": grad_norm, "tokens": n_all}
+
+
+def fit(cfg: SFTConfig, ctx, model, opt, pad_id: int, train_set: list, eval_set: list, log: MetricsLog,
+        start: int = 0):
+    """Optimizer steps start..cfg.steps, each on the next samples of a seeded shuffle (step_indices), at the
+    warmup-then-cosine learning rate lr_at(step); held-out loss every eval_every steps."""
+    if start == 0:  # the curve starts from the untrained model
+        log.write(0, {"eval_loss": evaluate(model, eval_set, cfg, ctx, pad_id)})
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        idx = step_indices(step, len(train_set), cfg.batch_size * cfg.grad_accum, cfg.seed, ctx.rank, ctx.world)
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+        metrics = train_step(model, opt, [train_set[i] for i in idx], lr, pad_id, cfg, ctx)
+        metrics["sec"] = round(time.time() - t0, 3)
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            metrics["eval_loss"] = evaluate(model, eval_set, cfg, ctx, pad_id)
+        report(done, metrics, cfg, ctx, log)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            save_checkpoint(cfg.out, model, opt, done, {"config": asdict(cfg)})
+
+
+@torch.no_grad()
+def evaluate(model, examples: list, cfg: SFTConfig, ctx, pad_id: int) -> float:
+    """Token-mean held-out loss (every rank takes a strided share; load_datasets makes the shares equal)."""
+    mine = examples[ctx.rank::ctx.world]
+    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for i in range(0, len(mine), cfg.batch_size):
+        batch = make_batch(mine[i:i + cfg.batch_size], pad_id, model.config, cfg.max_tiles, ctx.device)
+        with autocast(ctx):
+            total += sft_loss(model, batch, 1.0, cfg.logprob_chunk)[0].double()
+    total, = all_reduce_sum([total.item()])
+    return total / max(n_targets(examples), 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. main: load, fit, save, answer the held-out questions; then its bookkeeping
+
+def main(cfg: SFTConfig) -> dict:
+    t_start = time.time()
+    ctx = setup(seed=cfg.seed)
+    ckpt, resuming = starting_checkpoint(cfg, ctx)
+    train_path, eval_path = data_files(cfg, ctx)
+    barrier()  # the main rank may have just written the tiny checkpoint and the synthetic data
+    model = load_for_training(ckpt, ctx, cfg.train, cfg.grad_checkpointing, cfg.cpu_offload)
+    tok = Tokenizer.from_dir(ckpt)
+    train_set, eval_set, stats = load_datasets(train_path, eval_path, tok, cfg, model.config, ctx)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay,
+                         moments_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
+    start = resume(cfg.out, model, opt)[0] if resuming else 0
+    log = MetricsLog(cfg.out + ".metrics.jsonl", enabled=ctx.is_main, resume_step=start if resuming else None)
+    log.write(start, {"data_" + k: v for k, v in stats.items() if k != "untagged_at"})
+
+    fit(cfg, ctx, model, opt, tok.pad_id, train_set, eval_set, log, start)
+    save_checkpoint(cfg.out, model, opt, cfg.steps, {"config": asdict(cfg)})
+    result = {"steps": cfg.steps, "out": cfg.out}
+    if cfg.gen_eval:  # greedy thinking-mode answers to held-out questions: has the format been learnt?
+        problems = [{"question": e.question, "images": e.images, "answer": e.answer}
+                    for e in eval_set if e.question is not None][:cfg.gen_eval]
+        ev = heldout_eval(model.eval(), tok, problems, ctx, max_new_tokens=cfg.max_new_tokens,
+                          batch_size=cfg.batch_size, max_tiles=cfg.max_tiles)
+        result.update(gen_samples=ev["samples"], format_rate=ev["format_rate"], accuracy=ev["accuracy"],
+                      sample=ev["sample"])
+        log.write(cfg.steps, {k: result[k] for k in ("gen_samples", "format_rate", "accuracy")})
+    result["wall_sec"] = round(time.time() - t_start, 1)
+    if ctx.is_main:
+        plot_curves(log.path, cfg.out + ".png", ["loss", "eval_loss", "entropy", "lr", "grad_norm"])
+        print(json.dumps(result, indent=1))
+    return result
+
+
+def starting_checkpoint(cfg: SFTConfig, ctx) -> tuple[str, bool]:
+    """-> (checkpoint to load, resuming?): with --resume the run saved in --out, else --ckpt, else a tiny random
+    checkpoint (written to out/tiny-init once)."""
+    resuming = cfg.resume and os.path.isfile(os.path.join(cfg.out, "train_state", "trainer_state.json"))
+    if cfg.resume and not resuming and ctx.is_main:
+        print(f"--resume: nothing to resume in {cfg.out}, starting from {cfg.ckpt or 'a tiny random checkpoint'}")
+    ckpt = cfg.out if resuming else cfg.ckpt or "out/tiny-init"
+    if ckpt == "out/tiny-init" and ctx.is_main and not os.path.isfile(os.path.join(ckpt, "config.json")):
+        write_tiny_checkpoint(ckpt)
+    return ckpt, resuming
+
+
+def data_files(cfg: SFTConfig, ctx) -> tuple[str, str]:
+    """-> (training JSONL, held-out JSONL or ""): --data and --eval-data, or the synthetic cold-start set, which the
+    main rank writes."""
+    if cfg.data:
+        return cfg.data, cfg.eval_data
+    if ctx.is_main:
+        synthetic_data(cfg.synthetic_dir, cfg.n_train, cfg.n_eval, cfg.seed)
+    return (os.path.join(cfg.synthetic_dir, "sft_train.jsonl"),
+            cfg.eval_data or os.path.join(cfg.synthetic_dir, "sft_heldout.jsonl"))
+
+
+def load_datasets(train_path: str, eval_path: str, tok: Tokenizer, cfg: SFTConfig, config: R1VConfig, ctx):
+    """-> (training examples, held-out examples, the training file's stats). Without a held-out file, n_eval samples
+    of --data are held out: a seeded choice, not the file's tail, which may be sorted."""
+    train_set, stats = load_sft(train_path, tok, cfg, config)
+    if eval_path:
+        eval_set, _ = load_sft(eval_path, tok, cfg, config)
+    else:
+        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_eval = min(cfg.n_eval, len(train_set) // 2)
+        eval_set, train_set = [train_set[i] for i in perm[:n_eval]], [train_set[i] for i in perm[n_eval:]]
+    # keep a multiple of world: under FSDP every rank must run the same number of forwards (each all-gathers weights)
+    eval_set = eval_set[:len(eval_set) // ctx.world * ctx.world]
+    if ctx.is_main:
+        print(f"{len(train_set)} training samples, {len(eval_set)} held out; data stats {stats}")
+    return train_set, eval_set, stats
+
+
+def report(step: int, m: dict, cfg: SFTConfig, ctx, log: MetricsLog):
+    """Every step to the metrics JSONL; a console line every print_every steps and at each held-out loss."""
+    log.write(step, m)
+    if ctx.is_main and (step % cfg.print_every == 0 or "eval_loss" in m):
+        print(f"step {step}/{cfg.steps} loss {m['loss']:.4f} lr {m['lr']:.2e} |g| {m['grad_norm']:.2f} {m['sec']:.2f}s"
+              + (f" eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: JSONL -> checked, tokenised, truncated examples (a sample is its token ids with a mask on the assistant
+# tokens) -> right-padded batches, in a seeded order
 
 @dataclass
 class Example:
@@ -93,8 +264,33 @@ class Example:
     mask: torch.Tensor    # [T] bool, True on assistant tokens (response + <|im_end|>): the only ones with a loss
     images: list          # absolute image paths, in <image> order
     where: str            # "file:line", so every message about a sample points at it
-    question: str = None  # for the generation eval (question/response records only)
+    question: str = None  # for the held-out generation eval (question/response records only)
     answer: str = None
+
+
+def make_batch(examples: list, pad_id: int, config: R1VConfig, max_tiles: int, device) -> dict:
+    """Right-padded batch: input_ids, attention_mask (1 real, 0 pad), labels (token id on assistant tokens, -100
+    elsewhere; unshifted: position t's label is the token at t), pixel_values [tiles, 3, H, W] in sample order, which
+    is the order model.embed fills the <IMG_CONTEXT> rows in. Right padding keeps every real token's position and
+    causal context what it is alone, so padding cannot change a sample's loss."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    attn = torch.zeros_like(ids)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        ids[i, :n], attn[i, :n] = e.ids, 1
+        labels[i, :n] = torch.where(e.mask, e.ids.long(), -100)
+    tiles = [image_tiles(p, config, max_tiles) for e in examples for p in e.images]
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device),
+            "pixel_values": torch.cat(tiles).to(device) if tiles else None}
+
+
+def step_indices(step: int, n: int, per_rank: int, seed: int, rank: int = 0, world: int = 1) -> list:
+    """Dataset indices this rank trains on at `step`: the step's global batch is the next per_rank * world items of
+    data.shuffled_indices' seeded stream (a fresh permutation per epoch), ranks interleaved. A function of (seed,
+    step) alone, so a resumed run reads exactly the samples the interrupted one would have."""
+    return shuffled_indices(step * per_rank * world, per_rank * world, n, seed)[rank::world]
 
 
 def to_messages(rec: dict, where: str, allow_untagged: bool) -> list | None:
@@ -192,207 +388,8 @@ def synthetic_data(out_dir: str, n_train: int, n_eval: int, seed: int) -> tuple[
     return tuple(paths)
 
 
-def make_batch(examples: list, pad_id: int, config: R1VConfig, max_tiles: int, device) -> dict:
-    """Right-padded batch: input_ids, attention_mask (1 real, 0 pad), labels (token id on assistant tokens, -100
-    elsewhere; unshifted: position t's label is the token at t), pixel_values [tiles, 3, H, W] in sample order, which
-    is the order model.embed fills the <IMG_CONTEXT> rows in. Right padding keeps every real token's position and
-    causal context what it is alone, so padding cannot change a sample's loss."""
-    T = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    attn = torch.zeros_like(ids)
-    for i, e in enumerate(examples):
-        n = len(e.ids)
-        ids[i, :n], attn[i, :n] = e.ids, 1
-        labels[i, :n] = torch.where(e.mask, e.ids.long(), -100)
-    tiles = [image_tiles(p, config, max_tiles) for e in examples for p in e.images]
-    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device),
-            "pixel_values": torch.cat(tiles).to(device) if tiles else None}
-
-
-def step_indices(step: int, n: int, per_rank: int, seed: int, rank: int = 0, world: int = 1) -> list:
-    """Dataset indices this rank trains on at `step`: the k-th sample of the run is the (k mod n)-th of a fresh seeded
-    permutation for epoch k // n, ranks interleaved. The order is a function of (seed, step) alone, so a resumed run
-    reads exactly the samples the interrupted one would have."""
-    ks = range(step * per_rank * world + rank, (step + 1) * per_rank * world, world)
-    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))
-             for e in {k // n for k in ks}}
-    return [int(perms[k // n][k % n]) for k in ks]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loss
-
-def sft_loss(model, batch: dict, n_tokens: float, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (sum over the batch's assistant tokens of -log p(token) / n_tokens, sum of the policy's entropy there).
-    Pass the whole optimizer step's token count as n_tokens: with gradient accumulation the step's gradient is
-    then that of the token mean over all its micro-batches (long responses weigh by their length, as in one batch).
-    Only the assistant positions go through lm_head: the prompt (256 image tokens a tile) gets no logits at all."""
-    hidden = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], return_hidden=True)  # [B,T,D]
-    targets = batch["labels"][:, 1:]                                  # position t predicts token t+1
-    keep = targets >= 0
-    logp, ent = token_logprobs_and_entropy(model.language_model.lm_head, hidden[:, :-1][keep][None],  # [1,N,D]
-                                           targets[keep][None], chunk=chunk)
-    return -logp.sum() / n_tokens, ent.detach().sum()
-
-
-def n_targets(examples: list) -> int:
-    return sum(int(e.mask[1:].sum()) for e in examples)  # the first token has no predecessor, so it is never a target
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The loop
-
-def fit(cfg: SFTConfig, ctx, model, opt, pad_id: int, train_set: list, eval_set: list, log: MetricsLog,
-        start: int = 0):
-    """Optimizer steps start..cfg.steps: micro-batches -> accumulated gradients -> clip -> AdamW at lr_at(step)."""
-    if start == 0:  # the curve starts from the untrained model
-        log.write(0, {"eval_loss": evaluate(model, eval_set, cfg, ctx, pad_id)})
-    for step in range(start, cfg.steps):
-        t0 = time.time()
-        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = step_indices(step, len(train_set), cfg.batch_size * cfg.grad_accum, cfg.seed, ctx.rank, ctx.world)
-        examples = [train_set[i] for i in idx]
-        n_all, = all_reduce_sum([n_targets(examples)])
-        loss_sum = ent_sum = 0.0
-        for i in range(0, len(examples), cfg.batch_size):
-            batch = make_batch(examples[i:i + cfg.batch_size], pad_id, model.config, cfg.max_tiles, ctx.device)
-            with autocast(ctx):
-                # FSDP averages gradients over ranks; scaling by world turns that average back into the global
-                # token mean (each rank's loss is its share of sum(-log p) / n_all)
-                loss, ent = sft_loss(model, batch, n_all / ctx.world, cfg.logprob_chunk)
-            loss.backward()
-            loss_sum, ent_sum = loss_sum + loss.item() / ctx.world, ent_sum + ent.item()
-        grad_norm = clip_grad_norm(model, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_all, ent_all = all_reduce_sum([loss_sum, ent_sum])
-        metrics = {"loss": loss_all, "entropy": ent_all / max(n_all, 1), "lr": lr, "grad_norm": grad_norm,
-                   "tokens": n_all, "sec": round(time.time() - t0, 3)}
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            metrics["eval_loss"] = evaluate(model, eval_set, cfg, ctx, pad_id)
-        log.write(done, metrics)
-        if ctx.is_main and (done % cfg.print_every == 0 or "eval_loss" in metrics):
-            print(f"step {done}/{cfg.steps} loss {loss_all:.4f} lr {lr:.2e} |g| {grad_norm:.2f} "
-                  f"{metrics['sec']:.2f}s" + (f" eval {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""))
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            save_checkpoint(cfg.out, model, opt, done, {"config": asdict(cfg)})
-
-
-@torch.no_grad()
-def evaluate(model, examples: list, cfg: SFTConfig, ctx, pad_id: int) -> float:
-    """Token-mean held-out loss (every rank takes a strided share; the shares are equal, see split_for_ranks)."""
-    mine = examples[ctx.rank::ctx.world]
-    total = 0.0
-    for i in range(0, len(mine), cfg.batch_size):
-        batch = make_batch(mine[i:i + cfg.batch_size], pad_id, model.config, cfg.max_tiles, ctx.device)
-        with autocast(ctx):
-            total += sft_loss(model, batch, 1.0, cfg.logprob_chunk)[0].item()
-    total, = all_reduce_sum([total])
-    return total / max(n_targets(examples), 1)
-
-
-@torch.no_grad()
-def generation_eval(model, tok: Tokenizer, examples: list, cfg: SFTConfig, ctx) -> dict:
-    """Greedy thinking-mode answers to held-out questions (the prompt grpo.py and sampling use: it ends in
-    `<think>\\n`) -> format rate (rewards.format_reward) and accuracy (rewards.accuracy_reward, samples with an answer)."""
-    nit = model.config.num_image_token
-    asked = [e for e in examples if e.question is not None][:cfg.gen_eval]
-    mine = split_for_ranks(asked, ctx.world)[ctx.rank::ctx.world]
-    fmt = acc = n_ans = 0.0
-    sample_text = ""
-    for i in range(0, len(mine), cfg.batch_size):
-        chunk = mine[i:i + cfg.batch_size]
-        tiles = [[image_tiles(p, model.config, cfg.max_tiles) for p in e.images] for e in chunk]
-        prompts = [tok.encode(build_prompt(e.question, [t.shape[0] for t in ts], nit)) for e, ts in zip(chunk, tiles)]
-        ids, attn = left_pad(prompts, tok.pad_id)
-        T = ids.shape[1]
-        pix = torch.cat([t for ts in tiles for t in ts]).to(ctx.device) if any(tiles) else None
-        with autocast(ctx):
-            out = model.generate(ids.to(ctx.device), pix, attn.to(ctx.device), max_new_tokens=cfg.max_new_tokens,
-                                 eos_token_id=tok.eos_id)
-        for e, row in zip(chunk, out[:, T:].tolist()):
-            text = tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row)
-            sample_text = sample_text or text
-            fmt += format_reward(text)
-            if e.answer is not None:
-                acc, n_ans = acc + accuracy_reward(text, e.answer), n_ans + 1
-    n, fmt, acc, n_ans = all_reduce_sum([len(mine), fmt, acc, n_ans])
-    return {"gen_samples": n, "format_rate": fmt / max(n, 1), "accuracy": acc / n_ans if n_ans else None,
-            "sample": sample_text}
-
-
-def split_for_ranks(examples: list, world: int) -> list:
-    """Keep a multiple of world samples: under FSDP every rank must run the same number of forwards and generate
-    calls (each forward all-gathers weights), so held-out shares must be equal."""
-    return examples[:len(examples) // world * world]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# main
-
-def main(cfg: SFTConfig) -> dict:
-    t_start = time.time()
-    ctx = setup(seed=cfg.seed)
-    resuming = cfg.resume and os.path.isfile(os.path.join(cfg.out, "train_state", "trainer_state.json"))
-    if cfg.resume and not resuming and ctx.is_main:
-        print(f"--resume: nothing to resume in {cfg.out}, starting from {cfg.ckpt or 'a tiny random checkpoint'}")
-    ckpt = cfg.out if resuming else cfg.ckpt
-    if not ckpt:
-        ckpt = "out/tiny-init"
-        if ctx.is_main and not os.path.isfile(os.path.join(ckpt, "config.json")):
-            from model import write_tiny_checkpoint
-            write_tiny_checkpoint(ckpt)
-    train_path, eval_path = cfg.data, cfg.eval_data
-    if not train_path:
-        if ctx.is_main:
-            train_path, eval_path = synthetic_data(cfg.synthetic_dir, cfg.n_train, cfg.n_eval, cfg.seed)
-        train_path = train_path or os.path.join(cfg.synthetic_dir, "sft_train.jsonl")
-        eval_path = eval_path or os.path.join(cfg.synthetic_dir, "sft_heldout.jsonl")
-    barrier()
-
-    model = load_for_training(ckpt, ctx, cfg.train, cfg.grad_checkpointing, cfg.cpu_offload)
-    tok = Tokenizer.from_dir(ckpt)
-    args = (tok, cfg, model.config)
-    train_set, stats = load_sft(train_path, *args)
-    if eval_path:
-        eval_set, _ = load_sft(eval_path, *args)
-    else:  # hold out n_eval samples of --data (a seeded choice, not the file's tail, which may be sorted)
-        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_eval = min(cfg.n_eval, len(train_set) // 2)
-        eval_set, train_set = [train_set[i] for i in perm[:n_eval]], [train_set[i] for i in perm[n_eval:]]
-    eval_set = split_for_ranks(eval_set, ctx.world)
-    if ctx.is_main:
-        print(f"{len(train_set)} training samples, {len(eval_set)} held out; data stats {stats}")
-
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay,
-                         moments_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
-    start = 0
-    if resuming:
-        start, _, _ = resume(cfg.out, model, opt)
-    metrics_path = cfg.out + ".metrics.jsonl"
-    log = MetricsLog(metrics_path, enabled=ctx.is_main, resume_step=start if resuming else None)
-    log.write(start, {"data_" + k: v for k, v in stats.items() if k != "untagged_at"})
-
-    fit(cfg, ctx, model, opt, tok.pad_id, train_set, eval_set, log, start)
-    save_checkpoint(cfg.out, model, opt, cfg.steps, {"config": asdict(cfg)})
-    result = {"steps": cfg.steps, "out": cfg.out}
-    if cfg.gen_eval:
-        model.eval()
-        result.update(generation_eval(model, tok, eval_set, cfg, ctx))
-        log.write(cfg.steps, {k: v for k, v in result.items() if k in ("format_rate", "accuracy", "gen_samples")})
-    result["wall_sec"] = round(time.time() - t_start, 1)
-    if ctx.is_main:
-        plot_curves(metrics_path, cfg.out + ".png", ["loss", "eval_loss", "entropy", "lr", "grad_norm"])
-        print(json.dumps(result, indent=1))
-    return result
-
-
 def parse_args(argv=None) -> SFTConfig:
-    return SFTConfig(**parse_flags(SFTConfig, argv, __doc__.split("\n")[0]))
+    return parse_config(SFTConfig, argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

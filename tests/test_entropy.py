@@ -1,11 +1,13 @@
 import json
 import math
+import os
 
 import pytest
 import torch
 
-from data import Tokenizer, make_visual_task, read_jsonl
-from entropy import EntropyConfig, critical_positions, decode_with_offsets, format_table, pick_checkpoint, prompt_inputs, response_entropy, run, score_checkpoint, stats
+from data import Tokenizer, encode_prompt, make_visual_task, read_jsonl
+from entropy import (EntropyConfig, critical_positions, decode_with_offsets, format_table, pick_checkpoint,
+                     response_entropy, run, score_checkpoint, score_response, stats)
 from model import entropy_from_logits, token_logprobs_and_entropy
 from model import SkyworkR1V
 from parallel import setup
@@ -119,7 +121,7 @@ def test_teacher_forcing_alignment(tiny_ckpt, tmp_path):
     model = SkyworkR1V.from_pretrained(tiny_ckpt)
     tok = Tokenizer.from_dir(tiny_ckpt)
     rec = {"question": "How many?", "images": []}
-    prompt, pv = prompt_inputs(model, tok, rec)
+    prompt, pv = encode_prompt(tok, model.config, rec["question"], rec["images"])
     response = tok.encode("Wait, 2") + [tok.eos_id]
     ent = response_entropy(model, prompt, pv, response, temperature=0.8, chunk=2)
     with torch.no_grad():
@@ -190,3 +192,32 @@ def test_run_end_to_end(tiny_ckpt, tmp_path):
     assert "not found" in reports[1]["error"]  # an unmatched pattern is reported, not dropped
     assert json.loads(out.read_text())["pick"] == tiny_ckpt
     assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "report_hist.png").exists()
+
+
+def test_default_output_is_under_out_entropy(tiny_ckpt, tmp_path, monkeypatch):
+    """With no --out, every file the command writes lands in out/entropy/ of the working directory (git-ignored),
+    none in the directory itself."""
+    monkeypatch.chdir(tmp_path)
+    data = make_visual_task("task", 1, split="heldout")
+    before = set(os.listdir(tmp_path))
+    run(EntropyConfig(ckpts=[tiny_ckpt], data=data, max_new_tokens=4))
+    assert set(os.listdir(tmp_path)) - before == {"out"}
+    assert os.listdir(tmp_path / "out") == ["entropy"]
+    assert {"report.json", "report.md", "report_hist.png"} <= set(os.listdir(tmp_path / "out" / "entropy"))
+
+
+def test_sampled_image_token_ends_the_response(tiny_ckpt):
+    """A model that samples <IMG_CONTEXT> (an early checkpoint can) gets a response that ends there, as in GRPO's
+    rollouts: fed back in teacher forcing it would ask for an image that does not exist (it used to raise)."""
+    model, tok = SkyworkR1V.from_pretrained(tiny_ckpt).eval(), Tokenizer.from_dir(tiny_ckpt)
+    head = model.language_model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[model.config.img_context_token_id] = 30.0  # every sampled token is the image token
+    model.language_model.lm_head = biased
+    cfg = EntropyConfig(ckpts=[tiny_ckpt], data="", max_new_tokens=8)
+    text, ent, _ = score_response(model, tok, {"question": "How many?", "images": []}, cfg, setup(),
+                                  torch.Generator().manual_seed(0))
+    assert text == "<IMG_CONTEXT>" and len(ent) == 1

@@ -7,8 +7,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sft
-from data import Tokenizer, build_prompt
-from model import R1VConfig, SkyworkR1V
+from data import Tokenizer, build_prompt, shuffled_indices
+from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from sft import SFTConfig, fit, load_sft, main, make_batch, parse_args, sft_loss, step_indices, synthetic_data, truncate
 from logs import MetricsLog, read_metrics
 from optim import make_optimizer
@@ -211,3 +211,66 @@ def test_data_order_and_flags():
     assert sorted(ranks[0] + ranks[1]) == sorted(step_indices(4, n, 2 * per, 0))  # ranks split one global batch
     cfg = parse_args(["--train", "vision,connector", "--max-len", "64", "--allow-untagged", "--lr", "1e-5"])
     assert (cfg.train, cfg.max_len, cfg.allow_untagged, cfg.lr) == ("vision,connector", 64, True, 1e-5)
+
+
+def test_step_indices_are_data_shuffled_indices():
+    """step_indices is data.shuffled_indices' stream cut into global batches, ranks interleaved: the same order as
+    the earlier per-rank formula (sample k of the run = item k mod n of epoch k // n's seeded permutation)."""
+    def per_rank_formula(step, n, per, seed, rank, world):
+        ks = range(step * per * world + rank, (step + 1) * per * world, world)
+        perm = lambda e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))  # noqa: E731
+        return [int(perm(k // n)[k % n]) for k in ks]
+    for step, n, per, seed, world in [(0, 10, 3, 0, 1), (7, 10, 3, 1, 2), (5, 7, 4, 3, 3), (11, 5, 1, 0, 8)]:
+        for rank in range(world):
+            assert step_indices(step, n, per, seed, rank, world) == per_rank_formula(step, n, per, seed, rank, world)
+        assert step_indices(step, n, per * world, seed) == shuffled_indices(step * per * world, per * world, n, seed)
+
+
+def selected_loss(model, batch, n_tokens, chunk=1024):
+    """The loss as sft_loss computed it before: only the assistant positions, selected by a boolean mask."""
+    hidden = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], return_hidden=True)
+    targets = batch["labels"][:, 1:]
+    keep = targets >= 0
+    logp, ent = token_logprobs_and_entropy(model.language_model.lm_head, hidden[:, :-1][keep][None],
+                                           targets[keep][None], chunk=chunk)
+    return -logp.sum() / n_tokens, ent.detach().sum()
+
+
+@pytest.mark.parametrize("chunk", [1024, 7])
+def test_masked_loss_equals_selected_loss(tiny_ckpt, tmp_path, red_png, chunk):
+    """Masking by multiplication over the full [B, T] gives the loss, entropy and gradients of selecting the
+    assistant positions (padding, an image, a second turn; one chunk and many)."""
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"images": [red_png], "question": "How many?", "response": GOOD},
+        {"question": "A longer question, " * 6, "response": GOOD.replace("2", "2 " * 12)},
+        {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": GOOD},
+                      {"role": "user", "content": "Again?"}, {"role": "assistant", "content": GOOD}]},
+    ])
+    exs, _ = load(path, tiny_ckpt)
+    model, tok = SkyworkR1V.from_pretrained(tiny_ckpt), Tokenizer.from_dir(tiny_ckpt)
+    batch = make_batch(exs, tok.pad_id, model.config, 12, "cpu")
+    results = []
+    for fn in (sft_loss, selected_loss):
+        model.zero_grad(set_to_none=True)
+        loss, ent = fn(model, batch, 37.0, chunk)
+        loss.backward()
+        results.append((loss.item(), ent.item(), [p.grad.clone() for p in model.parameters()]))
+    (l1, e1, g1), (l2, e2, g2) = results
+    assert l1 == pytest.approx(l2, rel=1e-6) and e1 == pytest.approx(e2, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(g1, g2))
+
+
+def test_loss_traces_under_fake_tensors(tiny_ckpt, tmp_path):
+    """No host sync and no data-dependent shape in sft_loss: it runs on fake tensors (plan.py's dry run), where
+    .item() or a boolean-mask index would raise."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    model = SkyworkR1V.from_pretrained(tiny_ckpt)
+    T = 40
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        ids = torch.zeros(2, T, dtype=torch.long)
+        labels = torch.full((2, T), -100, dtype=torch.long)
+        batch = {"input_ids": ids, "attention_mask": torch.ones(2, T, dtype=torch.long), "labels": labels,
+                 "pixel_values": None}
+        loss, ent = sft_loss(model, batch, 10.0, chunk=16)
+        loss.backward()
+        assert mode.is_our_fake(loss) and loss.shape == () and ent.shape == ()

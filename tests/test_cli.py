@@ -1,0 +1,114 @@
+"""The command line: a bad flag value is one line on stderr naming the flag, exit 2, no traceback (cli.py).
+
+Each script's own entry point is called in this process (importing torch again in a subprocess per case would
+take seconds each); one subprocess test checks the real command end to end."""
+import importlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+from cli import at_least, check_choices, choice, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# script -> the function its __main__ hands the command line to (a parse_args, or a main(argv) returning its exit
+# status)
+ENTRY = {"sft.py": "parse_args", "entropy.py": "parse_args", "grpo.py": "parse_args", "sample.py": "main",
+         "plan.py": "main", "bench.py": "parse_args"}
+
+
+def needs(script: str, change: str):
+    """A case that passes once the owner of `script` applies `change`; strict, so it is noticed when it does."""
+    return pytest.mark.xfail(reason=f"needs {script} change: {change}", strict=True)
+
+
+NO_CKPT = ["--ckpt", "no-such-ckpt"]  # sample.py must fail fast, never write a default checkpoint
+CASES = [
+    ("sft.py", ["--train", "vison"], "--train"),
+    ("sft.py", ["--steps", "0"], "--steps"),
+    ("sft.py", ["--lr", "fast"], "--lr"),
+    ("sft.py", ["--data", "missing.jsonl"], "--data"),
+    ("sft.py", ["--ckpt", "no-such-ckpt"], "--ckpt"),
+    ("entropy.py", ["--ckpts", "a", "--data", "d.jsonl", "--mode", "sampel"], "--mode"),
+    ("entropy.py", ["--data", "d.jsonl"], "--ckpts"),
+    ("entropy.py", ["--ckpts", "a", "--data", "d.jsonl", "--dtype", "fp16"], "--dtype"),
+    ("entropy.py", ["--ckpts", "a", "--data", "d.jsonl", "--top-p", "0"], "--top-p"),
+    ("entropy.py", ["--ckpts", "a", "--data", "missing.jsonl"], "--data"),
+    ("grpo.py", ["--steps", "x"], "--steps"),
+    pytest.param("grpo.py", ["--group-size", "0"], "--group-size", marks=needs(
+        "grpo.py", "GRPOConfig.__post_init__ with cli.at_least, parse_args -> cli.parse_config")),
+    pytest.param("grpo.py", ["--train", "vison"], "--train", marks=needs(
+        "grpo.py", "GRPOConfig.__post_init__ calling optim.parse_train_spec(self.train)")),
+    ("sample.py", NO_CKPT + ["--dtype", "fp16"], "--dtype"),
+    pytest.param("sample.py", NO_CKPT + ["--temperature", "-1"], "--temperature", marks=needs(
+        "sample.py", "SampleConfig.__post_init__ checking temperature >= 0, parse_args -> cli.parse_config")),
+    pytest.param("plan.py", ["--seq", "x"], "--seq", marks=needs(
+        "plan.py", "main's parser a cli.Parser (one line, no usage block)")),
+    pytest.param("plan.py", ["--gpus", "0"], "--gpus", marks=needs(
+        "plan.py", "main rejecting --gpus < 1 with ap.error")),
+    pytest.param("bench.py", ["--config", "huge"], "--config", marks=needs(
+        "bench.py", "BenchConfig.config = cli.choice(...), parse_args -> cli.parse_config")),
+    pytest.param("bench.py", ["--repeats", "x"], "--repeats", marks=needs(
+        "bench.py", "parse_args -> cli.parse_config (one line, no usage block)")),
+]
+
+
+def exit_status(script: str, argv: list):
+    """Run the script's entry point on argv -> its exit status: SystemExit's code, or what main(argv) returned;
+    None if the flags were accepted (a parse_args returned a config)."""
+    entry = getattr(importlib.import_module(script.removesuffix(".py")), ENTRY[script])
+    try:
+        status = entry(argv)
+    except SystemExit as e:
+        return e.code
+    return status if isinstance(status, int) else None
+
+
+@pytest.mark.parametrize("script, args, flag", CASES)
+def test_bad_flag_is_one_line_exit_2(tmp_path, monkeypatch, capsys, script, args, flag):
+    (tmp_path / "d.jsonl").write_text('{"question": "q"}\n')
+    monkeypatch.chdir(tmp_path)  # an empty directory: nothing a failing command might write lands in the repository
+    status = exit_status(script, args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and flag in lines[0], (status, lines)
+    assert os.listdir(tmp_path) == ["d.jsonl"]
+
+
+def test_command_line_end_to_end(tmp_path):
+    """The one subprocess: `python sft.py --train vison` as a user types it (the issue's example)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--train", "vison"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in p.stderr and p.returncode == 2, p.stderr
+    assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith("sft.py: error: ")
+    assert "--train" in p.stderr and "vision" in p.stderr and os.listdir(tmp_path) == []
+
+
+@dataclass
+class Demo:
+    mode: str = choice("fast", "slow")
+    steps: int = 10
+    names: list = field(default_factory=list, metadata={"required": True})
+
+    def __post_init__(self):
+        check_choices(self)
+        at_least(self, 1, "steps")
+
+
+def test_parse_config(capsys):
+    cfg = parse_config(Demo, ["--names", "a", "b", "--steps", "3"], defaults={"mode": "slow", "steps": 5})
+    assert (cfg.mode, cfg.steps, cfg.names) == ("slow", 3, ["a", "b"])  # flags win over defaults
+    cfg = parse_config(Demo, ["--names", "a"], defaults=lambda flags: {"steps": 7 if "mode" in flags else 8})
+    assert cfg.steps == 8
+    for argv, words in ((["--names", "a", "--mode", "medium"], ["--mode", "'fast'", "'slow'"]),
+                        (["--names", "a", "--steps", "0"], ["--steps", ">= 1"]),
+                        (["--names", "a", "--steps", "x"], ["--steps", "'x'"]),
+                        (["--steps", "2"], ["--names"])):
+        with pytest.raises(SystemExit) as e:
+            parse_config(Demo, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+    with pytest.raises(ValueError, match="--mode"):  # the same rule for a config built in code
+        Demo(mode="medium")
