@@ -33,11 +33,11 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import latest_checkpoint, resume, save_checkpoint
-from cli import parse_flags
+from cli import at_least, parse_config
 from data import Tokenizer, encode_prompt, make_visual_task, read_jsonl, shuffled_indices
 from logs import MetricsLog, plot_curves
 from model import R1VConfig, token_logprobs_and_entropy
-from optim import clip_grads, lr_at, make_optimizer
+from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
 from parallel import autocast, barrier, load_for_training, mean_over_ranks, setup
 from rewards import accuracy_reward, format_reward, reward  # noqa: F401  (format_reward: re-exported)
 from rollout import cat_pixels, generate_responses, heldout_eval, vit_once
@@ -92,6 +92,16 @@ class GRPOConfig:
     eval_every: int = 10          # held-out accuracy (greedy decoding) every this many steps, and at 0 and the end
     eval_size: int = 256          # held-out problems evaluated
     save_every: int = 50
+
+    def __post_init__(self):  # a bad value is one line naming the flag (cli.parse_config), before any work
+        at_least(self, 1, "steps", "prompts_per_step", "group_size", "max_new_tokens", "max_tiles",
+                 "rollout_batch_size", "ppo_epochs", "minibatch_size", "micro_batch_size", "logprob_chunk",
+                 "buffer_capacity", "eval_every", "save_every", "synthetic_size")
+        at_least(self, 0, "clip_low", "clip_high", "beta", "lr", "warmup_steps", "weight_decay", "eval_size",
+                 "buffer_max_age")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0 (log-probs are taken at it), got {self.temperature}")
+        parse_train_spec(self.train)
 
 
 # The default run (`python grpo.py`, no --ckpt): tiny model from `python sft.py`, synthetic task, CPU, minutes.
@@ -495,15 +505,15 @@ def finish(run: dict, cfg: GRPOConfig):
 def parse_args(argv=None) -> GRPOConfig:
     """Without --ckpt the default run's tiny settings (TINY_RUN) apply; with --ckpt the recipe defaults do.
     Explicit flags win either way."""
-    flags = parse_flags(GRPOConfig, argv, __doc__.splitlines()[0])
-    return GRPOConfig(**{**({} if "ckpt" in flags else TINY_RUN), **flags})
+    return parse_config(GRPOConfig, argv, __doc__.splitlines()[0],
+                        defaults=lambda flags: {} if "ckpt" in flags else TINY_RUN)
 
 
 if __name__ == "__main__":
     cfg = parse_args()
     t = time.perf_counter()
     if cfg.ckpt == GRPOConfig.ckpt and not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
-        # the paper's pipeline: RL starts from the cold-start SFT model, so make it first (sft.py imports this file).
+        # the paper's pipeline: RL starts from the cold-start SFT model, so make it first.
         # A short cold start (110 of sft.py's 300 steps: about a quarter of held-out answers well formed) leaves RL
         # something to show in minutes; from the full 300-step model the toy task has little headroom (README).
         import sft

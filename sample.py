@@ -21,7 +21,7 @@ import torch
 from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, build_prompt, image_tiles, make_visual_task,
                   left_pad, parse_response, read_jsonl)
 from model import R1VConfig, SkyworkR1V
-from cli import parse_flags
+from cli import at_least, check_choices, choice, parse_config
 from parallel import load_for_training, setup
 from tp import check_divisible, make_decoder
 
@@ -44,11 +44,18 @@ class SampleConfig:
     max_tiles: int = 0            # 448px tiles per image (+ thumbnail); 0 = the checkpoint's max_dynamic_patch (12)
     batch_size: int = 16          # prompts per generate() call with --prompts
     seed: int = 0
-    dtype: str = ""               # fp32 | bf16; "" = bf16 on GPU, fp32 on CPU
+    dtype: str = choice("", "fp32", "bf16")  # "" = bf16 on GPU, fp32 on CPU
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     tp: bool = True               # under torchrun: decode with a tensor-parallel copy of the decoder (tp.py);
                                   # --no-tp decodes from the FSDP shards (an all-gather of every layer per token)
     compile: bool = False         # torch.compile the fixed-shape decode step (CUDA graphs on a GPU)
+
+    def __post_init__(self):  # a bad value is one line naming the flag (cli.parse_config), before any work
+        check_choices(self)
+        at_least(self, 1, "max_new_tokens", "batch_size")
+        at_least(self, 0, "temperature", "max_tiles")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -180,17 +187,12 @@ def report_speed(progress: Progress, t0: float, batch: int, n_prompt: int):
 # main
 
 def parse_args(argv=None) -> SampleConfig:
-    return SampleConfig(**parse_flags(SampleConfig, argv, __doc__.split("\n")[0]))
+    return parse_config(SampleConfig, argv, __doc__.split("\n")[0])
 
 
 def prepare(cfg: SampleConfig):
     """-> (model, tokenizer, requests, tensor-parallel decoder or None). Raises ValueError / FileNotFoundError naming the problem; every input is
     checked before the weights are loaded, so a bad prompt costs no model compute."""
-    if cfg.dtype and cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    for name in ("max_new_tokens", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA GPU is available (use --device cpu)")
     ckpt = cfg.ckpt
