@@ -23,6 +23,7 @@ decode step, per training token, per tile, and the lower bounds they imply on 8x
     python bench.py --config proxy --device cuda      # release-width blocks, 2 + 2 layers
     python bench.py --roofline                        # the 38B on 8xH100 (+ out/roofline_r1v3-38b.json)
     python bench.py --config small --profile decode1  # torch.profiler top ops, both sides, one row
+    python bench.py --rollout                         # rollout speed (bench_rollout.py, + out/bench_rollout.json)
 
 transformers is the reference: tests/hf_reference.py builds it (transformers stays out of the project's code).
 """
@@ -41,7 +42,7 @@ import torch
 
 from model import write_tiny_checkpoint
 from model import token_logprobs_and_entropy
-from grpo import grpo_loss
+from grpo import GRPOConfig, grpo_loss
 from model import R1VConfig, SkyworkR1V, count_params
 from sft import sft_loss
 
@@ -63,6 +64,7 @@ class BenchConfig:
     out: str = ""                 # JSON results; default out/bench_<config>_<device>.json
     profile: str = ""             # a row name: print torch.profiler's top ops for both sides instead of timing
     roofline: bool = False        # print the computed roofline instead of measuring
+    rollout: bool = False         # bench_rollout.py: TP vs FSDP-gather decode on 2 ranks, group vs per-row rollouts
     roofline_config: str = "r1v3-38b"
     context: int = 4096           # roofline: tokens in context per sequence (decode KV reads, training sequence)
 
@@ -405,7 +407,7 @@ def run(cfg: BenchConfig) -> dict:
 class Hardware:  # one 8xH100 SXM node; datasheet peaks (dense bf16, no sparsity) and assumed storage paths
     gpus: int = 8
     hbm_bytes_per_s: float = 3.35e12
-    flops_per_s: float = 990e12
+    flops_per_s: float = 989e12          # 1,979 with 2:4 sparsity, halved
     nvlink_bytes_per_s: float = 450e9     # per GPU per direction: ring all-gather / reduce-scatter bandwidth
     hbm_bytes: float = 80e9
     nvme_bytes_per_s: float = 7e9         # assumed: one PCIe 4.0 x4 NVMe drive
@@ -429,13 +431,19 @@ def model_costs(config: R1VConfig) -> dict:
         tile_flops=(2 * vit_blocks * patches + 2 * patch_conv * v.num_patches
                     + 4 * patches ** 2 * v.hidden_size * v.num_hidden_layers
                     + 2 * counts["mlp1"] * config.num_image_token),
-        tokens_per_tile=config.num_image_token)
+        tokens_per_tile=config.num_image_token, hidden=t.hidden_size, layers=t.num_hidden_layers, vocab=t.vocab_size,
+        # o_proj + down_proj: the row-parallel matrices, the only ones a TP refresh must move between GPUs (tp.py)
+        row_parallel=t.num_hidden_layers * (attn_width + t.intermediate_size) * t.hidden_size,
+        trained=counts["language_model"] + counts["mlp1"])  # GRPO's default trainable parts
 
 
 def decode_bound(c: dict, hw: Hardware, batch: int, context: int, fsdp: bool) -> dict:
     """One decode step, `batch` sequences per GPU each with `context` tokens of KV, per GPU.
-    resident: weights stay in HBM, tensor-parallel over the node (an inference engine): each GPU reads 1/gpus of the
-      bf16 weights and, with the node's batch = gpus * batch split by KV head, batch sequences' worth of KV.
+    resident: weights stay in HBM, tensor-parallel over the node (tp.py, or an inference engine): each GPU reads
+      1/gpus of the bf16 weights and, with the node's batch = gpus * batch split by KV head, batch sequences' worth
+      of KV. Its NVLink traffic: two all-reduces of the node batch's [B,D] activations per layer and one after the
+      vocabulary-parallel embedding (a ring all-reduce sends 2 (g-1)/g of the tensor per GPU), and the all-gather of
+      the [B,V] logits ((g-1)/g), all bf16. 2 x layers + 2 collectives per step: their latency is not modelled.
     fsdp: generate() on the training shards (data parallel, batch sequences per GPU): every step all-gathers the
       decoder ((gpus-1)/gpus of it arrives over NVLink; the root unit's lm_head stays gathered between steps) and
       reads all of it from HBM. Each GPU holds its fp32 master shard (parallel.py); optimizer state not counted."""
@@ -443,7 +451,11 @@ def decode_bound(c: dict, hw: Hardware, batch: int, context: int, fsdp: bool) ->
     kv = batch * context * c["kv_bytes_per_token"]
     flops = batch * (2 * c["dec_matmul"] + context * c["attn_flops_per_ctx_token"])
     hbm = (weights if fsdp else weights / hw.gpus) + kv
-    comm = 2 * (c["params"]["language_model"] - c["lm_head"]) * (hw.gpus - 1) / hw.gpus if fsdp else 0.0
+    ring, rows = (hw.gpus - 1) / hw.gpus, hw.gpus * batch
+    if fsdp:
+        comm = 2 * (c["params"]["language_model"] - c["lm_head"]) * ring
+    else:
+        comm = ring * 2 * rows * (2 * (2 * c["layers"] + 1) * c["hidden"] + c["vocab"])
     times = {"HBM": hbm / hw.hbm_bytes_per_s, "compute": flops / hw.flops_per_s, "NVLink": comm / hw.nvlink_bytes_per_s}
     bound = max(times, key=times.get)
     held = (4 if fsdp else 2) * c["params"]["total"] / hw.gpus
@@ -451,6 +463,44 @@ def decode_bound(c: dict, hw: Hardware, batch: int, context: int, fsdp: bool) ->
                 hbm_bytes=hbm, nvlink_bytes=comm, flops=flops, step_s=times[bound], bound=bound,
                 node_tokens_per_s=hw.gpus * batch / times[bound], weights_gb_per_gpu=held / 1e9,
                 kv_gb_per_gpu=kv / 1e9, fits=held + kv < 0.9 * hw.hbm_bytes)  # 10% for activations, CUDA context
+
+
+# The default GRPO recipe's prompts, as plan.py's: ~7 tiles of 256 image tokens + text
+RECIPE_PROMPT_TOKENS, RECIPE_TILES = 2048, 7
+
+
+def grpo_step_bound(c: dict, hw: Hardware, g: GRPOConfig, tp: bool, prompt: int = RECIPE_PROMPT_TOKENS,
+                    tiles: int = RECIPE_TILES) -> dict:
+    """Lower bound on one GRPO step of recipe g (grpo.py's defaults) per GPU, every response at max_new_tokens,
+    each phase at the max of its compute, HBM and NVLink times (perfect overlap), at 100% of the peaks.
+    rollout   each prompt prefilled once (ViT once) and G rows decoded from it; a rank's rows in
+              rollout_batch_size-sequence calls, each max_new_tokens decode steps (decode_bound, mean context);
+              with TP all ranks' calls decode together, so the node batch is gpus x rollout_batch_size
+    logprobs  the old policy's forward over every sequence (and the reference's when beta > 0)
+    update    ppo_epochs forward + backward (+ a recomputed forward with activation checkpointing); FSDP per
+              micro-batch: bf16 all-gathers in forward and backward, fp32 reduce-scatter, of the trained parts
+    refresh   TP only: the row-parallel matrices' fp32 all-to-all, and a read + bf16 write of 1/gpus of the decoder"""
+    seqs = g.prompts_per_step * g.group_size // hw.gpus                    # sequences per GPU
+    length, ring = prompt + g.max_new_tokens, (hw.gpus - 1) / hw.gpus
+    fwd_flops = length * (2 * c["dec_matmul"] + length / 2 * c["attn_flops_per_ctx_token"])  # one sequence, causal
+    micro = -(-seqs // g.micro_batch_size)
+
+    def per_micro(flops: float, comm: float) -> float:
+        return micro * max(flops / micro / hw.flops_per_s, comm / hw.nvlink_bytes_per_s)
+
+    step = decode_bound(c, hw, g.rollout_batch_size, prompt + g.max_new_tokens // 2, fsdp=not tp)
+    prefill = seqs / g.group_size * (prompt * (2 * c["dec_matmul"] + prompt / 2 * c["attn_flops_per_ctx_token"])
+                                     + tiles * c["tile_flops"])
+    passes = 1 + (g.beta > 0)
+    recompute = 4 if g.grad_checkpointing else 3                           # x the forward: fwd + 2x bwd (+ fwd)
+    phases = dict(
+        rollout=prefill / hw.flops_per_s + -(-seqs // g.rollout_batch_size) * g.max_new_tokens * step["step_s"],
+        logprobs=passes * per_micro(seqs * fwd_flops, 2 * c["trained"] * ring),
+        update=g.ppo_epochs * per_micro(recompute * seqs * fwd_flops, (2 + 2 + 4) * c["trained"] * ring),
+        refresh=(4 * c["row_parallel"] / hw.gpus * ring / hw.nvlink_bytes_per_s
+                 + 6 * c["params"]["language_model"] / hw.gpus / hw.hbm_bytes_per_s) if tp else 0.0)
+    return dict(generation="TP" if tp else "FSDP-gather", seqs_per_gpu=seqs, decode_step=step, phases=phases,
+                step_s=sum(phases.values()))
 
 
 def roofline(config_name: str = "r1v3-38b", context: int = 4096, hw: Hardware = Hardware()) -> dict:
@@ -464,6 +514,7 @@ def roofline(config_name: str = "r1v3-38b", context: int = 4096, hw: Hardware = 
     return dict(
         config=config_name, hardware=asdict(hw), costs=c,
         decode=[decode_bound(c, hw, b, context, fsdp) for fsdp in (False, True) for b in (1, 64)],
+        grpo=[grpo_step_bound(c, hw, GRPOConfig(), tp) for tp in (False, True)], recipe=asdict(GRPOConfig()),
         train=dict(flops_per_token=train_flops, node_tokens_per_s=hw.gpus * hw.flops_per_s / train_flops,
                    fsdp_bytes_per_microbatch=fsdp_comm,
                    min_tokens_per_gpu_microbatch=fsdp_comm / hw.nvlink_bytes_per_s * hw.flops_per_s / train_flops),
@@ -505,6 +556,7 @@ def roofline_report(r: dict) -> str:
             f"fit only with a mean context <= {kv_room / 64 / c['kv_bytes_per_token']:,.0f} tokens. So rollouts belong "
             f"in an engine that keeps the weights resident (gathered or resharded to tensor-parallel once per rollout "
             f"phase), not in generate() on FSDP shards.", "",
+            *grpo_report(r), "",
             "### Training (SFT / GRPO), per token", "",
             f"- FLOPs/token = 6 x {c['dec_matmul'] / 1e9:.1f}B + attention at {r['decode'][0]['context']} context = "
             f"{tr['flops_per_token'] / 1e9:.0f} GFLOP (+1 forward = 8N with activation checkpointing).",
@@ -528,6 +580,34 @@ def roofline_report(r: dict) -> str:
     return "\n".join(out)
 
 
+def grpo_report(r: dict) -> list:
+    """The default GRPO recipe's decode step and step time, FSDP-gather vs TP generation (grpo_step_bound)."""
+    fsdp, tp = r["grpo"]
+    g, ds = r["recipe"], [fsdp["decode_step"], tp["decode_step"]]
+    out = ["### GRPO step, default recipe: FSDP-gather vs tensor-parallel generation (COMPUTED, not measured)", "",
+           f"{g['prompts_per_step']} prompts x {g['group_size']} samples, prompts of {RECIPE_PROMPT_TOKENS} tokens "
+           f"({RECIPE_TILES} tiles), every response at max_new_tokens = {g['max_new_tokens']}, "
+           f"{g['rollout_batch_size']} sequences per generate call per GPU ({fsdp['seqs_per_gpu']} per GPU: "
+           f"{fsdp['seqs_per_gpu'] // g['rollout_batch_size']} calls), ppo_epochs {g['ppo_epochs']}, micro-batch "
+           f"{g['micro_batch_size']}, activation checkpointing {'on' if g['grad_checkpointing'] else 'off'}. "
+           f"Lower bounds at 100% of the peaks, perfect overlap.", "",
+           "| decode step at the recipe's batch | seqs/GPU | mean context | HBM GB/GPU | NVLink GB/GPU | bound "
+           "| step >= ms |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {d['mode']} | {d['batch']} | {d['context']:,} | {d['hbm_bytes'] / 1e9:.1f} "
+            f"| {d['nvlink_bytes'] / 1e9:.3f} | {d['bound']} | {d['step_s'] * 1e3:.1f} |" for d in ds]
+    out += ["", "| phase | FSDP-gather generation, s >= | TP generation, s >= |", "|---|---|---|"]
+    out += [f"| {k} | {fmt(fsdp['phases'][k])} | {fmt(tp['phases'][k])} |" for k in fsdp["phases"]]
+    out += [f"| **GRPO step** | **{fsdp['step_s']:,.0f}** ({fsdp['step_s'] / 3600:.1f} h) | **{tp['step_s']:,.0f}** "
+            f"({tp['step_s'] / 60:.1f} min) |", "",
+            f"TP decode moves {ds[1]['nvlink_bytes'] / 1e6:.0f} MB of activations per GPU per step instead of "
+            f"all-gathering {ds[0]['nvlink_bytes'] / 1e9:.0f} GB of weights: a {ds[0]['step_s'] / ds[1]['step_s']:.0f}x "
+            f"shorter step, and a {fsdp['step_s'] / tp['step_s']:.1f}x shorter GRPO step. With TP the rollout is no "
+            f"longer the whole step: the update ({tp['phases']['update']:,.0f} s at 100% MFU) is the same either way, "
+            f"and the {2 * r['costs']['layers'] + 2} collectives per decode step cost their "
+            f"latency on top of these bandwidth bounds."]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> BenchConfig:
@@ -543,6 +623,9 @@ def parse_args(argv=None) -> BenchConfig:
 
 
 def main(cfg: BenchConfig):
+    if cfg.rollout:
+        import bench_rollout  # rollout speed lives in its own file: this one compares against transformers
+        return bench_rollout.run(cfg)
     if cfg.roofline:
         r = roofline(cfg.roofline_config, cfg.context)
         print(roofline_report(r))

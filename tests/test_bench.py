@@ -45,3 +45,57 @@ def test_roofline_38b_numbers():
     assert 10e12 < r["tile"]["flops"] < 14e12  # ~2 x 5.5B x 1025 patches + attention
     report = bench.roofline_report(r)
     assert "COMPUTED" in report and "262,144 bytes/token" in report
+
+
+# ---------------------------------------------------------------------------- bench_rollout.py and the GRPO roofline
+import bench_rollout  # noqa: E402
+
+# the smallest group the comparison means something for: 2 samples, an image of 2 tiles + thumbnail, 4 new tokens
+SMALL_GROUP = bench_rollout.RolloutSizes(group=2, image_grid=(2, 1), group_new=4, micro_batch=2)
+
+
+def test_rollout_group_rows_run_on_tiny_and_check_equal_work(tiny_ckpt):
+    rows = bench_rollout.group_rows(tiny_ckpt, SMALL_GROUP, repeats=1)
+    assert [r["row"] for r in rows] == ["rollout per group (G=2)", "GRPO step (G=2, 1 PPO epoch)"]
+    for r in rows:
+        assert r["a"] == "new" and r["b"] == "old" and len(r["seconds"]["new"]) == 1
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["target"] in (3.0, 1.5)
+    assert "| rollout per group (G=2) | new | old | s |" in bench_rollout.table(rows)
+
+
+def test_rollout_group_rows_fail_when_the_paths_differ(tiny_ckpt, monkeypatch):
+    """The equal-work check is real: a new path whose greedy tokens differ from the old one's stops the bench."""
+    new_rollout = bench_rollout.new_rollout
+
+    def wrong(*args):
+        responses, prompt = new_rollout(*args)
+        return [r[:-1] + [(r[-1] + 1) % 256] for r in responses], prompt
+    monkeypatch.setattr(bench_rollout, "new_rollout", wrong)
+    with pytest.raises(AssertionError, match="greedy tokens differ"):
+        bench_rollout.group_rows(tiny_ckpt, SMALL_GROUP, repeats=1)
+
+
+def test_roofline_grpo_rows_tp_beats_fsdp_gather_by_the_formulas():
+    r = bench.roofline("r1v3-38b", context=4096)
+    c, hw, g = r["costs"], bench.Hardware(), bench.GRPOConfig()
+    fsdp, tp = r["grpo"]
+    # the decode step at the recipe's batch: TP reads 1/8 of the bf16 decoder + its KV share; FSDP gathers it all
+    d_fsdp, d_tp = fsdp["decode_step"], tp["decode_step"]
+    assert d_tp["step_s"] < d_fsdp["step_s"] and d_tp["bound"] == "HBM" and d_fsdp["bound"] == "NVLink"
+    kv = g.rollout_batch_size * (bench.RECIPE_PROMPT_TOKENS + g.max_new_tokens // 2) * c["kv_bytes_per_token"]
+    assert d_tp["hbm_bytes"] == 2 * c["dec_matmul"] / 8 + kv
+    assert abs(d_fsdp["step_s"] - 2 * (c["params"]["language_model"] - c["lm_head"]) * 7 / 8 / 450e9) < 1e-9
+    # TP's NVLink bytes: ring all-reduces (2 per layer + the embedding's) and the logits all-gather, node batch 64
+    rows = 8 * g.rollout_batch_size
+    assert abs(d_tp["nvlink_bytes"] - 7 / 8 * 2 * rows * (2 * 129 * 5120 + 151674)) < 1
+    # the rollout phase: 64 sequences per GPU in calls of 8, each max_new_tokens steps, plus the prefills
+    calls = g.prompts_per_step * g.group_size // 8 // g.rollout_batch_size
+    for s in (fsdp, tp):
+        decode = calls * g.max_new_tokens * s["decode_step"]["step_s"]
+        assert decode < s["phases"]["rollout"] < decode + 5  # prefill + ViT: a few seconds at peak
+        assert abs(s["step_s"] - sum(s["phases"].values())) < 1e-6
+    assert fsdp["phases"]["update"] == tp["phases"]["update"] and fsdp["phases"]["refresh"] == 0 < tp["phases"]["refresh"]
+    assert fsdp["step_s"] / tp["step_s"] > 5  # hours vs minutes
+    assert 1.5 * 3600 < fsdp["step_s"] < 2 * 3600 and tp["step_s"] < 600
+    report = bench.roofline_report(r)
+    assert "GRPO step, default recipe" in report and "COMPUTED, not measured" in report

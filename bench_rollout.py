@@ -1,0 +1,349 @@
+"""Rollout speed, measured (issues 13 and 14): `python bench.py --rollout`.
+
+Two comparisons of the same work done two ways, each paired and interleaved in one run (repeats alternate which
+side goes first, A B B A ..., so both sides see the same machine load), each checked for equal work before timing:
+
+  decode   2 gloo ranks, one thread each, tiny_configs/mid.json (decoder 8 x 512, ~90 MB fp32). The same B prompts
+           (B = 1 and 8; rank r brings rows r, r+2, ...) decoded three ways, greedy, eos off:
+             TP           tp.make_decoder's tensor-parallel copy: two all-reduces of [B,1,D] per layer per token
+             FSDP-gather  generate on the FSDP2 shards (decoder=None): every layer all-gathered every token
+             one process  the unsharded model on rank 0 with `threads` threads (rank 1 waits in a barrier)
+           Greedy tokens must be identical on all three.
+  refresh  the same 2 ranks: tp.refresh (FSDP shards -> TP copy) next to one optimizer step of the sharded model
+           (forward + backward + AdamW on a short text batch), as GRPO alternates them.
+  group    one process, tiny_configs/small.json, one prompt with an image of 4 tiles + thumbnail, G samples:
+             old  each of the G rows its own copy of the prompt: the pixels through the ViT and a prefill per row
+                  (rollout.generate_responses with group_size=1 over the prompt repeated G times); in the GRPO step
+                  the log-prob passes run the ViT on the pixels again (features=False)
+             new  rollout.vit_once, then one prefill whose KV cache is copied into G rows (group_size=G,
+                  vit_features); the log-prob passes reuse the ViT features (features=True)
+           Rows: rollout time per group, and a GRPO step (rollout + old log-probs + ppo_epochs updates).
+
+Ratios are "A faster than B": median time of B / median time of A; the range is over per-repeat paired ratios.
+
+    python bench.py --rollout                       # everything: the table + out/bench_rollout.json
+    python bench.py --rollout --only group --repeats 3
+"""
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from data import Tokenizer, encode_prompt
+from grpo import GRPOConfig, Prompt, batch_logprobs, optimise
+from model import SkyworkR1V, token_logprobs_and_entropy, write_tiny_checkpoint
+from optim import make_optimizer
+from parallel import Context, load_for_training, setup
+from rollout import generate_responses, vit_once
+from tp import make_decoder, refresh
+
+WORLD = 2
+NO_EOS = -1  # a stop id no row ever samples: every row makes every token, so both sides do equal work
+PARTS = ("decode", "group")
+
+
+@dataclass
+class RolloutSizes:
+    decode_config: str = "mid"     # tiny_configs/<name>.json for the 2-rank rows
+    decode_prompt: int = 16        # short text prompts: the decode rows time the per-token loop
+    decode_new: int = 32
+    decode_batches: tuple = (1, 8)
+    train_rows: int = 2            # refresh row: the optimizer step's batch per rank
+    train_len: int = 64
+    group: int = 8                 # G samples per prompt
+    image_grid: tuple = (2, 2)     # an image of 2 x 2 tiles (+ the thumbnail: 5 tiles, 1,280 image tokens)
+    group_new: int = 16            # new tokens per sample: the prompt is the expensive part of a rollout here
+    ppo_epochs: int = 1
+    micro_batch: int = 2           # sequences per forward/backward in the GRPO step (both sides)
+
+
+# --------------------------------------------------------------------------------------------------- measuring
+def measure(sides: dict, repeats: int, timer) -> tuple[dict, dict]:
+    """sides {name: zero-argument callable} -> ({name: [seconds] x repeats}, {name: output of its warm-up call}).
+    One warm-up call each (its output is for the caller's equal-work check), then `repeats` timed rounds, the
+    order reversed every other round (A B, B A, ...)."""
+    outputs = {name: timer(fn)[1] for name, fn in sides.items()}
+    times, names = {name: [] for name in sides}, list(sides)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(timer(sides[name])[0])
+    return times, outputs
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def timed_together(fn):
+    """Wall time of a call on every rank, from a barrier to a barrier: the job is as slow as its slowest rank."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    out = fn()
+    dist.barrier()
+    return time.perf_counter() - t0, out
+
+
+def compare(row: str, unit: str, times: dict, a: str, b: str, work: float = 0.0, target: float = None) -> dict:
+    """One table row: side a against side b. With work, values are rates (work / seconds), else seconds (x1000
+    for ms). ratio = median time of b / median time of a (> 1: a is faster); its range is over paired repeats."""
+    def value(t):
+        return work / t if work else t * (1e3 if unit == "ms" else 1.0)
+    ta, tb = times[a], times[b]
+    paired = [y / x for x, y in zip(ta, tb)]
+    ratio = statistics.median(tb) / statistics.median(ta)
+    return dict(row=row, unit=unit, a=a, b=b, a_value=value(statistics.median(ta)),
+                a_range=sorted([value(min(ta)), value(max(ta))]), b_value=value(statistics.median(tb)),
+                b_range=sorted([value(min(tb)), value(max(tb))]), ratio=ratio, ratio_range=[min(paired), max(paired)],
+                target=target, met=None if target is None else ratio >= target, seconds={a: ta, b: tb})
+
+
+def text_ids(batch: int, length: int, seed: int = 0):
+    """Random byte-level token ids (no special tokens, so no <IMG_CONTEXT> by accident): [B, T]."""
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------- decode and refresh: 2 ranks
+def two_rank_rows(ckpt: str, s: RolloutSizes, repeats: int, threads: int) -> list:
+    """Spawn 2 gloo ranks on a free port; rank 0 writes its rows to a file (mp.spawn returns nothing)."""
+    out = os.path.join(os.path.dirname(ckpt), "rows.json")
+    mp.spawn(rank_main, args=(ckpt, out, free_port(), s, repeats, threads), nprocs=WORLD, join=True)
+    with open(out) as f:
+        return json.load(f)
+
+
+def rank_main(rank: int, ckpt: str, out: str, port: int, s: RolloutSizes, repeats: int, threads: int):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ctx = setup(dtype="fp32")
+    torch.set_num_threads(1)  # one core per rank: the two ranks fill the 2-core machine
+    try:
+        sharded = load_for_training(ckpt, ctx, train="connector,llm")  # GRPO's trainable parts, FSDP2
+        decoder = make_decoder(sharded, torch.float32)
+        ref = SkyworkR1V.from_pretrained(ckpt).eval()  # the one-process side (timed on rank 0 only)
+        ref.language_model.sync_done = False  # in a process group its decode loop would ask rank 1 "all done?"
+        rows = [r for b in s.decode_batches for r in decode_rows(ctx, sharded, decoder, ref, b, s, repeats, threads)]
+        rows.append(refresh_row(ctx, sharded, decoder, s, repeats))
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(rows, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def decode_rows(ctx, sharded, decoder, ref, batch: int, s: RolloutSizes, repeats: int, threads: int) -> list:
+    """The same `batch` prompts decoded by TP, FSDP-gather and one process; tokens/s of the whole job."""
+    ids = text_ids(batch, s.decode_prompt, seed=batch)
+    mine = ids[ctx.rank::WORLD]  # batch 1: rank 1 brings no rows but steps along (every path is collective)
+    kw = dict(max_new_tokens=s.decode_new, eos_token_id=NO_EOS)
+
+    def one_process(threads: int):
+        def run():
+            if ctx.rank:
+                return None  # rank 1 waits in the barrier (gloo blocks, it does not spin: measured ~0 CPU s)
+            torch.set_num_threads(threads)
+            try:
+                return ref.generate(ids, **kw)
+            finally:
+                torch.set_num_threads(1)
+        return run
+
+    # one process with `threads` threads (the brief's baseline) and with 1 (what `python sample.py` uses:
+    # parallel.setup sets 1 thread on CPU, as a 2nd thread waits for a descheduled peer on a loaded machine)
+    alone = [f"one process, {threads} threads", "one process, 1 thread"][:2 if threads > 1 else 1]
+    sides = {"TP": lambda: sharded.generate(mine, None, torch.ones_like(mine), decoder=decoder, **kw),
+             "FSDP-gather": lambda: sharded.generate(mine, None, torch.ones_like(mine), **kw),
+             **{name: one_process(n) for name, n in zip(alone, [threads, 1])}}
+    times, outs = measure(sides, repeats, timed_together)
+    want = outs[alone[0]] if ctx.rank == 0 else torch.empty(batch, s.decode_prompt + s.decode_new, dtype=torch.long)
+    dist.broadcast(want, src=0)  # rank 0's one-process tokens, to check every rank's rows against
+    for side in ("TP", "FSDP-gather"):
+        assert torch.equal(outs[side], want[ctx.rank::WORLD]), \
+            f"batch {batch}: {side} greedy tokens differ from one process's on rank {ctx.rank}"
+    assert ctx.rank or all(torch.equal(outs[side], want) for side in alone), "one process: tokens depend on threads"
+    work, name = batch * s.decode_new, f"decode, batch {batch}"
+    return [compare(name, "tokens/s", times, "TP", "FSDP-gather", work, target=5.0),
+            *[compare(name, "tokens/s", times, "TP", side, work, target=0.4) for side in alone]]
+
+
+def refresh_row(ctx, sharded, decoder, s: RolloutSizes, repeats: int) -> dict:
+    """tp.refresh vs one optimizer step of the sharded model (a short text batch, AdamW as GRPO's)."""
+    opt = make_optimizer(sharded, lr=1e-4)
+    ids = text_ids(s.train_rows, s.train_len, seed=100 + ctx.rank)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        h = sharded(ids[:, :-1], return_hidden=True)
+        logp, _ = token_logprobs_and_entropy(sharded.language_model.lm_head, h, ids[:, 1:])
+        (-logp.mean()).backward()
+        opt.step()
+
+    times, _ = measure({"refresh": lambda: refresh(decoder, sharded), "optimizer step": step}, repeats,
+                       timed_together)
+    # equal work here means: the refresh copies what the step changed (the last round may have ended on a step)
+    refresh(decoder, sharded)
+    q = sharded.language_model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(decoder.model.layers[0].self_attn.q_proj.weight, q.to_local()), "refresh missed the update"
+    return compare("refresh vs optimizer step", "ms", times, "refresh", "optimizer step")
+
+
+# ---------------------------------------------------------------------------------------- group: one process
+def tiled_image(grid: tuple, seed: int = 0) -> Image.Image:
+    """A random RGB image whose aspect ratio tiles into exactly cols x rows 448px tiles (data.tile_grid)."""
+    cols, rows = grid
+    pixels = np.random.default_rng(seed).integers(0, 256, (rows * 448, cols * 448, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def group_setup(ckpt: str, s: RolloutSizes) -> tuple:
+    """-> (policy, optimizer, prompt ids [P], pixels [tiles,3,H,W], GRPOConfig, Context) for the group rows."""
+    ctx = Context(torch.device("cpu"))
+    m = load_for_training(ckpt, ctx, train="connector,llm")  # GRPO's default: the ViT frozen
+    tok = Tokenizer.from_dir(ckpt)
+    cols, rows = s.image_grid
+    ids, pixels = encode_prompt(tok, m.config, "How many shapes are in the image?", [tiled_image(s.image_grid)],
+                                max_tiles=cols * rows)
+    assert pixels.shape[0] == cols * rows + 1, f"expected {cols * rows} tiles + thumbnail, got {pixels.shape[0]}"
+    cfg = GRPOConfig(group_size=s.group, max_new_tokens=s.group_new, ppo_epochs=s.ppo_epochs,
+                     minibatch_size=s.group, micro_batch_size=s.micro_batch, grad_checkpointing=False,
+                     bf16_moments=False, lr=0.0)
+    # lr 0: AdamW does all its work but leaves the weights as they are, so every call of either side sees the same
+    # model and their outputs can be compared at any point (a real lr would make the second side's greedy tokens
+    # those of a different model)
+    opt = make_optimizer(m, lr=cfg.lr)
+    return m, opt, torch.tensor(ids), pixels, cfg, ctx
+
+
+def old_rollout(m, ids, pixels, cfg, ctx) -> tuple[list, Prompt]:
+    """Before issue 14: G copies of the prompt, each with its pixels: G ViT passes and G prefills."""
+    groups = generate_responses(m, [(ids, pixels)] * cfg.group_size, ctx, pad_id=0, stop_ids=[NO_EOS], group_size=1,
+                                batch_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+    return [g[0] for g in groups], Prompt(ids, pixels, None)  # the log-prob passes take the pixels (features=False)
+
+
+def new_rollout(m, ids, pixels, cfg, ctx) -> tuple[list, Prompt]:
+    """Issue 14: the ViT once, one prefill, its KV cache copied into G sample rows."""
+    vit = vit_once(m, [pixels], ctx)
+    groups = generate_responses(m, [(ids, pixels)], ctx, pad_id=0, stop_ids=[NO_EOS], group_size=cfg.group_size,
+                                batch_size=cfg.group_size, vit_features=vit, max_new_tokens=cfg.max_new_tokens,
+                                temperature=0.0)
+    return groups[0], Prompt(ids, pixels, vit[0])
+
+
+def grpo_step(m, opt, rollout_fn, ids, pixels, cfg, ctx, features: bool) -> tuple:
+    """Rollout + old log-probs + ppo_epochs updates (grpo.batch_logprobs, grpo.optimise) -> (responses, old
+    log-probs, loss). Advantages are fixed random numbers: greedy rows of one group are identical, so their real
+    advantages would be 0, and a zero loss would still cost the same but hide a wrong gradient path."""
+    responses, prompt = rollout_fn(m, ids, pixels, cfg, ctx)
+    samples = [{"problem": 0, "response": torch.tensor(r)} for r in responses]
+    old, _ = batch_logprobs(m, samples, {0: prompt}, 0, cfg, ctx, features)
+    adv = torch.randn(len(samples), generator=torch.Generator().manual_seed(1))
+    metrics = optimise(m, opt, samples, adv, old, None, {0: prompt}, 0, cfg, ctx, torch.Generator().manual_seed(2),
+                       1, features)
+    return responses, old, metrics["loss"]
+
+
+def check_rollouts(old: list, new: list):
+    assert old == new, "greedy tokens differ between the old (per-row) and new (group) rollout"
+
+
+def check_grpo_steps(old: tuple, new: tuple, tol: float = 1e-4):
+    check_rollouts(old[0], new[0])
+    for a, b in zip(old[1], new[1]):
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < tol, f"old log-probs differ between the paths: max relative error {err:.1e}"
+    assert abs(old[2] - new[2]) <= tol * max(abs(new[2]), 1e-6), f"losses differ: {old[2]} vs {new[2]}"
+
+
+def group_rows(ckpt: str, s: RolloutSizes, repeats: int) -> list:
+    m, opt, ids, pixels, cfg, ctx = group_setup(ckpt, s)
+    times, outs = measure({"new": lambda: new_rollout(m, ids, pixels, cfg, ctx)[0],
+                           "old": lambda: old_rollout(m, ids, pixels, cfg, ctx)[0]}, repeats, timed)
+    check_rollouts(outs["old"], outs["new"])
+    rows = [compare(f"rollout per group (G={s.group})", "s", times, "new", "old", target=3.0)]
+    times, outs = measure({"new": lambda: grpo_step(m, opt, new_rollout, ids, pixels, cfg, ctx, True),
+                           "old": lambda: grpo_step(m, opt, old_rollout, ids, pixels, cfg, ctx, False)}, repeats, timed)
+    check_grpo_steps(outs["old"], outs["new"])
+    rows.append(compare(f"GRPO step (G={s.group}, {s.ppo_epochs} PPO epoch)", "s", times, "new", "old", target=1.5))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def table(rows: list) -> str:
+    lines = ["| row | A | B | unit | A: median (min-max) | B: median (min-max) | A faster than B (min-max) | target "
+             "| met |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        met = "" if r["met"] is None else ("yes" if r["met"] else "NO")
+        target = "" if r["target"] is None else f">= {r['target']}x"
+        lines.append(f"| {r['row']} | {r['a']} | {r['b']} | {r['unit']} "
+                     f"| {fmt(r['a_value'])} ({fmt(r['a_range'][0])}-{fmt(r['a_range'][1])}) "
+                     f"| {fmt(r['b_value'])} ({fmt(r['b_range'][0])}-{fmt(r['b_range'][1])}) "
+                     f"| **{r['ratio']:.2f}x** ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}) | {target} "
+                     f"| {met} |")
+    return "\n".join(lines)
+
+
+def machine(threads: int) -> dict:
+    cpu = platform.processor()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return dict(date=time.strftime("%Y-%m-%d %H:%M %Z"), cpu=cpu, cores=os.cpu_count(), threads=threads,
+                torch=torch.__version__, python=platform.python_version(), command="python " + " ".join(sys.argv))
+
+
+def run(cfg, sizes: RolloutSizes = None) -> dict:
+    """cfg: bench.BenchConfig (config: the group rows' tiny_configs name; repeats, threads, only, out)."""
+    sizes = sizes or RolloutSizes()
+    parts = [p for p in cfg.only.split(",") if p] or list(PARTS)
+    if set(parts) - set(PARTS):
+        raise ValueError(f"--rollout --only: parts are {list(PARTS)}, got {parts}")
+    workdir = tempfile.mkdtemp(prefix="nanor1v-bench-rollout-")
+    meta = dict(machine(cfg.threads), group_config=cfg.config, repeats=cfg.repeats, sizes=asdict(sizes),
+                load_average_before=os.getloadavg())
+    rows = []
+    try:
+        if "decode" in parts:
+            ckpt = write_tiny_checkpoint(os.path.join(workdir, "decode", "ckpt"), sizes.decode_config,
+                                         max_shard_bytes=2**30)
+            rows += two_rank_rows(ckpt, sizes, cfg.repeats, cfg.threads)
+            print(table(rows), flush=True)
+        if "group" in parts:
+            torch.set_num_threads(cfg.threads)
+            ckpt = write_tiny_checkpoint(os.path.join(workdir, "group"), cfg.config, max_shard_bytes=2**30)
+            rows += group_rows(ckpt, sizes, cfg.repeats)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    meta["load_average_after"] = os.getloadavg()
+    print(f"\n{meta['date']} | {meta['cpu']} ({meta['cores']} cores) | torch {meta['torch']} | decode: 2 gloo ranks x 1 "
+          f"thread, {sizes.decode_config}; one process: {cfg.threads} threads; group: {cfg.config} | median of "
+          f"{cfg.repeats} | load average {meta['load_average_before'][0]:.1f} -> {meta['load_average_after'][0]:.1f}\n")
+    print(table(rows))
+    out = cfg.out or os.path.join("out", "bench_rollout.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    print(f"\nwritten {out}")
+    return dict(meta=meta, rows=rows)
