@@ -587,7 +587,7 @@ def sample(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, gen
     probs = F.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens entirely beyond the nucleus
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before them already reaches top_p (as HF)
         probs = probs.scatter(1, idx, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 

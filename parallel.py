@@ -14,6 +14,7 @@ safetensors shards (checkpoint.load_weights reads just those rows): no process e
 Precision: parameters, gradients and AdamW moments stay fp32 ("master weights": bf16 weights lose updates of
 lr ~1e-6 relative size); `MixedPrecisionPolicy` all-gathers bf16 copies for compute and reduces gradients in fp32.
 """
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -50,6 +51,8 @@ def setup(dtype: str = None, seed: int = 0) -> Context:
         torch.set_num_threads(1)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        # leave the group on exit: a rank that exits while still holding gloo/NCCL connections can abort its peer
+        atexit.register(leave)
     torch.manual_seed(seed + rank)  # different rollouts per rank, reproducible per run
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: torch.bfloat16 if cuda else torch.float32}[dtype]
     return Context(device, rank, world, dtype)
@@ -104,6 +107,12 @@ def autocast(ctx: Context):
     """Single-process bf16: autocast does what MixedPrecisionPolicy does under FSDP (bf16 matmuls, fp32 weights)."""
     enabled = ctx.world == 1 and ctx.dtype == torch.bfloat16
     return torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def leave():
+    """Leave the process group cleanly (registered by setup at exit)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier():
