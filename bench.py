@@ -27,7 +27,6 @@ decode step, per training token, per tile, and the lower bounds they imply on 8x
 
 transformers is the reference: tests/hf_reference.py builds it (transformers stays out of the project's code).
 """
-import argparse
 import json
 import os
 import platform
@@ -36,14 +35,13 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
-from model import write_tiny_checkpoint
-from model import token_logprobs_and_entropy
+from cli import at_least, check_choices, choice, parse_config
 from grpo import GRPOConfig, grpo_loss
-from model import R1VConfig, SkyworkR1V, count_params
+from model import R1VConfig, SkyworkR1V, count_params, token_logprobs_and_entropy, write_tiny_checkpoint
 from sft import sft_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,9 +52,9 @@ NO_EOS = -1  # an eos id argmax never returns: every row generates every token
 
 @dataclass
 class BenchConfig:
-    config: str = "small"         # tiny | small | proxy: tiny_configs/<config>.json
+    config: str = choice("small", "tiny", "proxy")  # tiny_configs/<config>.json
     device: str = "cpu"
-    dtype: str = ""               # fp32 | bf16; default fp32 on cpu, bf16 on cuda
+    dtype: str = choice("", "fp32", "bf16")  # default ("") fp32 on cpu, bf16 on cuda
     repeats: int = 5              # timed repeats per side, after one warm-up call each
     threads: int = 2              # torch.set_num_threads on cpu (1 on a shared, loaded machine: a 2nd OpenMP thread
                                   # then waits for a descheduled peer at every op, measured 2-3x slower)
@@ -67,6 +65,10 @@ class BenchConfig:
     rollout: bool = False         # bench_rollout.py: TP vs FSDP-gather decode on 2 ranks, group vs per-row rollouts
     roofline_config: str = "r1v3-38b"
     context: int = 4096           # roofline: tokens in context per sequence (decode KV reads, training sequence)
+
+    def __post_init__(self):
+        check_choices(self)
+        at_least(self, 1, "repeats", "threads", "context")
 
 
 @dataclass
@@ -611,15 +613,8 @@ def grpo_report(r: dict) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> BenchConfig:
-    """Every BenchConfig field is a flag (--repeats 3, --roofline)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true")
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
-    return BenchConfig(**vars(p.parse_args(argv)))
+    """Every BenchConfig field is a flag (--repeats 3, --roofline); a bad value is one line naming the flag."""
+    return parse_config(BenchConfig, argv, __doc__.split("\n")[0])
 
 
 def main(cfg: BenchConfig):
