@@ -21,6 +21,7 @@ from checkpoint import INDEX, save_state_dict
 from model import R1VConfig, SkyworkR1V, count_params, write_tiny_checkpoint
 from optim import make_optimizer
 from parallel import load_for_training, setup
+from tp import make_decoder
 from test_fsdp import batch, free_port, full, loss_fn
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tiny_configs")
@@ -247,6 +248,13 @@ def check_tied_fsdp(ctx, ckpt, out):
     embed = full(lm.model.embed_tokens.weight).detach()
     assert not torch.equal(embed, start)
     torch.testing.assert_close(embed, ref.language_model.model.embed_tokens.weight, rtol=1e-5, atol=1e-4)
+    # the tensor-parallel rollout copy (tp.py) of the trained tied model: its lm_head slice is the embedding's, so
+    # its greedy tokens are one process's (each rank decodes every rank's rows: here both rows)
+    decoder = make_decoder(sharded.eval(), torch.float32)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        got = sharded.generate(ids[mine], pv[mine], mask[mine], max_new_tokens=6, decoder=decoder)
+        assert torch.equal(got, ref.eval().generate(ids[mine], pv[mine], mask[mine], max_new_tokens=6))
     # sharded save: the matrix once, and a reload equal to the trained shards
     sharded.save_pretrained(out)
     trained = [(name, full(p).detach()) for name, p in sharded.named_parameters()]  # collectives: every rank
