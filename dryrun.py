@@ -41,7 +41,7 @@ from sft import sft_loss
 from tp import TPDecoder, refresh
 
 COLUMNS = {  # FSDPMemTracker category -> column. The model has no buffers (RoPE is computed per forward), so
-    # "Buffer" is free for the one module outside FSDP that lives through the step: tp.py's rollout copy
+    # "Buffer" is free for the one module outside FSDP: tp.py's rollout copy (GRPO's rollout phase)
     "Sharded Param": "weights", "Sharded Grad": "grads", "Unsharded Grad": "grads", "OptState": "adam",
     "Buffer": "tp_copy", "Activation": "acts", "Inputs": "acts", "Temp": "temps",
     "Unsharded Param": "gathered", "All Gather": "gathered", "Reduce Scatter": "gathered"}
@@ -287,7 +287,8 @@ def trace_recipe(cfg: R1VConfig, gpus: int, train: str, grpo: bool, s: Shape = S
     GRPO's two phases, "rollout" (ViT once, one generate call) then "train" (one update), as grpo.train runs them;
     else one "train" step (sft.py). Each tracked phase follows an untracked warm-up step: Adam's state exists
     from the second step on, and the first step's set-up (FSDP's lazy init, DTensor's sharding propagation, which
-    makes full-size tensors) would be counted. The tensor-parallel copy (tp) lives through both GRPO phases.
+    makes full-size tensors) would be counted. The tensor-parallel copy (tp) exists in the rollout phase only,
+    as in grpo.train (release_rollout_copy before the update, rebuilt after it).
     fake=False runs the same on real tensors in an initialised process group (the test against gloo)."""
     if fake:
         fake_group(gpus)
@@ -315,12 +316,14 @@ def trace_recipe(cfg: R1VConfig, gpus: int, train: str, grpo: bool, s: Shape = S
             warm = warm_up_shape(cfg, s)
             if grpo:
                 grpo_step(model, opt, ctx, warm, grpo_prompts(model, ctx, warm), decoder)
-                phases = {"rollout": rollout, "train": lambda: grpo_step(model, opt, ctx, s, prompts, decoder)}
+                # grpo.release_rollout_copy: the update runs without the copy, rebuilt after the step (when the
+                # gradients are freed: below the update's peak)
+                phases = {"rollout": rollout, "train": lambda: grpo_step(model, opt, ctx, s, prompts)}
             else:
                 sft_step(model, opt, ctx, warm)
                 phases = {"train": lambda: sft_step(model, opt, ctx, s)}
             for phase, run in phases.items():
-                tracker = PeakTracker(model, opt, decoder)
+                tracker = PeakTracker(model, opt, decoder if phase == "rollout" else None)
                 tracker.track_inputs(prompts)
                 with tracker:
                     run()

@@ -22,7 +22,6 @@ not from the FSDP shards, which would all-gather every layer for every new token
     python grpo.py                                        # tiny default: SFT first if out/sft is missing, CPU, minutes
     torchrun --nproc_per_node 8 grpo.py --ckpt Skywork-R1V3-38B --data math.jsonl    # the 38B, FSDP2 (parallel.py)
 """
-import math
 import os
 import time
 import warnings
@@ -41,7 +40,7 @@ from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
 from parallel import autocast, barrier, load_for_training, mean_over_ranks, setup
 from rewards import accuracy_reward, format_reward, reward  # noqa: F401  (format_reward: re-exported)
 from rollout import cat_pixels, generate_responses, heldout_eval, vit_once
-from tp import check_divisible, make_decoder, refresh
+from tp import check_divisible, make_decoder
 
 
 @dataclass
@@ -343,13 +342,28 @@ def optimise(m, opt, samples, adv, old, ref, prompts, pad_id, cfg, ctx, gen, ste
     return {**{k: float(v) / max(updates, 1) for k, v in sums.items()}, "skipped_updates": skipped}
 
 
-def refresh_rollout_copy(run: dict) -> float:
-    """After the update, the tensor-parallel rollout copy of the decoder takes the new weights (tp.refresh: local
-    copies and one all-to-all per row-parallel matrix) -> seconds. Nothing to copy on one process (the rollout
-    uses the policy itself) or while the decoder is frozen (connector-only tuning)."""
-    if run["decoder"] is None or not any(p.requires_grad for p in run["policy"].language_model.parameters()):
+def decoder_trains(run: dict) -> bool:
+    return any(p.requires_grad for p in run["policy"].language_model.parameters())
+
+
+def release_rollout_copy(run: dict):
+    """After the rollout, drop the tensor-parallel copy of the decoder (1/W of it in bf16 per GPU: 8.2 GB on each of
+    8 GPUs at 38B) so the log-prob passes and the update do not carry it: their peak is the step's peak
+    (docs/memory.md). verl frees its rollout engine's weights between phases the same way. Kept while the decoder is
+    frozen (connector-only tuning): nothing would change in it."""
+    if decoder_trains(run):
+        run["decoder"] = None
+
+
+def refresh_rollout_copy(run: dict, cfg: GRPOConfig) -> float:
+    """After the update, rebuild the rollout copy from the new FSDP shards (tp.make_decoder: an empty copy, then
+    tp.refresh: local copies and one all-to-all per row-parallel matrix) -> seconds. On one process there is no
+    copy (the rollout uses the policy itself)."""
+    if run["decoder"] is not None or not cfg.tp:
         return 0.0
-    return refresh(run["decoder"], run["policy"])
+    t0 = time.perf_counter()
+    run["decoder"] = make_decoder(run["policy"], run["ctx"].dtype)
+    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,6 +384,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
         samples, stats = rollout(policy, tok, run["train"], idxs, prompts, cfg, ctx, gen, reward_fn,      # 1
                                  run["decoder"])
         t_rollout = time.perf_counter() - t0
+        release_rollout_copy(run)                                       # the update's memory peak without it
         adv, flat = group_advantages(stats.pop("rewards"), cfg.group_size, cfg.scale_adv)                # 2
         batch, batch_adv, n_mixed = buffer.mix(samples, adv.tolist(), flat.repeat_interleave(cfg.group_size).tolist(),
                                                flat.float().mean().item(), cfg.flat_threshold)
@@ -380,7 +395,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
             else None
         metrics = optimise(policy, opt, batch, torch.tensor(batch_adv), old, ref, prompts, tok.pad_id, cfg, ctx,  # 4
                            gen, step, features=run["vit_frozen"])
-        metrics["refresh_time"] = refresh_rollout_copy(run)
+        metrics["refresh_time"] = refresh_rollout_copy(run, cfg)
         metrics.update(stats, entropy=entropy, flat_frac=flat.float().mean().item(), buffer_mixed=n_mixed,  # 5
                        buffer_size=len(buffer), lr=opt.param_groups[0]["lr"], rollout_time=t_rollout,
                        **work_saved(prompts, idxs, batch, cfg, run))

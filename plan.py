@@ -10,7 +10,7 @@ The formula. Persistent state, sharded over W GPUs (FSDP2 splits every tensor by
     adam     8 B x trainable (fp32 moments)  or 4 B with bf16 moments (optim.LowPrecisionAdamW)
     ref      2 B x all parameters            (GRPO with a KL term: a frozen bf16 reference policy)
     tp_copy  2 B x decoder / W               (GRPO on W > 1 GPUs: tp.py's rollout copy, 1/W of every decoder matrix;
-                                              it lives through the update too: grpo.py refreshes it in place)
+                                              rollout phase only: grpo.py drops it for the update, rebuilds it after)
 On top of it, each phase peaks at one moment, and the plan is the largest of them:
     rollout            the KV cache (2 x layers x kv_heads x head_dim x 2 B per token, every row of the generate
                        call), plus the 1/G of it that exists while the prefilled rows are copied G times
@@ -214,7 +214,7 @@ def plan(cfg: R1VConfig, gpus: int, r: Recipe, grad_ckpt: bool = True, bf16_mome
     persistent = out["weights"] + out["adam"] + out["ref"] + out["tp_copy"]
     moments = train_moments(cfg, gpus, r, grad_ckpt, bf16_moments, chunk, act_bytes)
     at = max(moments, key=moments.get)
-    out["train"], out["train_at"] = persistent + moments[at], at
+    out["train"], out["train_at"] = persistent - out["tp_copy"] + moments[at], at  # grpo.release_rollout_copy
     out["rollout"] = persistent + rollout_moment(cfg, gpus, r, tp, act_bytes) if r.rollout_tokens else 0
     out["peak"] = max(out["train"], out["rollout"])
     out["at"] = "rollout" if out["rollout"] > out["train"] else at
