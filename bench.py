@@ -478,7 +478,8 @@ def grpo_step_bound(c: dict, hw: Hardware, g: GRPOConfig, tp: bool, prompt: int 
     rollout   each prompt prefilled once (ViT once) and G rows decoded from it; a rank's rows in
               rollout_batch_size-sequence calls, each max_new_tokens decode steps (decode_bound, mean context);
               with TP all ranks' calls decode together, so the node batch is gpus x rollout_batch_size
-    logprobs  the old policy's forward over every sequence (and the reference's when beta > 0)
+    logprobs  the old policy's forward over every sequence, unless the update is one optimizer step
+              (grpo.old_logprobs: the default recipe's case), and the reference's when beta > 0
     update    ppo_epochs forward + backward (+ a recomputed forward with activation checkpointing); FSDP per
               micro-batch: bf16 all-gathers in forward and backward, fp32 reduce-scatter, of the trained parts
     refresh   TP only: the row-parallel matrices' fp32 all-to-all, and a read + bf16 write of 1/gpus of the decoder"""
@@ -493,7 +494,7 @@ def grpo_step_bound(c: dict, hw: Hardware, g: GRPOConfig, tp: bool, prompt: int 
     step = decode_bound(c, hw, g.rollout_batch_size, prompt + g.max_new_tokens // 2, fsdp=not tp)
     prefill = seqs / g.group_size * (prompt * (2 * c["dec_matmul"] + prompt / 2 * c["attn_flops_per_ctx_token"])
                                      + tiles * c["tile_flops"])
-    passes = 1 + (g.beta > 0)
+    passes = (g.ppo_epochs > 1 or g.minibatch_size < seqs) + (g.beta > 0)  # grpo.old_logprobs
     recompute = 4 if g.grad_checkpointing else 3                           # x the forward: fwd + 2x bwd (+ fwd)
     phases = dict(
         rollout=prefill / hw.flops_per_s + -(-seqs // g.rollout_batch_size) * g.max_new_tokens * step["step_s"],

@@ -9,9 +9,10 @@ rewards are all equal). One step:
 
     1. rollout      G responses per prompt from the current policy, each scored: r_i
     2. advantages   A_i = (r_i - mean_G r) / (std_G r + 1e-6); flat groups replaced from the sample buffer
-    3. old log-probs  log pi_old(o_t) of every response token, once per rollout batch (and log pi_ref if beta > 0)
+    3. old log-probs  log pi_old(o_t) of every response token, once per rollout batch (and log pi_ref if beta > 0);
+                    none when the update is one optimizer step: pi_old is then the policy being differentiated
     4. update       ppo_epochs passes of AdamW on the clipped surrogate, token-mean over each minibatch; the
-                    rollout copy of the decoder takes the new weights
+                    rollout copy of the decoder is dropped for it and rebuilt with the new weights after it
     5. log          reward, accuracy, entropy, clip fractions, held-out accuracy every eval_every steps
 
 Work done once per step, not per sample: each prompt's tiles go through the ViT once (the rollout and every
@@ -251,15 +252,24 @@ def response_logprobs(m, samples: list[dict], prompts: dict, pad_id: int, cfg: G
 
 
 @torch.no_grad()
-def batch_logprobs(m, samples, prompts, pad_id, cfg, ctx, features=True) -> tuple[list[torch.Tensor], float]:
-    """Per-sample response log-probs [Lr] under m (old policy or reference), in micro-batches; + mean entropy."""
-    out, ent_sum = [], 0.0
+def batch_logprobs(m, samples, prompts, pad_id, cfg, ctx, features=True) -> list[torch.Tensor]:
+    """Per-sample response log-probs [Lr] under m (old policy or reference), in micro-batches."""
+    out = []
     for b in range(0, len(samples), cfg.micro_batch_size):
         chunk = samples[b:b + cfg.micro_batch_size]
-        logp, ent, mask = response_logprobs(m, chunk, prompts, pad_id, cfg, ctx, features)
+        logp, _, _ = response_logprobs(m, chunk, prompts, pad_id, cfg, ctx, features)
         out += [lp[:len(s["response"])] for lp, s in zip(logp, chunk)]
-        ent_sum = ent_sum + (ent * mask).sum()
-    return out, float(ent_sum) / max(sum(len(s["response"]) for s in samples), 1)
+    return out
+
+
+def old_logprobs(m, samples, prompts, pad_id, cfg, ctx) -> list[torch.Tensor] | None:
+    """log pi_old of every response, or None when the update is on-policy: one epoch and one minibatch make a single
+    optimizer step, so the policy the update differentiates is pi_old itself and its log-probs, detached, are the
+    old ones (ratio 1; the clipped surrogate's gradient is then -A grad log pi). optimise uses them and the separate
+    no-grad pass over every sequence is skipped, as verl does for on-policy updates."""
+    if cfg.ppo_epochs == 1 and cfg.minibatch_size >= len(samples):
+        return None
+    return batch_logprobs(m, samples, prompts, pad_id, cfg, ctx)
 
 
 def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
@@ -308,7 +318,7 @@ def pad_right(xs: list[torch.Tensor]) -> torch.Tensor:
 
 def optimise(m, opt, samples, adv, old, ref, prompts, pad_id, cfg, ctx, gen, step, features=True) -> dict:
     """ppo_epochs passes over the batch in shuffled minibatches, one AdamW step each. The loss is the token-mean
-    over the minibatch, accumulated over micro-batches. A non-finite loss or gradient skips the step (warning):
+    over the minibatch, accumulated over micro-batches; old None: on-policy (old_logprobs). A non-finite loss or gradient skips the step (warning):
     the weights and the optimizer state stay untouched. features=False when the ViT trains: pixels, with grad."""
     sums, skipped, updates = {}, 0, 0
     lengths = torch.tensor([len(s["response"]) for s in samples])      # on the host: token counts without a sync
@@ -318,12 +328,14 @@ def optimise(m, opt, samples, adv, old, ref, prompts, pad_id, cfg, ctx, gen, ste
             n_tokens, loss_sum, parts = lengths[mb].sum().item(), 0.0, []
             for micro in mb.split(cfg.micro_batch_size):
                 micro = micro.tolist()
-                logp, _, mask = response_logprobs(m, [samples[i] for i in micro], prompts, pad_id, cfg, ctx,
-                                                  features)
-                loss, metrics = grpo_loss(logp, pad_right([old[i] for i in micro]), adv[micro].to(ctx.device), mask,
+                logp, ent, mask = response_logprobs(m, [samples[i] for i in micro], prompts, pad_id, cfg, ctx,
+                                                    features)
+                logp_old = logp.detach() if old is None else pad_right([old[i] for i in micro])  # (old_logprobs)
+                loss, metrics = grpo_loss(logp, logp_old, adv[micro].to(ctx.device), mask,
                                           cfg.clip_low, cfg.clip_high, cfg.beta,
                                           pad_right([ref[i] for i in micro]) if ref else None, num_tokens=n_tokens)
                 loss.backward()
+                metrics["entropy"] = (ent.detach() * mask).sum() / mask.sum().clamp(min=1)  # of the policy updated
                 loss_sum = loss_sum + loss.detach()
                 parts.append((lengths[micro].sum().item(), metrics))
             grad_norm = clip_grads(m, cfg.grad_clip)
@@ -390,13 +402,13 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
                                                flat.float().mean().item(), cfg.flat_threshold)
         buffer.add(samples, adv.tolist(), step)
         prompts.update(encode_problems(run["train"], buffered_problems(batch, prompts), tok, policy, cfg, ctx))
-        old, entropy = batch_logprobs(policy, batch, prompts, tok.pad_id, cfg, ctx)                      # 3
-        ref = batch_logprobs(run["ref"], batch, prompts, tok.pad_id, cfg, ctx, run["vit_frozen"])[0] if run["ref"] \
+        old = old_logprobs(policy, batch, prompts, tok.pad_id, cfg, ctx)                                # 3
+        ref = batch_logprobs(run["ref"], batch, prompts, tok.pad_id, cfg, ctx, run["vit_frozen"]) if run["ref"] \
             else None
         metrics = optimise(policy, opt, batch, torch.tensor(batch_adv), old, ref, prompts, tok.pad_id, cfg, ctx,  # 4
                            gen, step, features=run["vit_frozen"])
         metrics["refresh_time"] = refresh_rollout_copy(run, cfg)
-        metrics.update(stats, entropy=entropy, flat_frac=flat.float().mean().item(), buffer_mixed=n_mixed,  # 5
+        metrics.update(stats, flat_frac=flat.float().mean().item(), buffer_mixed=n_mixed,  # 5
                        buffer_size=len(buffer), lr=opt.param_groups[0]["lr"], rollout_time=t_rollout,
                        **work_saved(prompts, idxs, batch, cfg, run))
         end_step(run, cfg, step, metrics, t0)

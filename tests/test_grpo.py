@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from data import Tokenizer, make_visual_task, read_jsonl
-from grpo import TINY_RUN, GRPOConfig, SampleBuffer, encode_problems, group_advantages, grpo_loss, load_problems, parse_args, prompt_indices, response_logprobs, rollout, train
+from grpo import (TINY_RUN, GRPOConfig, SampleBuffer, batch_logprobs, encode_problems, group_advantages, grpo_loss,
+                  load_problems, old_logprobs, optimise, parse_args, prompt_indices, response_logprobs, rollout, train)
 from checkpoint import latest_checkpoint
 from rewards import accuracy_reward, extract_boxed, format_reward
 from model import SkyworkR1V
@@ -460,3 +461,37 @@ def test_step_features_give_the_loss_and_gradients_of_pixels(tiny_ckpt, tmp_path
         assert g is not None or out[True][1][name] is None, name
         torch.testing.assert_close(out[True][1][name], g, rtol=1e-5, atol=1e-7, msg=name)
     assert out[True][1]["mlp1.1.weight"].abs().sum() > 0   # the connector did get gradient through the features
+
+
+def test_on_policy_update_skips_the_old_pass_and_gives_the_same_step(tiny_ckpt, tmp_path):
+    """One epoch and one minibatch make one optimizer step: grpo.old_logprobs returns None and optimise uses the
+    update's own log-probs, detached. The step (SGD, so the update is the gradient itself) equals the one taken with
+    the separate no-grad pass; with two epochs or two minibatches the pass is still made."""
+    tok, ctx = Tokenizer.from_dir(tiny_ckpt), setup()
+    problems = read_jsonl(make_visual_task(str(tmp_path), 2, 0, "train")) + read_jsonl(text_task(tmp_path))
+    cfg = GRPOConfig(group_size=2, max_new_tokens=6, rollout_batch_size=4, max_tiles=1, ppo_epochs=1,
+                     minibatch_size=6, micro_batch_size=4, grad_clip=1e9)
+    m = SkyworkR1V.from_pretrained(tiny_ckpt).train()
+    prompts = encode_problems(problems, [0, 2, 1], tok, m, cfg, ctx)
+    samples, _ = rollout(m, tok, problems, [0, 2, 1], prompts, cfg, ctx, torch.Generator().manual_seed(0),
+                         vowel_reward)
+    assert len(samples) == 6 and old_logprobs(m, samples, prompts, tok.pad_id, cfg, ctx) is None
+    for other in (dict(ppo_epochs=2), dict(minibatch_size=3)):
+        off = GRPOConfig(**{**cfg.__dict__, **other})
+        assert len(old_logprobs(m, samples, prompts, tok.pad_id, off, ctx)) == 6
+    adv = torch.linspace(-1, 1, len(samples))
+    steps, metrics = {}, {}
+    for way, old in (("pass", batch_logprobs(m, samples, prompts, tok.pad_id, cfg, ctx)), ("on-policy", None)):
+        model = SkyworkR1V.from_pretrained(tiny_ckpt).train()
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        metrics[way] = optimise(model, torch.optim.SGD(model.parameters(), lr=1.0), samples, adv, old, None,
+                                prompts, tok.pad_id, cfg, ctx, torch.Generator().manual_seed(1), step=1)
+        steps[way] = {n: p.detach() - start[n] for n, p in model.named_parameters()}
+    moved = 0
+    for name, d in steps["pass"].items():
+        torch.testing.assert_close(steps["on-policy"][name], d, rtol=1e-4, atol=1e-7, msg=name)
+        moved += bool(d.abs().sum() > 0)
+    assert moved > 10  # the decoder and connector did move
+    assert metrics["on-policy"]["ratio_mean"] == 1.0 and metrics["on-policy"]["clip_frac"] == 0.0
+    assert metrics["on-policy"]["entropy"] == pytest.approx(metrics["pass"]["entropy"], rel=1e-5)
+    assert metrics["on-policy"]["entropy"] > 0
