@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cli import at_least, check_choices, choice, parse_config
-from grpo import GRPOConfig, grpo_loss
+from grpo import GRPOConfig, grpo_loss, on_policy
 from model import R1VConfig, SkyworkR1V, count_params, token_logprobs_and_entropy, write_tiny_checkpoint
 from sft import sft_loss
 
@@ -494,7 +494,7 @@ def grpo_step_bound(c: dict, hw: Hardware, g: GRPOConfig, tp: bool, prompt: int 
     step = decode_bound(c, hw, g.rollout_batch_size, prompt + g.max_new_tokens // 2, fsdp=not tp)
     prefill = seqs / g.group_size * (prompt * (2 * c["dec_matmul"] + prompt / 2 * c["attn_flops_per_ctx_token"])
                                      + tiles * c["tile_flops"])
-    passes = (g.ppo_epochs > 1 or g.minibatch_size < seqs) + (g.beta > 0)  # grpo.old_logprobs
+    passes = (not on_policy(g, seqs)) + (g.beta > 0)  # the old policy (grpo.old_logprobs) and the reference
     recompute = 4 if g.grad_checkpointing else 3                           # x the forward: fwd + 2x bwd (+ fwd)
     phases = dict(
         rollout=prefill / hw.flops_per_s + -(-seqs // g.rollout_batch_size) * g.max_new_tokens * step["step_s"],

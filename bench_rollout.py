@@ -10,7 +10,8 @@ side goes first, A B B A ..., so both sides see the same machine load), each che
              one process  the unsharded model on rank 0 with `threads` threads (rank 1 waits in a barrier)
            Greedy tokens must be identical on all three.
   refresh  the same 2 ranks: tp.refresh (FSDP shards -> TP copy) next to one optimizer step of the sharded model
-           (forward + backward + AdamW on a short text batch), as GRPO alternates them.
+           (forward + backward + AdamW on a short text batch); GRPO rebuilds the copy after each
+           update (tp.make_decoder: an allocation, then this refresh).
   group    one process, tiny_configs/small.json, one prompt with an image of 4 tiles + thumbnail, G samples:
              old  each of the G rows its own copy of the prompt: the pixels through the ViT and a prefill per row
                   (rollout.generate_responses with group_size=1 over the prompt repeated G times); in the GRPO step

@@ -52,11 +52,6 @@ def make_parser(cls, description: str = "") -> Parser:
     return p
 
 
-def parse_flags(cls, argv=None, description: str = "") -> dict:
-    """-> only the flags given, so callers can layer them over any defaults."""
-    return {k: v for k, v in vars(make_parser(cls, description).parse_args(argv)).items() if v is not None}
-
-
 def parse_config(cls, argv=None, description: str = "", defaults=None):
     """Flags -> cls(**{**defaults, **flags}); `defaults` is a dict, or a function of the given flags returning one
     (grpo.py: the tiny run's settings unless --ckpt is given). A ValueError from the config's validation

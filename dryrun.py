@@ -166,8 +166,8 @@ def sharded_model(cfg: R1VConfig, ctx: Context, train: str, grad_ckpt: bool, dty
 
 
 def rollout_decoder(cfg: R1VConfig, dtype) -> TPDecoder:
-    """tp.make_decoder's copy, built on meta in `dtype`; trace_recipe fills it (to_empty + tp.refresh, make_decoder's
-    other two steps). make_decoder itself converts the dtype after to_empty, which cannot swap fake parameters."""
+    """tp.make_decoder's first step, outside FakeTensorMode: the copy on meta in `dtype`; trace_recipe does the other
+    two inside it (to_empty + tp.refresh)."""
     with torch.device("meta"):
         decoder = TPDecoder(cfg.llm, dist.get_rank(), dist.get_world_size())
     return decoder.to(dtype)
@@ -222,14 +222,12 @@ def dry_run_answers(decode_steps: int):
 
 
 # ------------------------------------------------------------------------------------------------- the steps
-def optimizer_step(model, opt, decoder=None):
-    """Clipping (optim.clip_grads: the norm stays a tensor, no host sync), AdamW, gradients freed; GRPO then
-    refreshes the rollout copy from the new shards (grpo.refresh_rollout_copy)."""
+def optimizer_step(model, opt):
+    """Clipping (optim.clip_grads: the norm stays a tensor, no host sync), AdamW, gradients freed. (GRPO then
+    rebuilds its rollout copy, grpo.refresh_rollout_copy: after the gradients are freed, below the update's peak.)"""
     clip_grads(model, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if decoder is not None and any(p.requires_grad for p in model.language_model.parameters()):
-        refresh(decoder, model)
 
 
 def sft_step(model, opt, ctx: Context, s: Shape):
@@ -260,16 +258,16 @@ def rollout_step(model, decoder, ctx: Context, s: Shape, prompts: dict):
                        num_return_sequences=s.group, vit_features=torch.cat([p.vit for p in chunk]), decoder=decoder)
 
 
-def grpo_step(model, opt, ctx: Context, s: Shape, prompts: dict, decoder=None):
+def grpo_step(model, opt, ctx: Context, s: Shape, prompts: dict):
     """grpo.optimise on one micro-batch: grpo.response_logprobs (the step's ViT features; lm_head on the response
-    only), grpo.grpo_loss, backward, step, refresh. Responses of lengths R, R-1, ... after prompts 0, 1, ..."""
+    only), grpo.grpo_loss, backward, step. Responses of lengths R, R-1, ... after prompts 0, 1, ..."""
     R = s.seq - s.prompt
     samples = [{"problem": b % len(prompts), "response": torch.zeros(R - b, dtype=torch.long)}
                for b in range(s.micro_batch)]
     logp, _, mask = response_logprobs(model, samples, prompts, 0, GRPOConfig(logprob_chunk=s.chunk), ctx)
     loss, _ = grpo_loss(logp, torch.zeros_like(logp), torch.ones(len(samples)), mask, num_tokens=float(mask.numel()))
     loss.backward()
-    optimizer_step(model, opt, decoder)
+    optimizer_step(model, opt)
 
 
 def warm_up_shape(cfg: R1VConfig, s: Shape) -> Shape:
@@ -315,7 +313,7 @@ def trace_recipe(cfg: R1VConfig, gpus: int, train: str, grpo: bool, s: Shape = S
         with dry_run_answers(decode_steps):
             warm = warm_up_shape(cfg, s)
             if grpo:
-                grpo_step(model, opt, ctx, warm, grpo_prompts(model, ctx, warm), decoder)
+                grpo_step(model, opt, ctx, warm, grpo_prompts(model, ctx, warm))
                 # grpo.release_rollout_copy: the update runs without the copy, rebuilt after the step (when the
                 # gradients are freed: below the update's peak)
                 phases = {"rollout": rollout, "train": lambda: grpo_step(model, opt, ctx, s, prompts)}

@@ -65,7 +65,7 @@ class GRPOConfig:
     rollout_batch_size: int = 8   # sequences per generate call per rank (bounds the KV cache: 8 x 8K x 256 KiB);
                                   # each call takes rollout_batch_size // group_size prompts, prefilled once each
     tp: bool = True               # on W > 1 ranks, generate from a tensor-parallel copy of the decoder (tp.py),
-                                  # refreshed after each update; --no-tp generates from the FSDP shards (slow)
+                                  # dropped for each update, rebuilt after it; --no-tp: from the FSDP shards (slow)
     compile: bool = False         # torch.compile the fixed-shape decode step (CUDA graphs on a GPU)
     # objective
     clip_low: float = 0.2         # ratio clipped to [1 - clip_low, 1 + clip_high] (clip-higher, DAPO)
@@ -262,12 +262,17 @@ def batch_logprobs(m, samples, prompts, pad_id, cfg, ctx, features=True) -> list
     return out
 
 
+def on_policy(cfg: GRPOConfig, n_samples: int) -> bool:
+    """One epoch and one minibatch: the update is a single optimizer step from the rollout's policy."""
+    return cfg.ppo_epochs == 1 and cfg.minibatch_size >= n_samples
+
+
 def old_logprobs(m, samples, prompts, pad_id, cfg, ctx) -> list[torch.Tensor] | None:
     """log pi_old of every response, or None when the update is on-policy: one epoch and one minibatch make a single
     optimizer step, so the policy the update differentiates is pi_old itself and its log-probs, detached, are the
     old ones (ratio 1; the clipped surrogate's gradient is then -A grad log pi). optimise uses them and the separate
     no-grad pass over every sequence is skipped, as verl does for on-policy updates."""
-    if cfg.ppo_epochs == 1 and cfg.minibatch_size >= len(samples):
+    if on_policy(cfg, len(samples)):
         return None
     return batch_logprobs(m, samples, prompts, pad_id, cfg, ctx)
 
@@ -323,7 +328,8 @@ def optimise(m, opt, samples, adv, old, ref, prompts, pad_id, cfg, ctx, gen, ste
     sums, skipped, updates = {}, 0, 0
     lengths = torch.tensor([len(s["response"]) for s in samples])      # on the host: token counts without a sync
     for _ in range(cfg.ppo_epochs):
-        for mb in torch.randperm(len(samples), generator=gen).split(cfg.minibatch_size):
+        order = torch.randperm(len(samples), generator=gen, device=gen.device).cpu()  # (gen: on the GPU there)
+        for mb in order.split(cfg.minibatch_size):
             opt.zero_grad(set_to_none=True)
             n_tokens, loss_sum, parts = lengths[mb].sum().item(), 0.0, []
             for micro in mb.split(cfg.micro_batch_size):
@@ -354,16 +360,12 @@ def optimise(m, opt, samples, adv, old, ref, prompts, pad_id, cfg, ctx, gen, ste
     return {**{k: float(v) / max(updates, 1) for k, v in sums.items()}, "skipped_updates": skipped}
 
 
-def decoder_trains(run: dict) -> bool:
-    return any(p.requires_grad for p in run["policy"].language_model.parameters())
-
-
 def release_rollout_copy(run: dict):
     """After the rollout, drop the tensor-parallel copy of the decoder (1/W of it in bf16 per GPU: 8.2 GB on each of
     8 GPUs at 38B) so the log-prob passes and the update do not carry it: their peak is the step's peak
     (docs/memory.md). verl frees its rollout engine's weights between phases the same way. Kept while the decoder is
     frozen (connector-only tuning): nothing would change in it."""
-    if decoder_trains(run):
+    if not run["decoder_frozen"]:
         run["decoder"] = None
 
 
@@ -398,8 +400,9 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
         t_rollout = time.perf_counter() - t0
         release_rollout_copy(run)                                       # the update's memory peak without it
         adv, flat = group_advantages(stats.pop("rewards"), cfg.group_size, cfg.scale_adv)                # 2
+        flat_frac = flat.float().mean().item()
         batch, batch_adv, n_mixed = buffer.mix(samples, adv.tolist(), flat.repeat_interleave(cfg.group_size).tolist(),
-                                               flat.float().mean().item(), cfg.flat_threshold)
+                                               flat_frac, cfg.flat_threshold)
         buffer.add(samples, adv.tolist(), step)
         prompts.update(encode_problems(run["train"], buffered_problems(batch, prompts), tok, policy, cfg, ctx))
         old = old_logprobs(policy, batch, prompts, tok.pad_id, cfg, ctx)                                # 3
@@ -408,7 +411,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
         metrics = optimise(policy, opt, batch, torch.tensor(batch_adv), old, ref, prompts, tok.pad_id, cfg, ctx,  # 4
                            gen, step, features=run["vit_frozen"])
         metrics["refresh_time"] = refresh_rollout_copy(run, cfg)
-        metrics.update(stats, flat_frac=flat.float().mean().item(), buffer_mixed=n_mixed,  # 5
+        metrics.update(stats, flat_frac=flat_frac, buffer_mixed=n_mixed,  # 5
                        buffer_size=len(buffer), lr=opt.param_groups[0]["lr"], rollout_time=t_rollout,
                        **work_saved(prompts, idxs, batch, cfg, run))
         end_step(run, cfg, step, metrics, t0)
@@ -449,6 +452,7 @@ def start(cfg: GRPOConfig) -> dict:
     # the rollout copy of the decoder is made from the (resumed) policy; None on one process (tp.make_decoder)
     run["decoder"] = make_decoder(policy, ctx.dtype) if cfg.tp else None
     run["vit_frozen"] = not any(p.requires_grad for p in policy.vision_model.parameters())
+    run["decoder_frozen"] = not any(p.requires_grad for p in policy.language_model.parameters())
     run["log"] = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ctx.is_main, run["step"] if ckpt_dir else None)
     if run["step"] == 0 and heldout:
         run["history"].append({"step": 0, "heldout_accuracy": evaluate(run, cfg)})
@@ -501,7 +505,7 @@ def work_saved(prompts: dict, idxs: list, batch: list, cfg: GRPOConfig, run: dic
     """What computing each prompt once saves this step, against running the ViT and the prefill per sample and
     per pass: vit_tiles (tiles through the ViT), vit_tiles_saved, prefill_tokens_saved (rollout prompts)."""
     tiles = {i: p.vit.shape[0] for i, p in prompts.items()}
-    passes = 1 + bool(run["ref"]) + (cfg.ppo_epochs if run["vit_frozen"] else 0)  # old, ref, update passes
+    passes = (not on_policy(cfg, len(batch))) + bool(run["ref"]) + (cfg.ppo_epochs if run["vit_frozen"] else 0)
     per_sample = cfg.group_size * sum(tiles[i] for i in idxs) + passes * sum(tiles[s["problem"]] for s in batch)
     used = sum(tiles.values())
     return {"vit_tiles": used, "vit_tiles_saved": per_sample - used,

@@ -106,7 +106,3 @@ def clip_grads(model, max_norm: float) -> torch.Tensor:
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
-
-def clip_grad_norm(model, max_norm: float) -> float:
-    """clip_grads, the norm as a Python float (waits for the GPU: one sync per optimizer step)."""
-    return float(clip_grads(model, max_norm))

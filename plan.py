@@ -33,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from cli import Parser
+from cli import Parser, at_least
 from model import R1VConfig, count_params
 
 GB = 1e9
@@ -352,11 +352,11 @@ def parse_args(argv=None):
     ap.add_argument("--recipe", action="append", choices=[r.name for r in recipes()],
                     help="--measure: the recipe (default cold-start SFT); --trace: only these (repeatable)")
     a = ap.parse_args(argv)
-    for flag in ("gpus", "seq", "micro_batch", "rollout_seqs", "group", "step_prompts", "chunk", "prompt"):
-        if getattr(a, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
-    if a.tiles < 0:
-        ap.error(f"--tiles must be >= 0, got {a.tiles}")
+    try:
+        at_least(a, 1, "gpus", "seq", "micro_batch", "rollout_seqs", "group", "step_prompts", "chunk", "prompt")
+        at_least(a, 0, "tiles")
+    except ValueError as e:
+        ap.error(str(e))
     if a.trace and a.gpus < 2:
         ap.error("--trace shards over a fake group of --gpus >= 2 ranks (one GPU: the formula alone)")
     if not a.measure:

@@ -34,7 +34,7 @@ from data import (THINK_PREFIX, THINK_START, Tokenizer, encode_chat, image_tiles
                   reasoning_trace, shuffled_indices)
 from logs import MetricsLog, plot_curves
 from model import R1VConfig, token_logprobs_and_entropy, write_tiny_checkpoint
-from optim import clip_grad_norm, lr_at, make_optimizer, parse_train_spec
+from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
 from parallel import all_reduce_sum, autocast, barrier, load_for_training, setup
 from rewards import format_reward
 from rollout import heldout_eval
@@ -120,7 +120,7 @@ def train_step(model, opt, examples: list, lr: float, pad_id: int, cfg: SFTConfi
     for group in opt.param_groups:
         group["lr"] = lr
     n_all, = all_reduce_sum([n_targets(examples)])  # the step's assistant tokens on all ranks
-    loss_sum = ent_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)  # one host sync a step
+    loss_sum = ent_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)  # read once, after the step
     for i in range(0, len(examples), cfg.batch_size):  # gradient accumulation over micro-batches
         batch = make_batch(examples[i:i + cfg.batch_size], pad_id, model.config, cfg.max_tiles, ctx.device)
         with autocast(ctx):
@@ -129,10 +129,11 @@ def train_step(model, opt, examples: list, lr: float, pad_id: int, cfg: SFTConfi
             loss, ent = sft_loss(model, batch, n_all / ctx.world, cfg.logprob_chunk)
         loss.backward()
         loss_sum, ent_sum = loss_sum + loss.detach().double() / ctx.world, ent_sum + ent.double()
-    grad_norm = clip_grad_norm(model, cfg.grad_clip)
+    grad_norm = clip_grads(model, cfg.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    loss_all, ent_all = all_reduce_sum([loss_sum.item(), ent_sum.item()])
+    loss_sum, ent_sum, grad_norm = torch.stack([loss_sum, ent_sum, grad_norm.double()]).tolist()  # the one sync
+    loss_all, ent_all = all_reduce_sum([loss_sum, ent_sum])
     return {"loss": loss_all, "entropy": ent_all / max(n_all, 1), "lr": lr, "grad_norm": grad_norm, "tokens": n_all}
 
 

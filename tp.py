@@ -4,8 +4,9 @@ Why: under FSDP2 (parallel.py) every forward all-gathers the weights it uses. Tr
 sequence; decoding does it once per token, so a rollout from FSDP shards moves the whole 32B decoder (56 GB in
 bf16) into every GPU for every new token. Tensor parallelism (Megatron-LM, arXiv 1909.08053; gpt-fast's tp.py)
 keeps each rank's slice of every matrix resident and moves activations instead: two all-reduces of [B,1,D] per
-layer per token. RL frameworks (verl, OpenRLHF, TRL, NeMo-RL) all generate from such a copy and refresh it after
-each optimizer step; this file does that in plain PyTorch.
+layer per token. RL frameworks (verl, OpenRLHF, TRL, NeMo-RL) all generate from such a copy and refresh it from the
+trained weights before each rollout; this file does that in plain PyTorch (grpo.py rebuilds the copy after each
+update and drops it during the update, whose memory peak it would otherwise raise).
 
 The split, per decoder layer (world = W ranks, each holding 1/W of the heads and of the MLP width):
 
@@ -42,7 +43,7 @@ from checkpoint import named_shards
 from model import LLMConfig, Qwen2ForCausalLM, SkyworkR1V
 
 # On gloo (CPU) DTensor's Shard(0) -> Shard(1) falls back from all-to-all to all-gather + chunk and says so: the
-# same result, and a CPU-only message (NCCL has all-to-all); the refresh would print it at start-up on every rank.
+# same result, and a CPU-only message (NCCL has all-to-all); every refresh would print it on every rank.
 logging.getLogger("torch.distributed.tensor._collective_utils").addFilter(
     lambda record: "does not support alltoall" not in record.getMessage())
 
@@ -167,9 +168,9 @@ def make_decoder(model: SkyworkR1V, dtype: torch.dtype) -> TPDecoder | None:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return None
     cfg, device = model.config.llm, next(model.parameters()).device
-    with torch.device("meta"):
-        decoder = TPDecoder(cfg, dist.get_rank(), dist.get_world_size())
-    decoder.to_empty(device=device).to(dtype)
+    with torch.device("meta"):  # the dtype before the memory: never an fp32 copy on the GPU, even for a moment
+        decoder = TPDecoder(cfg, dist.get_rank(), dist.get_world_size()).to(dtype)
+    decoder.to_empty(device=device)
     refresh(decoder, model)
     return decoder
 
@@ -177,7 +178,7 @@ def make_decoder(model: SkyworkR1V, dtype: torch.dtype) -> TPDecoder | None:
 @torch.no_grad()
 def refresh(decoder: TPDecoder, model: SkyworkR1V) -> float:
     """Copy the FSDP shards of the language model into the tensor-parallel decoder, in place -> seconds taken.
-    Called after every optimizer step; frozen parts (the ViT) are not in the decoder at all."""
+    make_decoder fills a new copy with it; the ViT is not in the decoder at all."""
     t0 = time.perf_counter()
     params = dict(decoder.named_parameters())
     for name, p in named_shards(model.language_model):

@@ -86,7 +86,7 @@ def test_roofline_grpo_rows_tp_beats_fsdp_gather_by_the_formulas():
     assert d_tp["hbm_bytes"] == 2 * c["dec_matmul"] / 8 + kv
     assert abs(d_fsdp["step_s"] - 2 * (c["params"]["language_model"] - c["lm_head"]) * 7 / 8 / 450e9) < 1e-9
     # TP's NVLink bytes: ring all-reduces (2 per layer + the embedding's) and the logits all-gather, node batch 64
-    rows = 8 * g.rollout_batch_size
+    rows = hw.gpus * g.rollout_batch_size
     assert abs(d_tp["nvlink_bytes"] - 7 / 8 * 2 * rows * (2 * 129 * 5120 + 151674)) < 1
     # the rollout phase: 64 sequences per GPU in calls of 8, each max_new_tokens steps, plus the prefills
     calls = g.prompts_per_step * g.group_size // 8 // g.rollout_batch_size
@@ -95,6 +95,7 @@ def test_roofline_grpo_rows_tp_beats_fsdp_gather_by_the_formulas():
         assert decode < s["phases"]["rollout"] < decode + 5  # prefill + ViT: a few seconds at peak
         assert abs(s["step_s"] - sum(s["phases"].values())) < 1e-6
     assert fsdp["phases"]["update"] == tp["phases"]["update"] and fsdp["phases"]["refresh"] == 0 < tp["phases"]["refresh"]
+    assert fsdp["phases"]["logprobs"] == tp["phases"]["logprobs"] == 0  # one optimizer step: no old-log-prob pass
     assert fsdp["step_s"] / tp["step_s"] > 5  # hours vs minutes
     assert 1.5 * 3600 < fsdp["step_s"] < 2 * 3600 and tp["step_s"] < 600
     report = bench.roofline_report(r)

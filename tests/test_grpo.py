@@ -411,9 +411,11 @@ def test_prompt_indices_and_args():
 
 # ------------------------------------------------------------------------ each piece of work once (issue 14)
 
-def test_vit_runs_once_per_prompt_per_step(tiny_ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ppo_epochs, minibatch_size", [(2, 8), (1, 64)])
+def test_vit_runs_once_per_prompt_per_step(tiny_ckpt, tmp_path, monkeypatch, ppo_epochs, minibatch_size):
     """With the ViT frozen (the default), a step's tiles go through the ViT in one call, each prompt's once, and the
-    rollout, the old log-probs and both PPO epochs reuse them; the metrics count it."""
+    rollout, the old log-probs and the PPO epochs reuse them; the metrics count it (an on-policy update, one epoch
+    and one minibatch, makes no old-log-prob pass: grpo.old_logprobs)."""
     from data import encode_prompt
     from vision import InternViT
     calls, real = [], InternViT.forward
@@ -421,7 +423,7 @@ def test_vit_runs_once_per_prompt_per_step(tiny_ckpt, tmp_path, monkeypatch):
         self, pv, *a, **kw))
     task = make_visual_task(str(tmp_path), 8, 0, "train")
     cfg = small_cfg(tiny_ckpt, tmp_path / "run", data=task, group_size=4, rollout_batch_size=8, max_tiles=2,
-                    flat_threshold=1.0)   # no buffered samples mixed in: the batch is the rollout's
+                    flat_threshold=1.0, ppo_epochs=ppo_epochs, minibatch_size=minibatch_size)  # no buffer mixing
     history = train(cfg, vowel_reward)
     tok, problems = Tokenizer.from_dir(tiny_ckpt), read_jsonl(task)
     config = SkyworkR1V.from_pretrained(tiny_ckpt).config
@@ -430,8 +432,9 @@ def test_vit_runs_once_per_prompt_per_step(tiny_ckpt, tmp_path, monkeypatch):
         tiles = sum(encode_prompt(tok, config, problems[i]["question"], problems[i]["images"], 2)[1].shape[0]
                     for i in idxs)
         assert h["vit_tiles"] == tiles > 0
-        if len(idxs) == cfg.prompts_per_step:  # per sample: G rollout rows + G rows x (old + 2 PPO epochs)
-            assert h["vit_tiles_saved"] == (cfg.group_size * (1 + 1 + cfg.ppo_epochs) - 1) * tiles
+        old_pass = ppo_epochs > 1  # (the batch, 8 or 16 samples, is one minibatch of 64)
+        if len(idxs) == cfg.prompts_per_step:  # per sample: G rollout rows + G rows x (old + PPO epochs)
+            assert h["vit_tiles_saved"] == (cfg.group_size * (1 + old_pass + cfg.ppo_epochs) - 1) * tiles
     assert [c for c in calls if c] == [h["vit_tiles"] for h in history]
 
 
