@@ -29,7 +29,6 @@ transformers is the reference: tests/hf_reference.py builds it (transformers sta
 """
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -41,6 +40,7 @@ import torch
 
 from cli import at_least, check_choices, choice, parse_config
 from grpo import GRPOConfig, grpo_loss, on_policy
+from logs import machine
 from model import R1VConfig, SkyworkR1V, count_params, token_logprobs_and_entropy, write_tiny_checkpoint
 from sft import sft_loss
 
@@ -354,16 +354,6 @@ def results_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return dict(date=time.strftime("%Y-%m-%d %H:%M %Z"), cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
-                transformers=reference().__version__, python=platform.python_version())
-
-
 def run(cfg: BenchConfig) -> dict:
     """Measure every row (or profile one) -> {"meta", "rows"}; prints the markdown table and writes the JSON."""
     cfg.dtype = cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")
@@ -387,7 +377,7 @@ def run(cfg: BenchConfig) -> dict:
             print(f"{row.name}: ours/theirs {results[-1]['ratio']:.2f}x", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    meta = dict(machine(), command="python " + " ".join(sys.argv), config=cfg.config, device=cfg.device,
+    meta = dict(machine(), threads=torch.get_num_threads(), transformers=reference().__version__, command="python " + " ".join(sys.argv), config=cfg.config, device=cfg.device,
                 dtype=cfg.dtype, repeats=cfg.repeats, sizes=asdict(SIZES[cfg.config]),
                 load_average_before=load_before, load_average_after=os.getloadavg())
     print(f"\n{meta['date']} | {meta['cpu']} ({meta['cores']} cores, {meta['threads']} threads) | torch "

@@ -28,7 +28,6 @@ Ratios are "A faster than B": median time of B / median time of A; the range is 
 """
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -45,6 +44,7 @@ from PIL import Image
 
 from data import Tokenizer, encode_prompt
 from grpo import GRPOConfig, Prompt, batch_logprobs, old_logprobs, optimise
+from logs import machine
 from model import SkyworkR1V, token_logprobs_and_entropy, write_tiny_checkpoint
 from optim import make_optimizer
 from parallel import Context, load_for_training, setup
@@ -309,15 +309,6 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def machine(threads: int) -> dict:
-    cpu = platform.processor()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return dict(date=time.strftime("%Y-%m-%d %H:%M %Z"), cpu=cpu, cores=os.cpu_count(), threads=threads,
-                torch=torch.__version__, python=platform.python_version(), command="python " + " ".join(sys.argv))
-
-
 def run(cfg, sizes: RolloutSizes = None) -> dict:
     """cfg: bench.BenchConfig (config: the group rows' tiny_configs name; repeats, threads, only, out)."""
     sizes = sizes or RolloutSizes()
@@ -325,7 +316,7 @@ def run(cfg, sizes: RolloutSizes = None) -> dict:
     if set(parts) - set(PARTS):
         raise ValueError(f"--rollout --only: parts are {list(PARTS)}, got {parts}")
     workdir = tempfile.mkdtemp(prefix="nanor1v-bench-rollout-")
-    meta = dict(machine(cfg.threads), group_config=cfg.config, repeats=cfg.repeats, sizes=asdict(sizes),
+    meta = dict(machine(), threads=cfg.threads, command="python " + " ".join(sys.argv), group_config=cfg.config, repeats=cfg.repeats, sizes=asdict(sizes),
                 load_average_before=os.getloadavg())
     rows = []
     try:

@@ -38,7 +38,7 @@ from optim import PARTS, clip_grads, freeze, make_optimizer
 from parallel import Context, autocast, shard
 from rollout import vit_once
 from sft import sft_loss
-from tp import TPDecoder, refresh
+from tp import meta_decoder, refresh
 
 COLUMNS = {  # FSDPMemTracker category -> column. The model has no buffers (RoPE is computed per forward), so
     # "Buffer" is free for the one module outside FSDP: tp.py's rollout copy (GRPO's rollout phase)
@@ -165,14 +165,6 @@ def sharded_model(cfg: R1VConfig, ctx: Context, train: str, grad_ckpt: bool, dty
     return shard(model, ctx).train()
 
 
-def rollout_decoder(cfg: R1VConfig, dtype) -> TPDecoder:
-    """tp.make_decoder's first step, outside FakeTensorMode: the copy on meta in `dtype`; trace_recipe does the other
-    two inside it (to_empty + tp.refresh)."""
-    with torch.device("meta"):
-        decoder = TPDecoder(cfg.llm, dist.get_rank(), dist.get_world_size())
-    return decoder.to(dtype)
-
-
 def reference_bytes(cfg: R1VConfig, gpus: int) -> int:
     """This rank's shards of GRPO's frozen reference policy (bf16, sharded like the policy; never materialised)."""
     fake_group(gpus)
@@ -292,7 +284,8 @@ def trace_recipe(cfg: R1VConfig, gpus: int, train: str, grpo: bool, s: Shape = S
         fake_group(gpus)
     ctx = Context(torch.device("cpu"), rank=dist.get_rank(), world=gpus, dtype=torch.bfloat16)  # the GPU's settings
     model = sharded_model(cfg, ctx, train, grad_ckpt)
-    decoder = rollout_decoder(cfg, ctx.dtype) if grpo and tp else None
+    # tp.make_decoder in two halves: the meta copy here, outside FakeTensorMode; to_empty + refresh inside it
+    decoder = meta_decoder(cfg.llm, ctx.dtype) if grpo and tp else None
     out = {}
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():  # (to_empty reads the meta model)
         model.to_empty(device="cpu")

@@ -323,8 +323,9 @@ def pad_right(xs: list[torch.Tensor]) -> torch.Tensor:
 
 def optimise(m, opt, samples, adv, old, ref, prompts, pad_id, cfg, ctx, gen, step, features=True) -> dict:
     """ppo_epochs passes over the batch in shuffled minibatches, one AdamW step each. The loss is the token-mean
-    over the minibatch, accumulated over micro-batches; old None: on-policy (old_logprobs). A non-finite loss or gradient skips the step (warning):
-    the weights and the optimizer state stay untouched. features=False when the ViT trains: pixels, with grad."""
+    over the minibatch, accumulated over micro-batches; old None: on-policy (old_logprobs). A non-finite loss or
+    gradient skips the step (warning): the weights and the optimizer state stay untouched. features=False when the
+    ViT trains: pixels, with grad."""
     sums, skipped, updates = {}, 0, 0
     lengths = torch.tensor([len(s["response"]) for s in samples])      # on the host: token counts without a sync
     for _ in range(cfg.ppo_epochs):

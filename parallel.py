@@ -52,8 +52,7 @@ def setup(dtype: str = None, seed: int = 0) -> Context:
         torch.set_num_threads(1)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-        # leave the group on exit: a rank that exits while still holding gloo/NCCL connections can abort its peer
-        atexit.register(leave)
+        atexit.register(leave)  # why a pause before leaving: leave()
     torch.manual_seed(seed + rank)  # different rollouts per rank, reproducible per run
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: torch.bfloat16 if cuda else torch.float32}[dtype]
     return Context(device, rank, world, dtype)

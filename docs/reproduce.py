@@ -18,7 +18,6 @@ beside its results.
 """
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 from cli import at_least, parse_config  # noqa: E402  (after the path: the repository's modules)
 from grpo import TINY_RUN  # noqa: E402
+from logs import machine  # noqa: E402
 
 
 @dataclass
@@ -163,14 +163,9 @@ def entropy_table(runs: list) -> list:
     return lines
 
 
-def machine() -> str:
-    import torch
-    cpu = platform.processor() or "unknown CPU"
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+def machine_line() -> str:
+    m = machine()
+    return f"{m['cpu']}, {m['cores']} cores, {m['gpu'] or 'no GPU'}; Python {m['python']}, torch {m['torch']}"
 
 
 def markdown(cfg: ReproduceConfig, runs: list, wall: float) -> str:
@@ -183,7 +178,7 @@ def markdown(cfg: ReproduceConfig, runs: list, wall: float) -> str:
         f"Critical-token entropy (entropy.py: responses sampled at temperature 1, up to {cfg.entropy_tokens} new "
         f"tokens; change = from the SFT model; picked = entropy.py's choice):", "",
         *entropy_table(runs), "",
-        f"{minutes(wall)} in all, {time.strftime('%Y-%m-%d')}, {machine()}.", "",
+        f"{minutes(wall)} in all, {time.strftime('%Y-%m-%d')}, {machine_line()}.", "",
         "```", f"python docs/reproduce.py --seeds {cfg.seeds} --sft-steps {cfg.sft_steps} "
         f"--grpo-steps {cfg.grpo_steps}", "# runs, for each seed S:",
         *(f"python {shlex.join(argv)}" for argv in cmd.values()), "```"])

@@ -6,7 +6,6 @@
 A process group is global per process: the fake and the real groups each live in processes of their own."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ from model import R1VConfig, SkyworkR1V
 from optim import clip_grads, make_optimizer
 from plan import tp_copy_bytes
 from sft import sft_loss
+from test_fsdp import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,12 +85,6 @@ LLM = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_
 # attention path (fake tensors cannot tell a padded batch from an unpadded one and always keep the mask)
 SHAPE = dict(seq=512, prompt=320, micro_batch=2, rollout_seqs=4, group=2, step_prompts=2, tiles=1, chunk=128)
 RECIPES = {"SFT": ("vision,connector,llm", False), "GRPO": ("connector,llm", True)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peaks(fake: bool) -> dict:
