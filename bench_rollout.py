@@ -47,7 +47,7 @@ from grpo import GRPOConfig, Prompt, batch_logprobs, old_logprobs, optimise
 from logs import machine
 from model import SkyworkR1V, token_logprobs_and_entropy, write_tiny_checkpoint
 from optim import make_optimizer
-from parallel import Context, load_for_training, setup
+from parallel import Context, load, setup
 from rollout import generate_responses, vit_once
 from tp import make_decoder, refresh
 
@@ -138,7 +138,7 @@ def rank_main(rank: int, ckpt: str, out: str, port: int, s: RolloutSizes, repeat
     ctx = setup(dtype="fp32")
     torch.set_num_threads(1)  # one core per rank: the two ranks fill the 2-core machine
     try:
-        sharded = load_for_training(ckpt, ctx, train="connector,llm")  # GRPO's trainable parts, FSDP2
+        sharded = load(ckpt, ctx, train="connector,llm")  # GRPO's trainable parts, FSDP2
         decoder = make_decoder(sharded, torch.float32)
         ref = SkyworkR1V.from_pretrained(ckpt).eval()  # the one-process side (timed on rank 0 only)
         ref.language_model.sync_done = False  # in a process group its decode loop would ask rank 1 "all done?"
@@ -218,7 +218,7 @@ def tiled_image(grid: tuple, seed: int = 0) -> Image.Image:
 def group_setup(ckpt: str, s: RolloutSizes) -> tuple:
     """-> (policy, optimizer, prompt ids [P], pixels [tiles,3,H,W], GRPOConfig, Context) for the group rows."""
     ctx = Context(torch.device("cpu"))
-    m = load_for_training(ckpt, ctx, train="connector,llm")  # GRPO's default: the ViT frozen
+    m = load(ckpt, ctx, train="connector,llm")  # GRPO's default: the ViT frozen
     tok = Tokenizer.from_dir(ckpt)
     cols, rows = s.image_grid
     ids, pixels = encode_prompt(tok, m.config, "How many shapes are in the image?", [tiled_image(s.image_grid)],

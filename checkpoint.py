@@ -202,7 +202,7 @@ def save_state_dict(tensors, config: dict, out_dir: str, max_shard_bytes: int = 
     os.rename(tmp, out_dir)
 
 
-def named_shards(model):
+def resharded_parameters(model):
     """named_parameters() as the sharded DTensors FSDP2 owns. After a no_grad forward (generation) the root FSDP
     unit keeps its full, unsharded tensors registered (it expects a backward), and anything holding on to those
     (an optimizer, a save) would hold copies that FSDP later discards: reshard first."""
@@ -217,7 +217,7 @@ def save_model(model, out_dir: str, max_shard_bytes: int = 5 * 2**30, src_dir: s
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
 
     def tensors():
-        for name, p in named_shards(model):
+        for name, p in resharded_parameters(model):
             full = p.full_tensor() if hasattr(p, "full_tensor") else p  # collective: every rank takes part
             yield name, full.detach().cpu() if rank0 else None
 
@@ -263,7 +263,7 @@ def save_checkpoint(out_dir: str, model, optimizer, step: int, extra: dict = Non
 
 def resume(ckpt_dir: str, model, optimizer):
     """Restore optimizer state and RNG from save_checkpoint's train_state/ -> (step, extra, tensors).
-    The model weights come from loading ckpt_dir itself (load_for_training)."""
+    The model weights come from loading ckpt_dir itself (load)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 

@@ -154,7 +154,7 @@ def local_bytes(x) -> int:
 
 # ------------------------------------------------------------------------------------------------ the models
 def sharded_model(cfg: R1VConfig, ctx: Context, train: str, grad_ckpt: bool, dtype=torch.float32) -> SkyworkR1V:
-    """As parallel.load_for_training builds it, minus the weights: meta model in `dtype` (fp32 master weights; a
+    """As parallel.load builds it, minus the weights: meta model in `dtype` (fp32 master weights; a
     frozen reference policy: the compute dtype), frozen parts, activation checkpointing, FSDP2 units. Outside
     FakeTensorMode: parallel.shard makes the device mesh, which reads values."""
     with torch.device("meta"):

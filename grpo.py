@@ -38,9 +38,9 @@ from data import Tokenizer, encode_prompt, make_visual_task, read_jsonl, shuffle
 from logs import MetricsLog, plot_curves
 from model import R1VConfig, token_logprobs_and_entropy
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
-from parallel import autocast, barrier, load_for_training, mean_over_ranks, setup
+from parallel import autocast, barrier, load, mean_over_ranks, setup
 from rewards import accuracy_reward, format_reward, reward  # noqa: F401  (format_reward: re-exported)
-from rollout import cat_pixels, generate_responses, heldout_eval, vit_once
+from rollout import cat_pixels, generate_responses, heldout_accuracy, vit_once
 from tp import check_divisible, make_decoder
 
 
@@ -438,10 +438,10 @@ def start(cfg: GRPOConfig) -> dict:
     if cfg.tp and ctx.world > 1:  # before any weight is read
         check_divisible(R1VConfig.from_dir(cfg.ckpt).llm, ctx.world)
     train_set, heldout = load_problems(cfg, ctx.is_main)
-    policy = load_for_training(ckpt_dir or cfg.ckpt, ctx, train=cfg.train, grad_checkpointing=cfg.grad_checkpointing)
+    policy = load(ckpt_dir or cfg.ckpt, ctx, train=cfg.train, grad_checkpointing=cfg.grad_checkpointing)
     # the reference (frozen initial policy) exists only when beta > 0: sharded like the policy, in the compute
     # dtype (2 B/param), as it is only ever read
-    ref = load_for_training(cfg.ckpt, ctx, train="none", dtype=ctx.dtype).eval() if cfg.beta else None
+    ref = load(cfg.ckpt, ctx, train="none", dtype=ctx.dtype).eval() if cfg.beta else None
     opt = make_optimizer(policy, cfg.lr, cfg.weight_decay,
                          moments_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
     run = dict(ctx=ctx, tok=Tokenizer.from_dir(cfg.ckpt), train=train_set, heldout=heldout, policy=policy, ref=ref,
@@ -491,8 +491,8 @@ def step_generator(cfg: GRPOConfig, ctx, step: int, opt) -> torch.Generator:
 
 
 def evaluate(run: dict, cfg: GRPOConfig) -> float:
-    """Held-out accuracy with greedy decoding (rollout.heldout_eval)."""
-    return heldout_eval(run["policy"], run["tok"], run["heldout"], run["ctx"], max_new_tokens=cfg.max_new_tokens,
+    """Held-out accuracy with greedy decoding (rollout.heldout_accuracy)."""
+    return heldout_accuracy(run["policy"], run["tok"], run["heldout"], run["ctx"], max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.rollout_batch_size, max_tiles=cfg.max_tiles, decoder=run["decoder"],
                         compile=cfg.compile)["accuracy"]
 

@@ -4,7 +4,7 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-from checkpoint import named_shards
+from checkpoint import resharded_parameters
 
 PARTS = {"vision": "vision_model", "connector": "mlp1", "llm": "language_model"}
 
@@ -35,7 +35,7 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95
     """AdamW over the trainable parameters only (frozen ones cost no optimizer memory). moments_dtype=bf16 keeps
     the two Adam moments in bf16 (4 instead of 8 bytes per parameter; the 38B GRPO plan needs it to fit 80 GB)
     while weights and the update stay fp32."""
-    params = [p for _, p in named_shards(model) if p.requires_grad]
+    params = [p for _, p in resharded_parameters(model) if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check --train")
     if moments_dtype == torch.float32:

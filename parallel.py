@@ -87,9 +87,9 @@ def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
     return model
 
 
-def load_for_training(ckpt_dir: str, ctx: Context, train: str = "all", grad_checkpointing: bool = False,
+def load(ckpt_dir: str, ctx: Context, train: str = "all", grad_checkpointing: bool = False,
                       cpu_offload: bool = False, dtype=torch.float32) -> SkyworkR1V:
-    """The one loading path of every training script: fp32 master weights (`dtype`), frozen parts per `train`, FSDP2 when
+    """The one loading path of every script (training, inference, the frozen reference): fp32 master weights (`dtype`), frozen parts per `train`, FSDP2 when
     world > 1 (loaded shard by shard, each rank only its rows), activation checkpointing per block if asked."""
     def prepare(model):
         n = freeze(model, train)

@@ -243,7 +243,7 @@ def measure(ckpt_dir: str, recipe: str, seq: int, tiles: int) -> dict:
 
     from model import token_logprobs_and_entropy
     from optim import PARTS, make_optimizer
-    from parallel import load_for_training, setup
+    from parallel import load, setup
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -254,7 +254,7 @@ def measure(ckpt_dir: str, recipe: str, seq: int, tiles: int) -> dict:
     base = rss()
     spec = ",".join(k for k, v in PARTS.items() if v in r.train)
     ctx, t0 = setup(), time.perf_counter()
-    model = load_for_training(ckpt_dir, ctx, train=spec, grad_checkpointing=True)
+    model = load(ckpt_dir, ctx, train=spec, grad_checkpointing=True)
     load_s, load_peak = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     cfg = model.config
     opt = make_optimizer(model, lr=1e-5)

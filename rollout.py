@@ -61,7 +61,7 @@ def generate_responses(m: SkyworkR1V, prompts: list, ctx: Context, *, pad_id: in
 
 
 @torch.no_grad()
-def heldout_eval(m: SkyworkR1V, tok, problems: list, ctx: Context, *, max_new_tokens: int, batch_size: int = 8,
+def heldout_accuracy(m: SkyworkR1V, tok, problems: list, ctx: Context, *, max_new_tokens: int, batch_size: int = 8,
                  max_tiles: int = 0, decoder=None, compile=False) -> dict:
     """Greedy thinking-mode answers to held-out problems {"question", "images", ["answer"]} -> format rate
     (rewards.format_reward), accuracy (rewards.accuracy_reward, over problems with an answer), one sample text.

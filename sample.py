@@ -22,7 +22,7 @@ from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, b
                   left_pad, parse_response, read_jsonl)
 from model import R1VConfig, SkyworkR1V
 from cli import at_least, check_choices, choice, parse_config
-from parallel import load_for_training, setup
+from parallel import load, setup
 from tp import check_divisible, make_decoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -211,7 +211,7 @@ def prepare(cfg: SampleConfig):
             check_divisible(config.llm, world)
         ctx = setup(cfg.dtype or None, cfg.seed)
         cfg.device = str(ctx.device)
-        model = load_for_training(ckpt, ctx, train="none", dtype=ctx.dtype).eval()
+        model = load(ckpt, ctx, train="none", dtype=ctx.dtype).eval()
         return model, tok, requests, make_decoder(model, ctx.dtype) if cfg.tp else None
     dtype = DTYPES[cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")]
     return SkyworkR1V.from_pretrained(ckpt, dtype=dtype, device=cfg.device), tok, requests, None

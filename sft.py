@@ -35,9 +35,9 @@ from data import (THINK_PREFIX, THINK_START, Tokenizer, encode_chat, image_tiles
 from logs import MetricsLog, plot_curves
 from model import R1VConfig, token_logprobs_and_entropy, write_tiny_checkpoint
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
-from parallel import all_reduce_sum, autocast, barrier, load_for_training, setup
+from parallel import all_reduce_sum, autocast, barrier, load, setup
 from rewards import format_reward
-from rollout import heldout_eval
+from rollout import heldout_accuracy
 
 
 @dataclass
@@ -179,7 +179,7 @@ def main(cfg: SFTConfig) -> dict:
     ckpt, resuming = starting_checkpoint(cfg, ctx)
     train_path, eval_path = data_files(cfg, ctx)
     barrier()  # the main rank may have just written the tiny checkpoint and the synthetic data
-    model = load_for_training(ckpt, ctx, cfg.train, cfg.grad_checkpointing, cfg.cpu_offload)
+    model = load(ckpt, ctx, cfg.train, cfg.grad_checkpointing, cfg.cpu_offload)
     tok = Tokenizer.from_dir(ckpt)
     train_set, eval_set, stats = load_datasets(train_path, eval_path, tok, cfg, model.config, ctx)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay,
@@ -194,7 +194,7 @@ def main(cfg: SFTConfig) -> dict:
     if cfg.gen_eval:  # greedy thinking-mode answers to held-out questions: has the format been learnt?
         problems = [{"question": e.question, "images": e.images, "answer": e.answer}
                     for e in eval_set if e.question is not None][:cfg.gen_eval]
-        ev = heldout_eval(model.eval(), tok, problems, ctx, max_new_tokens=cfg.max_new_tokens,
+        ev = heldout_accuracy(model.eval(), tok, problems, ctx, max_new_tokens=cfg.max_new_tokens,
                           batch_size=cfg.batch_size, max_tiles=cfg.max_tiles)
         result.update(gen_samples=ev["samples"], format_rate=ev["format_rate"], accuracy=ev["accuracy"],
                       sample=ev["sample"])

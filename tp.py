@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import Shard
 
-from checkpoint import named_shards
+from checkpoint import resharded_parameters
 from model import LLMConfig, Qwen2ForCausalLM, SkyworkR1V
 
 # On gloo (CPU) DTensor's Shard(0) -> Shard(1) falls back from all-to-all to all-gather + chunk and says so: the
@@ -185,7 +185,7 @@ def refresh(decoder: TPDecoder, model: SkyworkR1V) -> float:
     make_decoder fills a new copy with it; the ViT is not in the decoder at all."""
     t0 = time.perf_counter()
     params = dict(decoder.named_parameters())
-    for name, p in named_shards(model.language_model):
+    for name, p in resharded_parameters(model.language_model):
         if name == "lm_head.weight" and model.config.llm.tie_word_embeddings:
             continue  # listed once, as embed_tokens.weight; the copy below fills both
         local = tp_slice(name, p)

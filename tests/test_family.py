@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from checkpoint import INDEX, save_state_dict
 from model import R1VConfig, SkyworkR1V, count_params, write_tiny_checkpoint
 from optim import make_optimizer
-from parallel import load_for_training, setup
+from parallel import load, setup
 from tp import make_decoder
 from test_fsdp import batch, free_port, full, loss_fn
 
@@ -228,7 +228,7 @@ def tied_worker(rank, ckpt, out, port):
 
 def check_tied_fsdp(ctx, ckpt, out):
     ref = SkyworkR1V.from_pretrained(ckpt).train()
-    sharded = load_for_training(ckpt, ctx, train="all")
+    sharded = load(ckpt, ctx, train="all")
     lm = sharded.language_model
     assert lm.lm_head.weight is lm.model.embed_tokens.weight and hasattr(lm.lm_head.weight, "full_tensor")
     ids, pv = batch(ref)

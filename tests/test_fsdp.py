@@ -12,7 +12,7 @@ from model import token_logprobs_and_entropy
 from model import SkyworkR1V
 from checkpoint import resume, save_checkpoint
 from optim import make_optimizer
-from parallel import Context, load_for_training, setup
+from parallel import Context, load, setup
 
 WORLD = 2
 
@@ -56,7 +56,7 @@ def worker(rank, ckpt, out, port, dtype):
 def check(ctx: Context, ckpt, out):
     ref = SkyworkR1V.from_pretrained(ckpt).train()
     ids, pv = batch(ref)
-    sharded = load_for_training(ckpt, ctx, train="all")
+    sharded = load(ckpt, ctx, train="all")
     assert any(hasattr(p, "full_tensor") for p in sharded.parameters())
     uneven = sharded.vision_model.embeddings.class_embedding  # dim 0 is 1: rank 1 holds no rows at all
     assert uneven.to_local().shape[0] == (1 if ctx.rank == 0 else 0)
@@ -94,7 +94,7 @@ def check(ctx: Context, ckpt, out):
     again = SkyworkR1V.from_pretrained(out)
     for (name, p), q in zip(sharded.named_parameters(), again.parameters()):
         assert torch.equal(full(p).detach(), q), name
-    reloaded = load_for_training(out, ctx, train="all")
+    reloaded = load(out, ctx, train="all")
     opt2 = make_optimizer(reloaded, lr=1e-2)
     step, extra, _ = resume(out, reloaded, opt2)
     assert (step, extra) == (1, {"note": "x"})
@@ -102,7 +102,7 @@ def check(ctx: Context, ckpt, out):
         assert torch.equal(a["exp_avg"].to_local(), b["exp_avg"].to_local())
 
     # 5. freezing: train only the connector; everything else stays bit-identical, optimizer holds only mlp1
-    frozen = load_for_training(ckpt, ctx, train="connector")
+    frozen = load(ckpt, ctx, train="connector")
     before = {n: full(p).detach().clone() for n, p in frozen.named_parameters()}
     opt3 = make_optimizer(frozen, lr=1e-2)
     assert {id(p) for p in opt3.param_groups[0]["params"]} == {id(p) for p in frozen.mlp1.parameters()}
@@ -120,7 +120,7 @@ def check_bf16(ctx: Context, ckpt):
     """bf16 MixedPrecisionPolicy (the GPU setting) on CPU: bf16 compute, fp32 master weights and gradients."""
     ref = SkyworkR1V.from_pretrained(ckpt)
     ids, pv = batch(ref)
-    m = load_for_training(ckpt, ctx)
+    m = load(ckpt, ctx)
     assert ctx.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in m.parameters())
     mine = slice(ctx.rank, ctx.rank + 1)
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_fsdp_two_ranks_match_one_process(tiny_ckpt, tmp_path, dtype):
 
 def test_resume_refuses_other_world_size(tiny_ckpt, tmp_path):
     ctx = Context(torch.device("cpu"))
-    m = load_for_training(tiny_ckpt, ctx, train="connector")
+    m = load(tiny_ckpt, ctx, train="connector")
     opt = make_optimizer(m, lr=1e-3)
     out = str(tmp_path / "state")
     save_checkpoint(out, m, opt, step=3)
@@ -156,7 +156,7 @@ def test_resume_refuses_other_world_size(tiny_ckpt, tmp_path):
 
 def test_bf16_moment_adamw_tracks_fp32_adamw(tiny_ckpt):
     ctx = Context(torch.device("cpu"))
-    models = [load_for_training(tiny_ckpt, ctx, train="connector") for _ in range(2)]
+    models = [load(tiny_ckpt, ctx, train="connector") for _ in range(2)]
     opts = [make_optimizer(models[0], lr=1e-3), make_optimizer(models[1], lr=1e-3, moments_dtype=torch.bfloat16)]
     ids, pv = batch(models[0])
     for _ in range(3):

@@ -12,7 +12,7 @@ from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from sft import SFTConfig, fit, load_sft, main, make_batch, parse_args, sft_loss, step_indices, synthetic_data, truncate
 from logs import MetricsLog, read_metrics
 from optim import make_optimizer
-from parallel import load_for_training, setup
+from parallel import load, setup
 
 GOOD = "<think>\n1 + 1 = 2\n</think>\n\nThe answer is \\boxed{2}."
 
@@ -94,7 +94,7 @@ def test_padding_does_not_change_loss(tiny_ckpt, tmp_path, red_png):
 def test_train_connector_only(tiny_ckpt, tmp_path):
     train_path, eval_path = synthetic_data(str(tmp_path / "data"), 4, 2, seed=0)
     ctx = setup()
-    model = load_for_training(tiny_ckpt, ctx, "connector")
+    model = load(tiny_ckpt, ctx, "connector")
     (train_set, _), (eval_set, _) = load(train_path, tiny_ckpt), load(eval_path, tiny_ckpt)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = make_optimizer(model, 1e-2)

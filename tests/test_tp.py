@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from data import left_pad
 from model import LLMConfig, SkyworkR1V, make_mask, positions, write_tiny_checkpoint
 from optim import make_optimizer
-from parallel import load_for_training, setup
+from parallel import load, setup
 from test_fsdp import batch, free_port, loss_fn
 from tp import TPDecoder, gather_rows, make_decoder, refresh, shared_generator
 
@@ -65,7 +65,7 @@ def worker(rank, ckpts, port):
 
 def check(ctx, ckpt):
     ref = SkyworkR1V.from_pretrained(ckpt)
-    sharded = load_for_training(ckpt, ctx, train="all")
+    sharded = load(ckpt, ctx, train="all")
     decoder = make_decoder(sharded, torch.float32)
     ids, mask, pix = prompts(ref, ctx.rank)
 
