@@ -11,34 +11,34 @@ rewards are all equal). One step:
     2. advantages   A_i = (r_i - mean_G r) / (std_G r + 1e-6); flat groups replaced from the sample buffer
     3. old log-probs  log pi_old(o_t) of every response token, once per rollout batch (and log pi_ref if beta > 0);
                     none when the update is one optimizer step: pi_old is then the policy being differentiated
-    4. update       ppo_epochs passes of AdamW on the clipped surrogate, token-mean over each minibatch; the
-                    rollout copy of the decoder is dropped for it and rebuilt with the new weights after it
+    4. update       ppo_epochs passes of AdamW on the clipped surrogate, token-mean over each minibatch
     5. log          reward, accuracy, entropy, clip fractions, held-out accuracy every eval_every steps
 
 Work done once per step, not per sample: each prompt's tiles go through the ViT once (the rollout and every
 log-prob pass reuse the features while the ViT is frozen); each prompt is prefilled once and its KV cache copied
 into its G sample rows. On W > 1 ranks the rollout decodes with a tensor-parallel copy of the decoder (tp.py),
-not from the FSDP shards, which would all-gather every layer for every new token.
+not from the FSDP shards, which would all-gather every layer for every new token; the copy is made from the
+current shards before the rollout and dropped before the update, whose memory peak it would otherwise raise.
 
-    python grpo.py                                        # tiny default: SFT first if out/sft is missing, CPU, minutes
+    python grpo.py                                        # preset tiny: SFT first if out/sft is missing, CPU, minutes
     torchrun --nproc_per_node 8 grpo.py --ckpt Skywork-R1V3-38B --data math.jsonl    # the 38B, FSDP2 (parallel.py)
 """
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from checkpoint import latest_checkpoint, resume, save_checkpoint
-from cli import at_least, parse_config
+from cli import at_least, choice, parse_config
 from data import Tokenizer, encode_prompt, make_visual_task, read_jsonl, shuffled_indices
 from logs import MetricsLog, plot_curves
-from model import R1VConfig, token_logprobs_and_entropy
+from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
-from parallel import autocast, barrier, load, mean_over_ranks, setup
+from parallel import Context, autocast, barrier, load, mean_over_ranks, setup
 from rewards import accuracy_reward, format_reward, reward  # noqa: F401  (format_reward: re-exported)
 from rollout import cat_pixels, generate_responses, heldout_accuracy, vit_once
 from tp import check_divisible, make_decoder
@@ -92,6 +92,8 @@ class GRPOConfig:
     eval_every: int = 10          # held-out accuracy (greedy decoding) every this many steps, and at 0 and the end
     eval_size: int = 256          # held-out problems evaluated
     save_every: int = 50
+    preset: str = choice("r1v3", "tiny")  # where the defaults come from: r1v3 = the fields above; tiny = TINY_RUN
+                                          # (`python grpo.py` without --ckpt picks tiny)
 
     def __post_init__(self):  # a bad value is one line naming the flag (cli.parse_config), before any work
         at_least(self, 1, "steps", "prompts_per_step", "group_size", "max_new_tokens", "max_tiles",
@@ -105,13 +107,15 @@ class GRPOConfig:
 
 
 # The default run (`python grpo.py`, no --ckpt): tiny model from `python sft.py`, synthetic task, CPU, minutes.
+# The fields above are the 38B recipe (preset r1v3); `--preset` picks either, and the run prints what differs.
 TINY_RUN = dict(steps=40, prompts_per_step=4, max_new_tokens=256, rollout_batch_size=32, lr=1e-4, ppo_epochs=2,
                 minibatch_size=16, micro_batch_size=16, synthetic_size=512, eval_every=10, eval_size=64,
                 save_every=20, grad_checkpointing=False, bf16_moments=False)
+PRESETS = {"r1v3": {}, "tiny": TINY_RUN}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Rollout: G responses per prompt from the current policy, scored.
+# 1. Rollout: G responses per prompt from the current policy, then their rewards.
 
 class Prompt(NamedTuple):
     """A problem as the policy sees it, built once per step and shared by the rollout and every log-prob pass."""
@@ -120,9 +124,14 @@ class Prompt(NamedTuple):
     vit: torch.Tensor              # [tiles,1024,D_vit]: the ViT's output for those tiles (zero tiles: no image)
 
 
+class Sample(NamedTuple):
+    problem: int                   # index into the training problems (its Prompt is encoded once per step)
+    response: torch.Tensor         # [L] long, ending at <|im_end|> unless cut at max_new_tokens
+
+
 def encode_problems(problems: list, idxs: list, tok, m, cfg, ctx) -> dict:
     """{problem index: Prompt}. The images of all of them go through the ViT in one call (rollout.vit_once): a
-    prompt's tiles are seen by the ViT once per step, not once per sample and pass (8 x (2 + ppo_epochs) before)."""
+    prompt's tiles are seen by the ViT once per step, not once per sample and pass."""
     idxs = list(dict.fromkeys(idxs))  # a problem drawn twice in a step (a small data set) is encoded once
     enc = [encode_prompt(tok, m.config, problems[i]["question"], problems[i]["images"], cfg.max_tiles) for i in idxs]
     vit = vit_once(m, [pixels for _, pixels in enc], ctx)
@@ -130,28 +139,30 @@ def encode_problems(problems: list, idxs: list, tok, m, cfg, ctx) -> dict:
 
 
 @torch.no_grad()
-def rollout(m, tok, problems, idxs, prompts: dict, cfg, ctx, gen, reward_fn, decoder=None) -> tuple[list[dict], dict]:
-    """Problems idxs, encoded in prompts -> (samples [{"problem": i, "response": ids [L] long}], stats incl.
-    "rewards" [N] with N = len(idxs) * G,
-    groups contiguous). Each prompt is prefilled once and its G responses sampled from copies of its KV cache
-    (rollout.generate_responses), by the tensor-parallel decoder when there is one. Each response ends at
-    <|im_end|> (kept: the policy must learn to stop) or after max_new_tokens. A sampled <IMG_CONTEXT> also ends
-    it: fed back as input it would ask for an image that does not exist."""
-    groups = generate_responses(m, [(prompts[i].ids, prompts[i].pixels) for i in idxs], ctx, pad_id=tok.pad_id,
-                                group_size=cfg.group_size, stop_ids=[tok.eos_id, m.config.img_context_token_id],
-                                generator=gen, batch_size=cfg.rollout_batch_size,
-                                vit_features=[prompts[i].vit for i in idxs], decoder=decoder, compile=cfg.compile,
-                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    samples, scores = [], []
-    for i, group in zip(idxs, groups):
-        answer = str(problems[i]["answer"])
+def sample_groups(m, tok, prompts: list[Prompt], cfg: GRPOConfig, ctx, gen, decoder=None) -> list[list[list[int]]]:
+    """G responses per prompt. Each prompt is prefilled once and its G responses sampled from copies of its KV
+    cache (rollout.generate_responses), by the tensor-parallel decoder when there is one. A response ends at
+    <|im_end|> (kept: the policy must learn to stop) or after max_new_tokens. A sampled <IMG_CONTEXT> also ends it:
+    fed back as input it would ask for an image that does not exist."""
+    return generate_responses(m, [(p.ids, p.pixels) for p in prompts], ctx, pad_id=tok.pad_id,
+                              group_size=cfg.group_size, stop_ids=[tok.eos_id, m.config.img_context_token_id],
+                              generator=gen, batch_size=cfg.rollout_batch_size, vit_features=[p.vit for p in prompts],
+                              decoder=decoder, compile=cfg.compile, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature)
+
+
+def score(tok, groups: list, answers: list, reward_fn: Callable) -> tuple[torch.Tensor, dict]:
+    """Responses (groups of token lists) and each group's gold answer -> (rewards [N], N = prompts * G, groups
+    contiguous; stats: mean reward, accuracy, format, response length, tokens)."""
+    scores = []
+    for answer, group in zip(answers, groups):
         for resp in group:
             text = tok.decode(resp, skip_special=True)
-            samples.append({"problem": i, "response": torch.tensor(resp, dtype=torch.long)})
-            scores.append((reward_fn(text, answer), accuracy_reward(text, answer), format_reward(text), len(resp)))
+            scores.append((reward_fn(text, str(answer)), accuracy_reward(text, str(answer)), format_reward(text),
+                           len(resp)))
     r, acc, fmt, length = (torch.tensor(x, dtype=torch.float64) for x in zip(*scores))
-    return samples, {"rewards": r.float(), "reward": r.mean().item(), "accuracy": acc.mean().item(),
-                     "format": fmt.mean().item(), "response_len": length.mean().item(), "tokens": length.sum().item()}
+    return r.float(), {"reward": r.mean().item(), "accuracy": acc.mean().item(), "format": fmt.mean().item(),
+                       "response_len": length.mean().item(), "tokens": length.sum().item()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +188,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
 class SampleBuffer:
     def __init__(self, capacity: int = 64, max_age: int = 4, min_abs_adv: float = 1e-6):
         self.capacity, self.max_age, self.min_abs_adv = capacity, max_age, min_abs_adv
-        self.items: list[tuple[int, float, object]] = []               # (step added, advantage, sample)
+        self.items: list[tuple[int, float, Sample]] = []               # (step added, advantage, sample)
 
     def __len__(self):
         return len(self.items)
@@ -203,62 +214,101 @@ class SampleBuffer:
         return samples, advantages, len(slots)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat {name: tensor} (safetensors-friendly): each item's step, advantage and sample fields
-        (samples are dicts of tensors / ints / floats)."""
+        """Flat {name: tensor} (safetensors-friendly): each item's step, advantage and sample fields."""
         out = {}
         for i, (step, adv, sample) in enumerate(self.items):
-            for key, v in {"step": step, "adv": adv, **{f"sample.{k}": x for k, x in sample.items()}}.items():
-                out[f"{i}.{key}"] = v if torch.is_tensor(v) else torch.tensor(v, dtype=torch.float64 if
-                                                                               isinstance(v, float) else torch.int64)
+            out.update({f"{i}.step": torch.tensor(step), f"{i}.adv": torch.tensor(adv, dtype=torch.float64),
+                        f"{i}.sample.problem": torch.tensor(sample.problem), f"{i}.sample.response": sample.response})
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]):
         items = {}
         for name, t in state.items():
             i, key = name.split(".", 1)
-            items.setdefault(int(i), {})[key] = t.item() if t.dim() == 0 else t
-        self.items = [(it.pop("step"), it.pop("adv"), {k.removeprefix("sample."): v for k, v in it.items()})
+            items.setdefault(int(i), {})[key] = t
+        self.items = [(it["step"].item(), it["adv"].item(), Sample(it["sample.problem"].item(), it["sample.response"]))
                       for _, it in sorted(items.items())]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Log-probs of the sampled responses (old policy, reference, and the policy being updated) and the loss.
+# 3. The update's batch, built once per step, and log-probs of its responses (old policy, reference, the policy
+#    being updated) and the loss.
 
-def response_logprobs(m, samples: list[dict], prompts: dict, pad_id: int, cfg: GRPOConfig, ctx, features=True):
-    """-> (log p [B,R] fp32, entropy [B,R] fp32, mask [B,R] bool) of each response token under m. The images enter
-    as the step's ViT features (features=True), or as pixels through m's ViT (when the ViT trains: with grad).
+@dataclass
+class Batch:
+    """The update's sequences, one row per sample: [left pad | prompt | response | right pad], every prompt ending
+    at column P, so the hidden states at columns P-1 .. P+R-2 predict the R response tokens. On the host; a
+    micro-batch moves its rows to the device."""
+    ids: torch.Tensor                    # [B, P+R] long
+    attn: torch.Tensor                   # [B, P+R] 1 = real token
+    targets: torch.Tensor                # [B, R] the response tokens, -100 after each response's end
+    adv: torch.Tensor                    # [B] advantages
+    prompt_len: torch.Tensor             # [B]
+    images: list                         # per row: its prompt's ViT features (features=True) or pixels (or None)
+    features: bool                       # images are ViT features (the ViT is frozen) rather than pixels
+    old_logp: torch.Tensor | None = None  # [B, R] log pi_old; None: the update is on-policy (old_logprobs)
+    ref_logp: torch.Tensor | None = None  # [B, R] log pi_ref when beta > 0
 
-    Rows are [left pad | prompt | response | right pad] with every prompt ending at column P, so the hidden
-    states at columns P-1 .. P+R-2 predict the R response columns; only those go through the chunked lm_head."""
-    ps = [prompts[s["problem"]] for s in samples]
-    P, R = max(len(p.ids) for p in ps), max(len(s["response"]) for s in samples)
+    def __len__(self) -> int:
+        return len(self.adv)
+
+    @property
+    def lengths(self) -> torch.Tensor:  # [B] response tokens, counted on the host (no device sync)
+        return (self.targets >= 0).sum(1)
+
+    def rows(self, idx: list[int]) -> "Batch":
+        """Rows idx, cut to their own longest prompt and response: the same tensors as padding them alone."""
+        p, r = int(self.prompt_len[idx].max()), int(self.lengths[idx].max())
+        P = self.ids.shape[1] - self.targets.shape[1]                  # where every prompt ends
+        cut = lambda t: None if t is None else t[idx, :r]  # noqa: E731
+        return Batch(self.ids[idx, P - p:P + r], self.attn[idx, P - p:P + r], self.targets[idx, :r], self.adv[idx],
+                     self.prompt_len[idx], [self.images[i] for i in idx], self.features, cut(self.old_logp),
+                     cut(self.ref_logp))
+
+
+def make_batch(samples: list[Sample], adv: list[float], prompts: dict, pad_id: int, img_id: int,
+               features: bool = True) -> Batch:
+    """Samples (after the buffer mix) and their advantages -> the update's Batch."""
+    ps = [prompts[s.problem] for s in samples]
+    P, R = max(len(p.ids) for p in ps), max(len(s.response) for s in samples)
     ids, attn = torch.full((len(samples), P + R), pad_id), torch.zeros(len(samples), P + R, dtype=torch.long)
     targets = torch.full((len(samples), R), -100)
     for b, (p, s) in enumerate(zip(ps, samples)):
-        lp, lr = len(p.ids), len(s["response"])
-        ids[b, P - lp:P], ids[b, P:P + lr], attn[b, P - lp:P + lr], targets[b, :lr] = p.ids, s["response"], 1, s["response"]
-    # A response can end with a sampled <IMG_CONTEXT> (see rollout). As an input it only feeds positions after
+        lp, lr = len(p.ids), len(s.response)
+        ids[b, P - lp:P], ids[b, P:P + lr], attn[b, P - lp:P + lr], targets[b, :lr] = p.ids, s.response, 1, s.response
+    # A response can end with a sampled <IMG_CONTEXT> (sample_groups). As an input it only feeds positions after
     # the response, which are never read, but m.embed would count it as an image slot: blank it.
-    ids[:, P:][ids[:, P:] == m.config.img_context_token_id] = pad_id
+    ids[:, P:][ids[:, P:] == img_id] = pad_id
+    images = [p.vit if features else p.pixels for p in ps]
+    return Batch(ids, attn, targets, torch.tensor(adv, dtype=torch.float32), torch.tensor([len(p.ids) for p in ps]),
+                 images, features)
+
+
+def response_logprobs(m, batch: Batch, cfg: GRPOConfig, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (log p [B,R] fp32, entropy [B,R] fp32, mask [B,R] bool) of each response token under m. The images enter
+    as the step's ViT features, or as pixels through m's ViT (when the ViT trains: with grad). Only the R response
+    columns go through the chunked lm_head."""
+    P = batch.ids.shape[1] - batch.targets.shape[1]
     # features: always a tensor (maybe of zero tiles), so under FSDP every rank takes the same path through embed
-    vit = torch.cat([p.vit for p in ps]).to(ctx.device) if features else None
-    pix = None if features else cat_pixels([p.pixels for p in ps])
+    vit = torch.cat(batch.images).to(ctx.device) if batch.features else None
+    pix = None if batch.features else cat_pixels(batch.images)
     with autocast(ctx):
-        h = m(ids[:, :-1].to(ctx.device), None if pix is None else pix.to(ctx.device), attn[:, :-1].to(ctx.device),
-              return_hidden=True, vit_features=vit)[:, P - 1:]                         # [B,R,D]
-        logp, ent = token_logprobs_and_entropy(m.language_model.lm_head, h, targets.to(ctx.device),
+        h = m(batch.ids[:, :-1].to(ctx.device), None if pix is None else pix.to(ctx.device),
+              batch.attn[:, :-1].to(ctx.device), return_hidden=True, vit_features=vit)[:, P - 1:]   # [B,R,D]
+        logp, ent = token_logprobs_and_entropy(m.language_model.lm_head, h, batch.targets.to(ctx.device),
                                                cfg.temperature, cfg.logprob_chunk)
-    return logp, ent, (targets >= 0).to(ctx.device)
+    return logp, ent, (batch.targets >= 0).to(ctx.device)
 
 
 @torch.no_grad()
-def batch_logprobs(m, samples, prompts, pad_id, cfg, ctx, features=True) -> list[torch.Tensor]:
-    """Per-sample response log-probs [Lr] under m (old policy or reference), in micro-batches."""
-    out = []
-    for b in range(0, len(samples), cfg.micro_batch_size):
-        chunk = samples[b:b + cfg.micro_batch_size]
-        logp, _, _ = response_logprobs(m, chunk, prompts, pad_id, cfg, ctx, features)
-        out += [lp[:len(s["response"])] for lp, s in zip(logp, chunk)]
+def batch_logprobs(m, batch: Batch, cfg: GRPOConfig, ctx) -> torch.Tensor:
+    """log p [B,R] (0 after each response's end) of every response token under m (old policy or reference), in
+    micro-batches, on the host."""
+    out = torch.zeros(batch.targets.shape)
+    for b in range(0, len(batch), cfg.micro_batch_size):
+        rows = list(range(b, min(b + cfg.micro_batch_size, len(batch))))
+        logp, _, _ = response_logprobs(m, batch.rows(rows), cfg, ctx)
+        out[rows, :logp.shape[1]] = logp.float().cpu()
     return out
 
 
@@ -267,14 +317,17 @@ def on_policy(cfg: GRPOConfig, n_samples: int) -> bool:
     return cfg.ppo_epochs == 1 and cfg.minibatch_size >= n_samples
 
 
-def old_logprobs(m, samples, prompts, pad_id, cfg, ctx) -> list[torch.Tensor] | None:
+def old_logprobs(m, batch: Batch, cfg: GRPOConfig, ctx) -> torch.Tensor | None:
     """log pi_old of every response, or None when the update is on-policy: one epoch and one minibatch make a single
     optimizer step, so the policy the update differentiates is pi_old itself and its log-probs, detached, are the
     old ones (ratio 1; the clipped surrogate's gradient is then -A grad log pi). optimise uses them and the separate
     no-grad pass over every sequence is skipped, as verl does for on-policy updates."""
-    if on_policy(cfg, len(samples)):
-        return None
-    return batch_logprobs(m, samples, prompts, pad_id, cfg, ctx)
+    return None if on_policy(cfg, len(batch)) else batch_logprobs(m, batch, cfg, ctx)
+
+
+def ref_logprobs(ref, batch: Batch, cfg: GRPOConfig, ctx) -> torch.Tensor | None:
+    """log pi_ref of every response for the k3 KL term, or None without a reference (beta = 0)."""
+    return None if ref is None else batch_logprobs(ref, batch, cfg, ctx)
 
 
 def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
@@ -315,70 +368,49 @@ def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mas
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Update: ppo_epochs passes of AdamW over the rollout batch.
+# 4. Update: ppo_epochs passes of AdamW over the batch, in shuffled minibatches, accumulated over micro-batches.
 
-def pad_right(xs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)
-
-
-def optimise(m, opt, samples, adv, old, ref, prompts, pad_id, cfg, ctx, gen, step, features=True) -> dict:
-    """ppo_epochs passes over the batch in shuffled minibatches, one AdamW step each. The loss is the token-mean
-    over the minibatch, accumulated over micro-batches; old None: on-policy (old_logprobs). A non-finite loss or
-    gradient skips the step (warning): the weights and the optimizer state stay untouched. features=False when the
-    ViT trains: pixels, with grad."""
+def optimise(policy, opt, batch: Batch, cfg: GRPOConfig, ctx, gen) -> dict:
+    """One AdamW step per minibatch; a non-finite loss or gradient skips the step (warning): the weights and the
+    optimizer state stay untouched. -> metrics averaged over the steps taken, and skipped_updates."""
     sums, skipped, updates = {}, 0, 0
-    lengths = torch.tensor([len(s["response"]) for s in samples])      # on the host: token counts without a sync
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(len(samples), generator=gen, device=gen.device).cpu()  # (gen: on the GPU there)
+        order = torch.randperm(len(batch), generator=gen, device=gen.device).cpu()  # (gen: on the GPU there)
         for mb in order.split(cfg.minibatch_size):
             opt.zero_grad(set_to_none=True)
-            n_tokens, loss_sum, parts = lengths[mb].sum().item(), 0.0, []
-            for micro in mb.split(cfg.micro_batch_size):
-                micro = micro.tolist()
-                logp, ent, mask = response_logprobs(m, [samples[i] for i in micro], prompts, pad_id, cfg, ctx,
-                                                    features)
-                logp_old = logp.detach() if old is None else pad_right([old[i] for i in micro])  # (old_logprobs)
-                loss, metrics = grpo_loss(logp, logp_old, adv[micro].to(ctx.device), mask,
-                                          cfg.clip_low, cfg.clip_high, cfg.beta,
-                                          pad_right([ref[i] for i in micro]) if ref else None, num_tokens=n_tokens)
-                loss.backward()
-                metrics["entropy"] = (ent.detach() * mask).sum() / mask.sum().clamp(min=1)  # of the policy updated
-                loss_sum = loss_sum + loss.detach()
-                parts.append((lengths[micro].sum().item(), metrics))
-            grad_norm = clip_grads(m, cfg.grad_clip)
-            if not torch.isfinite(loss_sum + grad_norm):  # the one host sync of an optimizer step
-                warnings.warn(f"step {step}: non-finite loss {float(loss_sum)} / grad norm {float(grad_norm)}: "
-                              f"update skipped")
+            loss, grad_norm, metrics = minibatch_gradients(policy, batch.rows(mb.tolist()), cfg, ctx)
+            if not torch.isfinite(loss + grad_norm):  # the one host sync of an optimizer step
+                warnings.warn(f"non-finite loss {float(loss)} / grad norm {float(grad_norm)}: update skipped")
                 opt.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
             opt.step()
             updates += 1
-            for k, v in [("loss", loss_sum), ("grad_norm", grad_norm)] + [
-                    (k, sum(w * mt[k] for w, mt in parts) / max(n_tokens, 1)) for k in parts[0][1]]:
+            for k, v in {"loss": loss, "grad_norm": grad_norm, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v
     opt.zero_grad(set_to_none=True)
     return {**{k: float(v) / max(updates, 1) for k, v in sums.items()}, "skipped_updates": skipped}
 
 
-def release_rollout_copy(run: dict):
-    """After the rollout, drop the tensor-parallel copy of the decoder (1/W of it in bf16 per GPU: 8.2 GB on each of
-    8 GPUs at 38B) so the log-prob passes and the update do not carry it: their peak is the step's peak
-    (docs/memory.md). verl frees its rollout engine's weights between phases the same way. Kept while the decoder is
-    frozen (connector-only tuning): nothing would change in it."""
-    if not run["decoder_frozen"]:
-        run["decoder"] = None
-
-
-def refresh_rollout_copy(run: dict, cfg: GRPOConfig) -> float:
-    """After the update, rebuild the rollout copy from the new FSDP shards (tp.make_decoder: an empty copy, then
-    tp.refresh: local copies and one all-to-all per row-parallel matrix) -> seconds. On one process there is no
-    copy (the rollout uses the policy itself)."""
-    if run["decoder"] is not None or not cfg.tp:
-        return 0.0
-    t0 = time.perf_counter()
-    run["decoder"] = make_decoder(run["policy"], run["ctx"].dtype)
-    return time.perf_counter() - t0
+def minibatch_gradients(policy, mb: Batch, cfg: GRPOConfig, ctx) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Gradients of the minibatch's token-mean loss, accumulated over micro-batches, clipped -> (loss, gradient norm,
+    token-weighted metrics), all 0-dim tensors: nothing here waits for the device."""
+    n_tokens = mb.lengths.sum().item()                                  # host tensor: no device sync
+    loss_sum, parts = 0.0, []
+    for b in range(0, len(mb), cfg.micro_batch_size):
+        micro = mb.rows(list(range(b, min(b + cfg.micro_batch_size, len(mb)))))
+        logp, ent, mask = response_logprobs(policy, micro, cfg, ctx)
+        old = logp.detach() if micro.old_logp is None else micro.old_logp.to(ctx.device)  # (old_logprobs)
+        ref = None if micro.ref_logp is None else micro.ref_logp.to(ctx.device)
+        loss, metrics = grpo_loss(logp, old, micro.adv.to(ctx.device), mask, cfg.clip_low, cfg.clip_high, cfg.beta,
+                                  ref, num_tokens=n_tokens)
+        loss.backward()
+        metrics["entropy"] = (ent.detach() * mask).sum() / mask.sum().clamp(min=1)  # of the policy being updated
+        loss_sum = loss_sum + loss.detach()
+        parts.append((micro.lengths.sum().item(), metrics))
+    grad_norm = clip_grads(policy, cfg.grad_clip)
+    metrics = {k: sum(w * mt[k] for w, mt in parts) / max(n_tokens, 1) for k in parts[0][1]}
+    return loss_sum, grad_norm, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -387,45 +419,70 @@ def refresh_rollout_copy(run: dict, cfg: GRPOConfig) -> float:
 def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
     """Run GRPO; returns the metrics of every step (also in out_dir/metrics.jsonl). reward_fn(text, answer) ->
     float defaults to accuracy + format_weight * format."""
-    reward_fn = reward_fn or (lambda text, answer: reward(text, answer, cfg.format_weight))
-    run = start(cfg)
-    ctx, tok, policy, opt, buffer = run["ctx"], run["tok"], run["policy"], run["opt"], run["buffer"]
-    bar = tqdm(range(run["step"] + 1, cfg.steps + 1), initial=run["step"], total=cfg.steps, disable=not ctx.is_main,
-               desc="grpo")
-    for step in bar:
-        t0, gen = time.perf_counter(), step_generator(cfg, ctx, step, opt)
-        idxs = prompt_indices(step, len(run["train"]), cfg.prompts_per_step, cfg.seed)[ctx.rank::ctx.world]
-        prompts = encode_problems(run["train"], idxs, tok, policy, cfg, ctx)                      # ViT: once
-        samples, stats = rollout(policy, tok, run["train"], idxs, prompts, cfg, ctx, gen, reward_fn,      # 1
-                                 run["decoder"])
+    run = start(cfg, reward_fn or (lambda text, answer: reward(text, answer, cfg.format_weight)))
+    ctx, tok, policy, opt, buffer, decoder = run.ctx, run.tok, run.policy, run.opt, run.buffer, None
+    for step in tqdm(range(run.step + 1, cfg.steps + 1), initial=run.step, total=cfg.steps, desc="grpo",
+                     disable=not ctx.is_main):
+        t0, gen = time.perf_counter(), step_generator(cfg, ctx, step)
+        set_lr(opt, cfg, step)
+        idxs = prompt_indices(step, len(run.problems), cfg.prompts_per_step, cfg.seed)[ctx.rank::ctx.world]
+        prompts = encode_problems(run.problems, idxs, tok, policy, cfg, ctx)                   # the ViT, once
+        decoder, t_copy = rollout_copy(run, decoder)              # tp.py: from the current shards (None: 1 process)
+        groups = sample_groups(policy, tok, [prompts[i] for i in idxs], cfg, ctx, gen, decoder)          # 1
+        rewards, stats = score(tok, groups, [run.problems[i]["answer"] for i in idxs], run.reward_fn)
         t_rollout = time.perf_counter() - t0
-        release_rollout_copy(run)                                       # the update's memory peak without it
-        adv, flat = group_advantages(stats.pop("rewards"), cfg.group_size, cfg.scale_adv)                # 2
+        decoder = decoder if run.decoder_frozen else None         # dropped: the update's memory peak is without it
+        adv, flat = group_advantages(rewards, cfg.group_size, cfg.scale_adv)                               # 2
+        samples = [Sample(i, torch.tensor(r, dtype=torch.long)) for i, group in zip(idxs, groups) for r in group]
         flat_frac = flat.float().mean().item()
-        batch, batch_adv, n_mixed = buffer.mix(samples, adv.tolist(), flat.repeat_interleave(cfg.group_size).tolist(),
+        mixed, mixed_adv, n_mixed = buffer.mix(samples, adv.tolist(), flat.repeat_interleave(cfg.group_size).tolist(),
                                                flat_frac, cfg.flat_threshold)
         buffer.add(samples, adv.tolist(), step)
-        prompts.update(encode_problems(run["train"], buffered_problems(batch, prompts), tok, policy, cfg, ctx))
-        old = old_logprobs(policy, batch, prompts, tok.pad_id, cfg, ctx)                                # 3
-        ref = batch_logprobs(run["ref"], batch, prompts, tok.pad_id, cfg, ctx, run["vit_frozen"]) if run["ref"] \
-            else None
-        metrics = optimise(policy, opt, batch, torch.tensor(batch_adv), old, ref, prompts, tok.pad_id, cfg, ctx,  # 4
-                           gen, step, features=run["vit_frozen"])
-        metrics["refresh_time"] = refresh_rollout_copy(run, cfg)
-        metrics.update(stats, flat_frac=flat_frac, buffer_mixed=n_mixed,  # 5
-                       buffer_size=len(buffer), lr=opt.param_groups[0]["lr"], rollout_time=t_rollout,
-                       **work_saved(prompts, idxs, batch, cfg, run))
-        end_step(run, cfg, step, metrics, t0)
-        bar.set_postfix(reward=f"{run['history'][-1]['reward']:.2f}", acc=f"{run['history'][-1]['accuracy']:.2f}")
-    finish(run, cfg)
-    return run["history"]
+        prompts.update(encode_problems(run.problems, [s.problem for s in mixed if s.problem not in prompts], tok,
+                                       policy, cfg, ctx))                                 # buffered problems
+        batch = make_batch(mixed, mixed_adv, prompts, tok.pad_id, policy.config.img_context_token_id, run.vit_frozen)
+        batch.old_logp = old_logprobs(policy, batch, cfg, ctx)                                             # 3
+        batch.ref_logp = ref_logprobs(run.ref, batch, cfg, ctx)
+        metrics = optimise(policy, opt, batch, cfg, ctx, gen)                                             # 4
+        metrics.update(stats, flat_frac=flat_frac, buffer_mixed=n_mixed, buffer_size=len(buffer),         # 5
+                       lr=opt.param_groups[0]["lr"], rollout_time=t_rollout, refresh_time=t_copy,
+                       vit_tiles=sum(p.vit.shape[0] for p in prompts.values()))
+        end_step(run, step, metrics, t0, decoder)
+    finish(run)
+    return run.history
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Bookkeeping: set-up and resume, data, per-step RNG and learning rate, evaluation, logging, saving.
+# Bookkeeping: set-up and resume, data, per-step RNG and learning rate, the rollout copy, evaluation, logging, saving.
 
-def start(cfg: GRPOConfig) -> dict:
-    """Everything the loop needs, fresh or resumed from the newest out_dir/step_N: the run's state as a dict."""
+@dataclass
+class Run:
+    """What the loop works with, built once by start(): fresh, or resumed from the newest out_dir/step_N."""
+    cfg: GRPOConfig
+    ctx: Context
+    tok: Tokenizer
+    problems: list[dict]                 # the training problems
+    heldout: list[dict]
+    policy: SkyworkR1V
+    ref: SkyworkR1V | None               # the frozen initial policy, only when beta > 0
+    opt: torch.optim.Optimizer
+    buffer: SampleBuffer
+    reward_fn: Callable
+    log: MetricsLog = None
+    step: int = 0                        # the last step done
+    history: list = field(default_factory=list)
+
+    @property
+    def vit_frozen(self) -> bool:        # the step's ViT features stand for the pixels in every pass
+        return not any(p.requires_grad for p in self.policy.vision_model.parameters())
+
+    @property
+    def decoder_frozen(self) -> bool:    # connector-only tuning: the rollout copy never changes, keep it
+        return not any(p.requires_grad for p in self.policy.language_model.parameters())
+
+
+def start(cfg: GRPOConfig, reward_fn: Callable) -> Run:
+    """Checks, set-up, data, the policy (and reference), optimizer and sample buffer; resumed state if asked."""
     if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
         hint = " Run `python sft.py` first: GRPO starts from the cold-start SFT model." if cfg.ckpt == "out/sft" else ""
         raise FileNotFoundError(f"no checkpoint at {cfg.ckpt!r} (config.json missing).{hint}")
@@ -437,27 +494,21 @@ def start(cfg: GRPOConfig) -> dict:
         print(f"--resume: no step_* checkpoint in {cfg.out_dir}, starting from {cfg.ckpt}")
     if cfg.tp and ctx.world > 1:  # before any weight is read
         check_divisible(R1VConfig.from_dir(cfg.ckpt).llm, ctx.world)
-    train_set, heldout = load_problems(cfg, ctx.is_main)
+    problems, heldout = load_problems(cfg, ctx.is_main)
     policy = load(ckpt_dir or cfg.ckpt, ctx, train=cfg.train, grad_checkpointing=cfg.grad_checkpointing)
-    # the reference (frozen initial policy) exists only when beta > 0: sharded like the policy, in the compute
-    # dtype (2 B/param), as it is only ever read
+    # the reference is only ever read: sharded like the policy, in the compute dtype (2 B/param)
     ref = load(cfg.ckpt, ctx, train="none", dtype=ctx.dtype).eval() if cfg.beta else None
     opt = make_optimizer(policy, cfg.lr, cfg.weight_decay,
                          moments_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
-    run = dict(ctx=ctx, tok=Tokenizer.from_dir(cfg.ckpt), train=train_set, heldout=heldout, policy=policy, ref=ref,
-               opt=opt, buffer=SampleBuffer(cfg.buffer_capacity, cfg.buffer_max_age), step=0, history=[])
+    run = Run(cfg, ctx, Tokenizer.from_dir(cfg.ckpt), problems, heldout, policy, ref, opt,
+              SampleBuffer(cfg.buffer_capacity, cfg.buffer_max_age), reward_fn)
     if ckpt_dir:
-        run["step"], _, tensors = resume(ckpt_dir, policy, opt)
-        run["buffer"].load_state_dict({k.removeprefix("buffer."): v for k, v in tensors.items()
-                                       if k.startswith("buffer.")})
-    # the rollout copy of the decoder is made from the (resumed) policy; None on one process (tp.make_decoder)
-    run["decoder"] = make_decoder(policy, ctx.dtype) if cfg.tp else None
-    run["vit_frozen"] = not any(p.requires_grad for p in policy.vision_model.parameters())
-    run["decoder_frozen"] = not any(p.requires_grad for p in policy.language_model.parameters())
-    run["log"] = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ctx.is_main, run["step"] if ckpt_dir else None)
-    if run["step"] == 0 and heldout:
-        run["history"].append({"step": 0, "heldout_accuracy": evaluate(run, cfg)})
-        run["log"].write(0, {"heldout_accuracy": run["history"][-1]["heldout_accuracy"]})
+        run.step, _, tensors = resume(ckpt_dir, policy, opt)
+        run.buffer.load_state_dict({k.removeprefix("buffer."): v for k, v in tensors.items() if k.startswith("buffer.")})
+    run.log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ctx.is_main, run.step if ckpt_dir else None)
+    if run.step == 0 and heldout:
+        run.history.append({"step": 0, "heldout_accuracy": evaluate(run)})
+        run.log.write(0, {"heldout_accuracy": run.history[-1]["heldout_accuracy"]})
     return run
 
 
@@ -482,72 +533,82 @@ def prompt_indices(step: int, n: int, k: int, seed: int) -> list[int]:
     return shuffled_indices((step - 1) * k, k, n, seed)
 
 
-def step_generator(cfg: GRPOConfig, ctx, step: int, opt) -> torch.Generator:
-    """Sets this step's learning rate; returns the generator every random choice of the step (sampling, minibatch
-    order) comes from, seeded by (seed, step, rank): a resumed run makes exactly the same choices."""
-    for group in opt.param_groups:
-        group["lr"] = lr_at(step - 1, cfg.steps, cfg.lr, cfg.warmup_steps, min_lr_ratio=1.0)
+def step_generator(cfg: GRPOConfig, ctx, step: int) -> torch.Generator:
+    """The generator every random choice of the step (sampling, minibatch order) comes from, seeded by (seed, step,
+    rank): a resumed run makes exactly the same choices."""
     return torch.Generator(ctx.device).manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx.rank)
 
 
-def evaluate(run: dict, cfg: GRPOConfig) -> float:
-    """Held-out accuracy with greedy decoding (rollout.heldout_accuracy)."""
-    return heldout_accuracy(run["policy"], run["tok"], run["heldout"], run["ctx"], max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.rollout_batch_size, max_tiles=cfg.max_tiles, decoder=run["decoder"],
-                        compile=cfg.compile)["accuracy"]
+def set_lr(opt, cfg: GRPOConfig, step: int):
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step - 1, cfg.steps, cfg.lr, cfg.warmup_steps, min_lr_ratio=1.0)
 
 
-def buffered_problems(batch: list, prompts: dict) -> list:
-    """Problems of buffered samples mixed into the batch that this step did not encode (in first-seen order)."""
-    return list(dict.fromkeys(s["problem"] for s in batch if s["problem"] not in prompts))
+def rollout_copy(run: Run, decoder=None) -> tuple[object, float]:
+    """The tensor-parallel copy of the policy's decoder for generation (tp.make_decoder: an empty copy filled from
+    the FSDP shards) -> (copy, seconds). An existing copy is kept (a frozen decoder); None on one process or with
+    --no-tp (generation then uses the policy itself)."""
+    if decoder is not None or not run.cfg.tp:
+        return decoder, 0.0
+    t0 = time.perf_counter()
+    decoder = make_decoder(run.policy, run.ctx.dtype)
+    return decoder, time.perf_counter() - t0
 
 
-def work_saved(prompts: dict, idxs: list, batch: list, cfg: GRPOConfig, run: dict) -> dict:
-    """What computing each prompt once saves this step, against running the ViT and the prefill per sample and
-    per pass: vit_tiles (tiles through the ViT), vit_tiles_saved, prefill_tokens_saved (rollout prompts)."""
-    tiles = {i: p.vit.shape[0] for i, p in prompts.items()}
-    passes = (not on_policy(cfg, len(batch))) + bool(run["ref"]) + (cfg.ppo_epochs if run["vit_frozen"] else 0)
-    per_sample = cfg.group_size * sum(tiles[i] for i in idxs) + passes * sum(tiles[s["problem"]] for s in batch)
-    used = sum(tiles.values())
-    return {"vit_tiles": used, "vit_tiles_saved": per_sample - used,
-            "prefill_tokens_saved": (cfg.group_size - 1) * sum(len(prompts[i].ids) for i in idxs)}
+def evaluate(run: Run, decoder=None) -> float:
+    """Held-out accuracy with greedy decoding (rollout.heldout_accuracy), from a rollout copy of the current policy."""
+    decoder, _ = rollout_copy(run, decoder)
+    return heldout_accuracy(run.policy, run.tok, run.heldout, run.ctx, max_new_tokens=run.cfg.max_new_tokens,
+                            batch_size=run.cfg.rollout_batch_size, max_tiles=run.cfg.max_tiles, decoder=decoder,
+                            compile=run.cfg.compile)["accuracy"]
 
 
-def end_step(run: dict, cfg: GRPOConfig, step: int, metrics: dict, t0: float):
+def end_step(run: Run, step: int, metrics: dict, t0: float, decoder=None):
     """Average the step's metrics over ranks, evaluate / log / save when due."""
+    cfg = run.cfg
     metrics = mean_over_ranks(metrics)
     metrics.update(tokens_per_s=metrics["tokens"] / metrics["rollout_time"], step_time=time.perf_counter() - t0)
-    if run["heldout"] and (step % cfg.eval_every == 0 or step == cfg.steps):
-        metrics["heldout_accuracy"] = evaluate(run, cfg)
-    run["log"].write(step, metrics)
-    run["history"].append({"step": step, **metrics})
+    if run.heldout and (step % cfg.eval_every == 0 or step == cfg.steps):
+        metrics["heldout_accuracy"] = evaluate(run, decoder)
+    run.log.write(step, metrics)
+    run.history.append({"step": step, **metrics})
     if step % cfg.save_every == 0 or step == cfg.steps:
-        save_checkpoint(os.path.join(cfg.out_dir, f"step_{step:06d}"), run["policy"], run["opt"], step,
+        save_checkpoint(os.path.join(cfg.out_dir, f"step_{step:06d}"), run.policy, run.opt, step,
                         extra={"config": asdict(cfg)},
-                        tensors={f"buffer.{k}": v for k, v in run["buffer"].state_dict().items()})
+                        tensors={f"buffer.{k}": v for k, v in run.buffer.state_dict().items()})
 
 
-def finish(run: dict, cfg: GRPOConfig):
-    if run["ctx"].is_main:
-        plot_curves(run["log"].path, os.path.join(cfg.out_dir, "curves.png"),
+def finish(run: Run):
+    if run.ctx.is_main:
+        plot_curves(run.log.path, os.path.join(run.cfg.out_dir, "curves.png"),
                     ["reward", "accuracy", "heldout_accuracy", "format", "response_len", "entropy", "clip_frac",
                      "flat_frac"])
 
 
 def parse_args(argv=None) -> GRPOConfig:
-    """Without --ckpt the default run's tiny settings (TINY_RUN) apply; with --ckpt the recipe defaults do.
-    Explicit flags win either way."""
-    return parse_config(GRPOConfig, argv, __doc__.splitlines()[0],
-                        defaults=lambda flags: {} if "ckpt" in flags else TINY_RUN)
+    """Flags over a preset's defaults: --preset, else tiny without --ckpt (the default run) and r1v3 with it."""
+    def defaults(flags):
+        name = flags.get("preset") or ("r1v3" if "ckpt" in flags else "tiny")
+        return {"preset": name, **PRESETS.get(name, {})}
+    return parse_config(GRPOConfig, argv, __doc__.splitlines()[0], defaults=defaults)
+
+
+def describe_preset(cfg: GRPOConfig) -> str:
+    """'preset: tiny (steps=40, ...)': the values in force that differ from GRPOConfig's defaults (the recipe)."""
+    default = GRPOConfig()
+    changed = [f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)
+               if f.name != "preset" and getattr(cfg, f.name) != getattr(default, f.name)]
+    return f"preset: {cfg.preset} ({', '.join(changed) or 'the recipe defaults'})"
 
 
 if __name__ == "__main__":
     cfg = parse_args()
     t = time.perf_counter()
+    if os.environ.get("RANK", "0") == "0":
+        print(describe_preset(cfg))
     if cfg.ckpt == GRPOConfig.ckpt and not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
-        # the paper's pipeline: RL starts from the cold-start SFT model, so make it first.
-        # A short cold start (110 of sft.py's 300 steps: about a quarter of held-out answers well formed) leaves RL
-        # something to show in minutes; from the full 300-step model the toy task has little headroom (README).
+        # the paper's pipeline: RL starts from the cold-start SFT model, so make it first. A short cold start
+        # (110 of sft.py's 300 steps) leaves RL something to show in minutes (docs/results.md).
         import sft
         print(f"no {cfg.ckpt}: running the cold-start SFT stage first (python sft.py --steps 110)")
         sft.main(sft.SFTConfig(out=cfg.ckpt, steps=110))

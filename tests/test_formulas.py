@@ -229,22 +229,20 @@ def test_optimise_accumulates_token_mean(monkeypatch, micro):
     gradient of the token-mean loss w.r.t. w[i, t] is -A_i / (total tokens), so w moves by +A_i / 8 on real tokens."""
     m = _TableModel()
 
-    def fake_logprobs(model, samples, prompts, pad_id, cfg, ctx, features=True):
-        idx = [s["id"] for s in samples]
-        R = max(len(s["response"]) for s in samples)
-        mask = torch.zeros(len(samples), R, dtype=torch.bool)
-        for b, s in enumerate(samples):
-            mask[b, :len(s["response"])] = True
-        return torch.where(mask, model.w[idx, :R], 0.0), torch.zeros(len(samples), R), mask
+    def fake_logprobs(model, batch, cfg, ctx):  # row i's log-probs are w[i] (the row's id rides in batch.images)
+        mask = batch.targets >= 0
+        return torch.where(mask, model.w[batch.images, :mask.shape[1]], 0.0), torch.zeros(mask.shape), mask
 
     monkeypatch.setattr(grpo, "response_logprobs", fake_logprobs)
-    samples = [{"id": i, "problem": 0, "response": torch.zeros(L, dtype=torch.long)} for i, L in enumerate(LENGTHS)]
-    old = [m.w.detach()[i, :L].clone() for i, L in enumerate(LENGTHS)]
+    samples = [grpo.Sample(0, torch.zeros(L, dtype=torch.long)) for L in LENGTHS]
+    prompts = {0: grpo.Prompt(torch.zeros(2, dtype=torch.long), None, None)}
+    batch = grpo.make_batch(samples, ADVS, prompts, pad_id=1, img_id=-1)
+    batch.images = list(range(len(LENGTHS)))
+    batch.old_logp = torch.where(batch.targets >= 0, m.w.detach()[:, :batch.targets.shape[1]], 0.0)
     cfg = GRPOConfig(ppo_epochs=1, minibatch_size=3, micro_batch_size=micro, grad_clip=1e9, beta=0.0)
     w0 = m.w.detach().clone()
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
-    grpo.optimise(m, opt, samples, torch.tensor(ADVS), old, None, {}, 0, cfg, SimpleNamespace(device="cpu"),
-                  torch.Generator().manual_seed(0), step=1)
+    grpo.optimise(m, opt, batch, cfg, SimpleNamespace(device="cpu"), torch.Generator().manual_seed(0))
     want = w0.clone()
     for i, (L, a) in enumerate(zip(LENGTHS, ADVS)):
         want[i, :L] += a / sum(LENGTHS)                 # per-sequence mean would give a / (L * 3)

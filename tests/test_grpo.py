@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from data import Tokenizer, make_visual_task, read_jsonl
-from grpo import (TINY_RUN, GRPOConfig, SampleBuffer, batch_logprobs, encode_problems, group_advantages, grpo_loss,
-                  load_problems, old_logprobs, optimise, parse_args, prompt_indices, response_logprobs, rollout, train)
+from grpo import (TINY_RUN, GRPOConfig, Sample, SampleBuffer, batch_logprobs, describe_preset, encode_problems,
+                  group_advantages, grpo_loss, load_problems, make_batch, old_logprobs, optimise, parse_args,
+                  prompt_indices, response_logprobs, sample_groups, score, train)
 from checkpoint import latest_checkpoint
 from rewards import accuracy_reward, extract_boxed, format_reward
 from model import SkyworkR1V
@@ -261,11 +262,10 @@ def test_sample_buffer():
 
 def test_sample_buffer_state_roundtrip():
     buf = SampleBuffer(4, 3)
-    buf.add([{"problem": 3, "response": torch.tensor([5, 6, 7])}, {"problem": 1, "response": torch.tensor([9])}],
-            [0.7, -1.25], step=2)
+    buf.add([Sample(3, torch.tensor([5, 6, 7])), Sample(1, torch.tensor([9]))], [0.7, -1.25], step=2)
     other = SampleBuffer(4, 3)
     other.load_state_dict(buf.state_dict())
-    assert [(s, a, p["problem"], p["response"].tolist()) for s, a, p in other.items] == \
+    assert [(s, a, p.problem, p.response.tolist()) for s, a, p in other.items] == \
         [(2, -1.25, 1, [9]), (2, 0.7, 3, [5, 6, 7])]
 
 
@@ -303,14 +303,21 @@ def small_cfg(ckpt, out_dir, **kw):
     return GRPOConfig(**{**base, **kw})
 
 
+def rollout_samples(m, tok, problems, idxs, cfg, ctx, seed=0):
+    """grpo.train's step 1 on problems idxs -> (samples, prompts, rewards, stats)."""
+    prompts = encode_problems(problems, idxs, tok, m, cfg, ctx)
+    groups = sample_groups(m, tok, [prompts[i] for i in idxs], cfg, ctx, torch.Generator().manual_seed(seed))
+    rewards, stats = score(tok, groups, [problems[i]["answer"] for i in idxs], vowel_reward)
+    samples = [Sample(i, torch.tensor(r, dtype=torch.long)) for i, g in zip(idxs, groups) for r in g]
+    return samples, prompts, rewards, stats
+
+
 def mean_sampled_reward(ckpt_dir, tok, task, n=128):
     """Mean reward of n fresh samples (fixed seed) for the task's prompt."""
     m = SkyworkR1V.from_pretrained(ckpt_dir)
     problems = read_jsonl(task)
     cfg, ctx = GRPOConfig(group_size=n, max_new_tokens=8, rollout_batch_size=n, max_tiles=1), setup()
-    prompts = encode_problems(problems, [0], tok, m, cfg, ctx)
-    _, stats = rollout(m, tok, problems, [0], prompts, cfg, ctx, torch.Generator().manual_seed(123), vowel_reward)
-    return stats["reward"]
+    return rollout_samples(m, tok, problems, [0], cfg, ctx, seed=123)[3]["reward"]
 
 
 def test_grpo_raises_reward(tiny_ckpt, tmp_path):
@@ -334,17 +341,17 @@ def test_response_logprobs_match_full_forward(tiny_ckpt, tmp_path):
     m, tok, ctx = SkyworkR1V.from_pretrained(tiny_ckpt), Tokenizer.from_dir(tiny_ckpt), setup()
     problems = read_jsonl(make_visual_task(str(tmp_path), 1, 0, "train")) + read_jsonl(text_task(tmp_path))
     cfg = GRPOConfig(group_size=2, max_new_tokens=5, rollout_batch_size=4, logprob_chunk=3, max_tiles=1)
-    prompts = encode_problems(problems, [1, 0], tok, m, cfg, ctx)
-    samples, _ = rollout(m, tok, problems, [1, 0], prompts, cfg, ctx, torch.Generator().manual_seed(0), vowel_reward)
+    samples, prompts, _, _ = rollout_samples(m, tok, problems, [1, 0], cfg, ctx)
     img = m.config.img_context_token_id
-    samples.append({"problem": 0, "response": torch.tensor([5, 6, img])})   # a sampled <IMG_CONTEXT> ends a response
-    logp, ent, mask = response_logprobs(m, samples, prompts, tok.pad_id, cfg, ctx)
+    samples.append(Sample(0, torch.tensor([5, 6, img])))   # a sampled <IMG_CONTEXT> ends a response
+    batch = make_batch(samples, [0.0] * len(samples), prompts, tok.pad_id, img)
+    logp, ent, mask = response_logprobs(m, batch, cfg, ctx)
     for b, s in enumerate(samples):
-        prompt, pix, _ = prompts[s["problem"]]
-        ids = torch.cat([prompt, s["response"]])[None, :-1]
+        prompt, pix, _ = prompts[s.problem]
+        ids = torch.cat([prompt, s.response])[None, :-1]
         logits = m(ids, pix)[0, len(prompt) - 1:].float()
-        want = logits.log_softmax(-1).gather(-1, s["response"][:, None])[:, 0]
-        n = len(s["response"])
+        want = logits.log_softmax(-1).gather(-1, s.response[:, None])[:, 0]
+        n = len(s.response)
         torch.testing.assert_close(logp[b, :n], want, atol=1e-5, rtol=1e-5)
         assert mask[b].sum() == n and not mask[b, n:].any()
         assert (ent[b, :n] > 0).all()
@@ -432,9 +439,6 @@ def test_vit_runs_once_per_prompt_per_step(tiny_ckpt, tmp_path, monkeypatch, ppo
         tiles = sum(encode_prompt(tok, config, problems[i]["question"], problems[i]["images"], 2)[1].shape[0]
                     for i in idxs)
         assert h["vit_tiles"] == tiles > 0
-        old_pass = ppo_epochs > 1  # (the batch, 8 or 16 samples, is one minibatch of 64)
-        if len(idxs) == cfg.prompts_per_step:  # per sample: G rollout rows + G rows x (old + PPO epochs)
-            assert h["vit_tiles_saved"] == (cfg.group_size * (1 + old_pass + cfg.ppo_epochs) - 1) * tiles
     assert [c for c in calls if c] == [h["vit_tiles"] for h in history]
 
 
@@ -444,15 +448,14 @@ def test_step_features_give_the_loss_and_gradients_of_pixels(tiny_ckpt, tmp_path
     m, tok, ctx = SkyworkR1V.from_pretrained(tiny_ckpt).train(), Tokenizer.from_dir(tiny_ckpt), setup()
     problems = read_jsonl(make_visual_task(str(tmp_path), 2, 0, "train")) + read_jsonl(text_task(tmp_path))
     cfg = GRPOConfig(group_size=2, max_new_tokens=6, rollout_batch_size=4, logprob_chunk=5, max_tiles=2)
-    prompts = encode_problems(problems, [0, 2, 1], tok, m, cfg, ctx)
-    samples, _ = rollout(m, tok, problems, [0, 2, 1], prompts, cfg, ctx, torch.Generator().manual_seed(0),
-                         vowel_reward)
+    samples, prompts, _, _ = rollout_samples(m, tok, problems, [0, 2, 1], cfg, ctx)
     adv = torch.linspace(-1, 1, len(samples))
     old = None
     out = {}
     for features in (True, False):
         m.zero_grad(set_to_none=True)
-        logp, _, mask = response_logprobs(m, samples, prompts, tok.pad_id, cfg, ctx, features)
+        batch = make_batch(samples, adv.tolist(), prompts, tok.pad_id, m.config.img_context_token_id, features)
+        logp, _, mask = response_logprobs(m, batch, cfg, ctx)
         old = logp.detach() + 0.3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(1)) \
             if old is None else old
         loss, _ = grpo_loss(logp, old, adv, mask)
@@ -475,20 +478,20 @@ def test_on_policy_update_skips_the_old_pass_and_gives_the_same_step(tiny_ckpt, 
     cfg = GRPOConfig(group_size=2, max_new_tokens=6, rollout_batch_size=4, max_tiles=1, ppo_epochs=1,
                      minibatch_size=6, micro_batch_size=4, grad_clip=1e9)
     m = SkyworkR1V.from_pretrained(tiny_ckpt).train()
-    prompts = encode_problems(problems, [0, 2, 1], tok, m, cfg, ctx)
-    samples, _ = rollout(m, tok, problems, [0, 2, 1], prompts, cfg, ctx, torch.Generator().manual_seed(0),
-                         vowel_reward)
-    assert len(samples) == 6 and old_logprobs(m, samples, prompts, tok.pad_id, cfg, ctx) is None
+    samples, prompts, _, _ = rollout_samples(m, tok, problems, [0, 2, 1], cfg, ctx)
+    adv = torch.linspace(-1, 1, len(samples))
+    batch = make_batch(samples, adv.tolist(), prompts, tok.pad_id, m.config.img_context_token_id)
+    assert len(batch) == 6 and old_logprobs(m, batch, cfg, ctx) is None
     for other in (dict(ppo_epochs=2), dict(minibatch_size=3)):
         off = GRPOConfig(**{**cfg.__dict__, **other})
-        assert len(old_logprobs(m, samples, prompts, tok.pad_id, off, ctx)) == 6
-    adv = torch.linspace(-1, 1, len(samples))
+        assert old_logprobs(m, batch, off, ctx).shape == batch.targets.shape
     steps, metrics = {}, {}
-    for way, old in (("pass", batch_logprobs(m, samples, prompts, tok.pad_id, cfg, ctx)), ("on-policy", None)):
+    for way, old in (("pass", batch_logprobs(m, batch, cfg, ctx)), ("on-policy", None)):
         model = SkyworkR1V.from_pretrained(tiny_ckpt).train()
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
-        metrics[way] = optimise(model, torch.optim.SGD(model.parameters(), lr=1.0), samples, adv, old, None,
-                                prompts, tok.pad_id, cfg, ctx, torch.Generator().manual_seed(1), step=1)
+        batch.old_logp = old
+        metrics[way] = optimise(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, cfg, ctx,
+                                torch.Generator().manual_seed(1))
         steps[way] = {n: p.detach() - start[n] for n, p in model.named_parameters()}
     moved = 0
     for name, d in steps["pass"].items():

@@ -66,3 +66,36 @@ def test_readme_line_counts_are_true():
     wrong = {f: (int(n), sum(1 for _ in open(os.path.join(ROOT, f)))) for f, n in rows
              if int(n) != sum(1 for _ in open(os.path.join(ROOT, f)))}
     assert not wrong, f"README line counts (stated, actual): {wrong}"
+
+
+RECIPE = ("grpo", "sft", "entropy", "generate", "eval")
+
+
+def long_functions(module: str, max_lines: int = 50, max_required: int = 6) -> list:
+    """Functions of a recipe file over max_lines lines or with more than max_required parameters without a default
+    (self/cls not counted)."""
+    tree = ast.parse(open(os.path.join(ROOT, module + ".py")).read())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = [a.arg for a in node.args.posonlyargs + node.args.args][:len(node.args.posonlyargs + node.args.args)
+                                                                          - len(node.args.defaults)]
+            required = [a for a in args if a not in ("self", "cls")] + [
+                a.arg for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is None]
+            lines = node.end_lineno - node.lineno + 1
+            if lines > max_lines or len(required) > max_required:
+                out.append(f"{module}.{node.name}: {lines} lines, {len(required)} required parameters")
+    return out
+
+
+def test_recipe_functions_are_short():
+    assert long_functions.__doc__ and [m for m in RECIPE if m in MODULES]
+    assert [f for m in RECIPE if m in MODULES for f in long_functions(m)] == []
+
+
+def test_long_functions_finds_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(__import__(__name__), "ROOT", str(tmp_path), raising=False)
+    body = "\n".join(f"    x{i} = {i}" for i in range(55))
+    (tmp_path / "fake.py").write_text(f"def f(a, b, c, d, e, f, g, h=1):\n    pass\n\n\ndef g():\n{body}\n")
+    found = long_functions("fake")
+    assert found == ["fake.f: 2 lines, 7 required parameters", "fake.g: 56 lines, 0 required parameters"]
