@@ -416,6 +416,18 @@ def test_prompt_indices_and_args():
     assert (cfg.lr, cfg.scale_adv, cfg.beta, cfg.group_size) == (1e-6, False, 0.001, 8)
 
 
+def test_presets_are_named_and_printed():
+    """`python grpo.py` runs the tiny preset and says so with the values that differ from the recipe; --ckpt alone
+    keeps the recipe (r1v3); --preset picks either explicitly; explicit flags win over both."""
+    tiny = describe_preset(parse_args([]))
+    assert tiny.startswith("preset: tiny (") and "steps=40" in tiny and "lr=0.0001" in tiny
+    assert "group_size" not in tiny                                       # same in both: not listed
+    assert describe_preset(parse_args(["--ckpt", "x"])) == "preset: r1v3 (ckpt=x)"
+    cfg = parse_args(["--ckpt", "x", "--preset", "tiny", "--steps", "3"])
+    assert (cfg.preset, cfg.steps, cfg.lr) == ("tiny", 3, TINY_RUN["lr"])
+    assert parse_args(["--preset", "r1v3"]).steps == GRPOConfig().steps
+
+
 # ------------------------------------------------------------------------ each piece of work once (issue 14)
 
 @pytest.mark.parametrize("ppo_epochs, minibatch_size", [(2, 8), (1, 64)])
