@@ -33,9 +33,9 @@ from cli import at_least, parse_config
 from data import (THINK_PREFIX, THINK_START, Tokenizer, encode_chat, image_tiles, make_visual_task, read_jsonl,
                   reasoning_trace, shuffled_indices)
 from logs import MetricsLog, plot_curves
-from model import R1VConfig, token_logprobs_and_entropy, write_tiny_checkpoint
+from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy, write_tiny_checkpoint
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
-from parallel import all_reduce_sum, autocast, barrier, load, setup
+from parallel import Context, all_reduce_sum, autocast, barrier, load, setup
 from rewards import format_reward
 from rollout import heldout_accuracy
 
@@ -115,10 +115,8 @@ def n_targets(examples: list) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # 2. One optimizer step, and the loop
 
-def train_step(model, opt, examples: list, lr: float, pad_id: int, cfg: SFTConfig, ctx) -> dict:
-    """The step's examples (this rank's share) -> micro-batches -> accumulated gradients -> clip -> AdamW at lr."""
-    for group in opt.param_groups:
-        group["lr"] = lr
+def train_step(model, opt, examples: list, pad_id: int, cfg: SFTConfig, ctx) -> dict:
+    """The step's examples (this rank's share) -> micro-batches -> accumulated gradients -> clip -> AdamW."""
     n_all, = all_reduce_sum([n_targets(examples)])  # the step's assistant tokens on all ranks
     loss_sum = ent_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)  # read once, after the step
     for i in range(0, len(examples), cfg.batch_size):  # gradient accumulation over micro-batches
@@ -134,27 +132,47 @@ def train_step(model, opt, examples: list, lr: float, pad_id: int, cfg: SFTConfi
     opt.zero_grad(set_to_none=True)
     loss_sum, ent_sum, grad_norm = torch.stack([loss_sum, ent_sum, grad_norm.double()]).tolist()  # the one sync
     loss_all, ent_all = all_reduce_sum([loss_sum, ent_sum])
-    return {"loss": loss_all, "entropy": ent_all / max(n_all, 1), "lr": lr, "grad_norm": grad_norm, "tokens": n_all}
+    return {"loss": loss_all, "entropy": ent_all / max(n_all, 1), "grad_norm": grad_norm, "tokens": n_all}
 
 
-def fit(cfg: SFTConfig, ctx, model, opt, pad_id: int, train_set: list, eval_set: list, log: MetricsLog,
-        start: int = 0):
+@dataclass
+class Run:
+    """What the loop works with (main builds it): the model and optimizer, the data, the log, the first step."""
+    cfg: SFTConfig
+    ctx: Context
+    model: SkyworkR1V
+    opt: torch.optim.Optimizer
+    pad_id: int
+    train_set: list
+    eval_set: list
+    log: MetricsLog
+    start: int = 0                  # steps already done (a resumed run)
+
+
+def fit(run: Run):
     """Optimizer steps start..cfg.steps, each on the next samples of a seeded shuffle (step_indices), at the
     warmup-then-cosine learning rate lr_at(step); held-out loss every eval_every steps."""
-    if start == 0:  # the curve starts from the untrained model
-        log.write(0, {"eval_loss": evaluate(model, eval_set, cfg, ctx, pad_id)})
-    for step in range(start, cfg.steps):
+    cfg, ctx, model, opt = run.cfg, run.ctx, run.model, run.opt
+    if run.start == 0:  # the curve starts from the untrained model
+        run.log.write(0, {"eval_loss": evaluate(model, run.eval_set, cfg, ctx, run.pad_id)})
+    for step in range(run.start, cfg.steps):
         t0 = time.time()
-        idx = step_indices(step, len(train_set), cfg.batch_size * cfg.grad_accum, cfg.seed, ctx.rank, ctx.world)
-        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
-        metrics = train_step(model, opt, [train_set[i] for i in idx], lr, pad_id, cfg, ctx)
-        metrics["sec"] = round(time.time() - t0, 3)
+        idx = step_indices(step, len(run.train_set), cfg.batch_size * cfg.grad_accum, cfg.seed, ctx.rank, ctx.world)
+        lr = set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio))
+        metrics = train_step(model, opt, [run.train_set[i] for i in idx], run.pad_id, cfg, ctx)
+        metrics.update(lr=lr, sec=round(time.time() - t0, 3))
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            metrics["eval_loss"] = evaluate(model, eval_set, cfg, ctx, pad_id)
-        report(done, metrics, cfg, ctx, log)
+            metrics["eval_loss"] = evaluate(model, run.eval_set, cfg, ctx, run.pad_id)
+        report(done, metrics, cfg, ctx, run.log)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             save_checkpoint(cfg.out, model, opt, done, {"config": asdict(cfg)})
+
+
+def set_lr(opt, lr: float) -> float:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 @torch.no_grad()
@@ -188,7 +206,7 @@ def main(cfg: SFTConfig) -> dict:
     log = MetricsLog(cfg.out + ".metrics.jsonl", enabled=ctx.is_main, resume_step=start if resuming else None)
     log.write(start, {"data_" + k: v for k, v in stats.items() if k != "untagged_at"})
 
-    fit(cfg, ctx, model, opt, tok.pad_id, train_set, eval_set, log, start)
+    fit(Run(cfg, ctx, model, opt, tok.pad_id, train_set, eval_set, log, start))
     save_checkpoint(cfg.out, model, opt, cfg.steps, {"config": asdict(cfg)})
     result = {"steps": cfg.steps, "out": cfg.out}
     if cfg.gen_eval:  # greedy thinking-mode answers to held-out questions: has the format been learnt?

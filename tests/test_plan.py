@@ -14,7 +14,7 @@ from model import R1VConfig, count_params, write_tiny_checkpoint
 from plan import main as plan_main
 from plan import plan, recipes, units
 from optim import make_optimizer
-from parallel import Context, load
+from parallel import Context, load as load_model
 from test_fsdp import batch, loss_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def tensor_bytes(tensors):
 
 @pytest.mark.parametrize("recipe,spec", [("cold-start SFT", "all"), ("connector-only", "connector")])
 def test_state_bytes_are_exact_on_tiny(tiny_ckpt, recipe, spec):
-    model = load(tiny_ckpt, Context(torch.device("cpu")), train=spec)
+    model = load_model(tiny_ckpt, Context(torch.device("cpu")), train=spec)
     opt = make_optimizer(model, lr=1e-3)
     loss_fn(model, *batch(model)).backward()
     opt.step()

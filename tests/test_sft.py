@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 import sft
 from data import Tokenizer, build_prompt, shuffled_indices
 from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
-from sft import SFTConfig, fit, load_sft, main, make_batch, parse_args, sft_loss, step_indices, synthetic_data, truncate
+from sft import Run, SFTConfig, fit, load_sft, main, make_batch, parse_args, sft_loss, step_indices, synthetic_data, truncate
 from logs import MetricsLog, read_metrics
 from optim import make_optimizer
-from parallel import load, setup
+from parallel import load as load_model, setup
 
 GOOD = "<think>\n1 + 1 = 2\n</think>\n\nThe answer is \\boxed{2}."
 
@@ -94,13 +94,13 @@ def test_padding_does_not_change_loss(tiny_ckpt, tmp_path, red_png):
 def test_train_connector_only(tiny_ckpt, tmp_path):
     train_path, eval_path = synthetic_data(str(tmp_path / "data"), 4, 2, seed=0)
     ctx = setup()
-    model = load(tiny_ckpt, ctx, "connector")
+    model = load_model(tiny_ckpt, ctx, "connector")
     (train_set, _), (eval_set, _) = load(train_path, tiny_ckpt), load(eval_path, tiny_ckpt)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = make_optimizer(model, 1e-2)
     cfg = SFTConfig(steps=3, batch_size=2, warmup=0, eval_every=100)
-    fit(cfg, ctx, model, opt, Tokenizer.from_dir(tiny_ckpt).pad_id, train_set, eval_set,
-        MetricsLog(str(tmp_path / "m.jsonl")))
+    fit(Run(cfg, ctx, model, opt, Tokenizer.from_dir(tiny_ckpt).pad_id, train_set, eval_set,
+            MetricsLog(str(tmp_path / "m.jsonl"))))
     for name, v in model.state_dict().items():
         if name.startswith("mlp1."):
             assert not torch.equal(v, before[name]), f"{name} did not train"
