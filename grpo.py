@@ -153,16 +153,18 @@ def sample_groups(m, tok, prompts: list[Prompt], cfg: GRPOConfig, ctx, gen, deco
 
 def score(tok, groups: list, answers: list, reward_fn: Callable) -> tuple[torch.Tensor, dict]:
     """Responses (groups of token lists) and each group's gold answer -> (rewards [N], N = prompts * G, groups
-    contiguous; stats: mean reward, accuracy, format, response length, tokens)."""
+    contiguous; stats: mean reward, accuracy, format, response length, tokens, the share of responses truncated:
+    without a closing <|im_end|>, they ran out of max_new_tokens)."""
     scores = []
     for answer, group in zip(answers, groups):
         for resp in group:
             text = tok.decode(resp, skip_special=True)
             scores.append((reward_fn(text, str(answer)), accuracy_reward(text, str(answer)), format_reward(text),
-                           len(resp)))
-    r, acc, fmt, length = (torch.tensor(x, dtype=torch.float64) for x in zip(*scores))
+                           len(resp), not resp or resp[-1] != tok.eos_id))
+    r, acc, fmt, length, cut = (torch.tensor(x, dtype=torch.float64) for x in zip(*scores))
     return r.float(), {"reward": r.mean().item(), "accuracy": acc.mean().item(), "format": fmt.mean().item(),
-                       "response_len": length.mean().item(), "tokens": length.sum().item()}
+                       "response_len": length.mean().item(), "tokens": length.sum().item(),
+                       "truncated_frac": cut.mean().item()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -513,3 +513,13 @@ def test_on_policy_update_skips_the_old_pass_and_gives_the_same_step(tiny_ckpt, 
     assert metrics["on-policy"]["ratio_mean"] == 1.0 and metrics["on-policy"]["clip_frac"] == 0.0
     assert metrics["on-policy"]["entropy"] == pytest.approx(metrics["pass"]["entropy"], rel=1e-5)
     assert metrics["on-policy"]["entropy"] > 0
+
+
+def test_score_counts_truncated_responses(tiny_ckpt):
+    """A response that does not end in <|im_end|> ran out of max_new_tokens: truncated_frac counts them."""
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    ids = tok.encode("<think>\nx\n</think>\n\\boxed{3}")
+    rewards, stats = score(tok, [[ids + [tok.eos_id], ids], [ids[:2], ids + [tok.eos_id]]], ["3", "4"],
+                           lambda text, answer: float(answer in text))
+    assert rewards.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert stats["truncated_frac"] == 0.5 and stats["accuracy"] == 0.5
