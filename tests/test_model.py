@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from checkpoint import INDEX, save_state_dict
-from model import write_tiny_checkpoint
 from connector import pixel_shuffle
 from model import R1VConfig, SkyworkR1V, count_params, positions
+from sft import write_tiny_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 R1V3_CONFIG = os.path.join(HERE, "..", "tiny_configs", "r1v3-38b.json")
@@ -126,9 +126,9 @@ def test_group_greedy_is_copies_of_each_prompt_alone(model):
 def test_group_samples_differ_and_their_logprobs_equal_a_full_recompute(model, monkeypatch):
     """Each row of a group samples its own tokens from the shared prefill: the rows differ, and the log-prob of every
     sampled token under the logits generate used (cache copied G times) equals a fresh full forward (1e-5)."""
-    import model as model_py
-    seen_logits, real_sample = [], model_py.sample
-    monkeypatch.setattr(model_py, "sample", lambda logits, *a, **kw: seen_logits.append(logits) or real_sample(
+    import generate
+    seen_logits, real_sample = [], generate.sample
+    monkeypatch.setattr(generate, "sample", lambda logits, *a, **kw: seen_logits.append(logits) or real_sample(
         logits, *a, **kw))
     batch, mask = padded_pair()
     T, G, temp = 0.7, 4, 13

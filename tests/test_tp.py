@@ -11,9 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data import left_pad
-from model import LLMConfig, SkyworkR1V, make_mask, positions, write_tiny_checkpoint
+from model import LLMConfig, SkyworkR1V, make_mask, positions
 from optim import make_optimizer
 from parallel import load, setup
+from sft import write_tiny_checkpoint
 from test_fsdp import batch, free_port, loss_fn
 from tp import TPDecoder, gather_rows, make_decoder, refresh, shared_generator
 
