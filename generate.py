@@ -61,7 +61,6 @@ def sample_loop(decoder, h, step, seen, eos: int, max_new_tokens: int, sampling:
     b = h.shape[0]
     out = torch.full((b, max_new_tokens), eos, dtype=torch.long, device=h.device)
     done = torch.zeros(b, dtype=torch.bool, device=h.device)
-    busy = torch.zeros((), dtype=torch.long, device=h.device)  # steps after which some row was still unfinished
     read = 0
     for i in range(max_new_tokens):
         logits = decoder.lm_head(h[:b, -1]).float()  # [b,V]
@@ -70,7 +69,6 @@ def sample_loop(decoder, h, step, seen, eos: int, max_new_tokens: int, sampling:
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
         done |= tok == eos
-        busy += (~done).any()
         if i == 0 or (i + 1) % check_every == 0 or i == max_new_tokens - 1:
             new, read = out[:, read:i + 1], i + 1
             if stream is not None:
@@ -78,8 +76,17 @@ def sample_loop(decoder, h, step, seen, eos: int, max_new_tokens: int, sampling:
             if i == max_new_tokens - 1 or all_done(done, new):
                 break
         h = step(tok, i)
-    width = min(i + 1, int(busy) + 1) if has_values(busy) else i + 1  # one read per call: cut after the last row's eos
-    return out[:, :width]
+    return cut_finished(out[:, :i + 1], eos)
+
+
+def cut_finished(tokens, eos: int):
+    """tokens [b, n] -> tokens[:, :w], w = the step at which the last row made its first eos (n if one never did):
+    one host read per generate call, and the width one process gives for these rows (tp.py cuts its own rows)."""
+    if not has_values(tokens) or tokens.shape[1] == 0:
+        return tokens
+    ended = tokens == eos
+    last = torch.where(ended.any(1), ended.int().argmax(1), tokens.shape[1] - 1)  # [b]: each row's last step
+    return tokens[:, :int(last.max()) + 1] if tokens.shape[0] else tokens
 
 
 def eager_step(decoder, cache, pos, real, t: int):

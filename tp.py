@@ -132,7 +132,7 @@ class TPDecoder(Qwen2ForCausalLM):
         new = super().decode(x, input_ids, attention_mask, generator=shared_generator(generator, x.device),
                              num_return_sequences=num_return_sequences, all_done=generate.tokens_agree, **kw)
         G = num_return_sequences
-        return new[mine.start * G:mine.stop * G]
+        return generate.cut_finished(new[mine.start * G:mine.stop * G], kw["eos"])
 
 
 def gather_rows(tensors: list) -> tuple[list, slice]:
