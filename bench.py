@@ -41,8 +41,8 @@ import torch
 from cli import at_least, check_choices, choice, parse_config
 from grpo import GRPOConfig, grpo_loss, on_policy
 from logs import machine
-from model import R1VConfig, SkyworkR1V, count_params, token_logprobs_and_entropy, write_tiny_checkpoint
-from sft import sft_loss
+from model import R1VConfig, SkyworkR1V, count_params, token_logprobs_and_entropy
+from sft import sft_loss, write_tiny_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

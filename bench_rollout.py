@@ -45,10 +45,11 @@ from PIL import Image
 from data import Tokenizer, encode_prompt
 from grpo import GRPOConfig, Prompt, batch_logprobs, old_logprobs, optimise
 from logs import machine
-from model import SkyworkR1V, token_logprobs_and_entropy, write_tiny_checkpoint
+from model import SkyworkR1V, token_logprobs_and_entropy
 from optim import make_optimizer
 from parallel import Context, load, setup
 from rollout import generate_responses, vit_once
+from sft import write_tiny_checkpoint
 from tp import make_decoder, refresh
 
 WORLD = 2
@@ -141,7 +142,6 @@ def rank_main(rank: int, ckpt: str, out: str, port: int, s: RolloutSizes, repeat
         sharded = load(ckpt, ctx, train="connector,llm")  # GRPO's trainable parts, FSDP2
         decoder = make_decoder(sharded, torch.float32)
         ref = SkyworkR1V.from_pretrained(ckpt).eval()  # the one-process side (timed on rank 0 only)
-        ref.language_model.sync_done = False  # in a process group its decode loop would ask rank 1 "all done?"
         rows = [r for b in s.decode_batches for r in decode_rows(ctx, sharded, decoder, ref, b, s, repeats, threads)]
         rows.append(refresh_row(ctx, sharded, decoder, s, repeats))
         if rank == 0:

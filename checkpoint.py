@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
@@ -157,6 +157,81 @@ def load_weights(model: torch.nn.Module, ckpt_dir: str, device="cpu"):
                         p.to_local().copy_(f.get_slice(name)[start:stop])
                 except (SafetensorError, OSError) as e:
                     raise ValueError(f"{path}: cannot read tensor {name} ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------------ config.json
+def read_config(ckpt_dir: str) -> tuple[dict, str]:
+    """-> (config.json of a release directory as a dict, its path); model.R1VConfig.from_dict parses it."""
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in checkpoint directory {ckpt_dir!r}")
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON: {e}") from None
+    return d, path
+
+
+def check_supported(d: dict, where: str):
+    """Refuse, before any weight is read, the release options this code does not compute: a model that loads but
+    computes something else is worse than an error. The InternVL family shares config.json's format with other
+    decoders (InternLM2, Llama, Phi-3) and with LoRA and long-context settings."""
+    for key in ("vision_config", "llm_config"):
+        if not isinstance(d.get(key), dict):
+            raise ValueError(f"{where}: missing required field {key!r}")
+    llm = d["llm_config"]
+    for arch in llm.get("architectures") or ["Qwen2ForCausalLM"]:
+        if arch != "Qwen2ForCausalLM":
+            raise ValueError(f"{where}: llm_config.architectures is {arch!r}: only Qwen2ForCausalLM (Qwen2/2.5 "
+                             f"decoders: Skywork-R1V3, InternVL3) is implemented")
+    for key in ("use_backbone_lora", "use_llm_lora"):
+        if d.get(key):
+            raise ValueError(f"{where}: {key} = {d[key]}: LoRA adapters are not implemented (merge them into the "
+                             f"weights first)")
+    scaling = llm.get("rope_scaling")
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if scaling and kind != "dynamic":  # dynamic NTK equals plain RoPE up to max_position_embeddings
+        raise ValueError(f"{where}: llm_config.rope_scaling {scaling} is not supported (plain RoPE, or 'dynamic', "
+                         f"which equals it within max_position_embeddings)")
+    if llm.get("use_sliding_window"):
+        raise ValueError(f"{where}: llm_config.use_sliding_window = true: sliding-window attention is not "
+                         f"implemented")
+    if d.get("ps_version", "v2") != "v2":
+        raise ValueError(f"{where}: ps_version {d['ps_version']!r} is not supported (the release uses 'v2')")
+    size, vit_size = d.get("force_image_size", 448), d["vision_config"].get("image_size", 448)
+    if size != vit_size:
+        raise ValueError(f"{where}: force_image_size {size} != vision_config.image_size {vit_size} "
+                         f"(position-embedding interpolation is not implemented)")
+
+
+def dataclass_from(cls, d: dict, where: str, required=(), **extra):
+    """One section of config.json -> the dataclass `cls` (its fields only; `required` ones named if missing)."""
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{where}: missing required field(s) {missing}")
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names}, **extra)
+
+
+def img_context_id(ckpt_dir: str) -> int:
+    """The id of <IMG_CONTEXT> from tokenizer.json, else added_tokens.json / tokenizer_config.json."""
+    token = "<IMG_CONTEXT>"
+    for name in ("tokenizer.json", "added_tokens.json", "tokenizer_config.json"):
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            d = json.load(f)
+        if name == "tokenizer.json":
+            ids = [t["id"] for t in d.get("added_tokens", []) if t["content"] == token]
+        elif name == "added_tokens.json":
+            ids = [d[token]] if token in d else []
+        else:
+            ids = [int(i) for i, t in d.get("added_tokens_decoder", {}).items() if t.get("content") == token]
+        if ids:
+            return ids[0]
+    raise ValueError(f"{ckpt_dir}: no {token} token in tokenizer.json, added_tokens.json or tokenizer_config.json")
 
 
 # ------------------------------------------------------------------------------------------------------- saving

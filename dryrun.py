@@ -189,11 +189,12 @@ def image_prompt(cfg: R1VConfig, rows: int, length: int, tiles: int, pad: int = 
 @contextmanager
 def dry_run_answers(decode_steps: int):
     """The two values generation reads on the host, answered by the dry run:
-    - "is any row unfinished?" after each token (model.any_unfinished): yes, decode_steps times (the KV cache is
-      allocated at full length by the prefill, so more tokens add only per-token temporaries);
+    - "are all rows done?" (generate.decode reads it after the first token and every CHECK_EVERY tokens): no, then
+      yes after decode_steps tokens (the KV cache is allocated at full length by the prefill, so more tokens add
+      only per-token temporaries);
     - every rank's row count (tp.gather_rows reads it with .tolist()): equal on all ranks here, so only that
       all-gather of the shapes is skipped; the rows themselves are all-gathered as in tp.py."""
-    import model as model_py
+    import generate
     import tp
 
     def gather_rows_alike(tensors):
@@ -204,13 +205,17 @@ def dry_run_answers(decode_steps: int):
             out.append(torch.cat(parts))
         return out, slice(dist.get_rank() * len(tensors[0]), (dist.get_rank() + 1) * len(tensors[0]))
 
-    calls, saved = itertools.count(), (model_py.any_unfinished, tp.gather_rows)
-    model_py.any_unfinished = lambda *args, **kw: next(calls) < decode_steps
-    tp.gather_rows = gather_rows_alike
+    names = ("rows_done", "all_ranks_done", "tokens_agree", "CHECK_EVERY")
+    calls, saved = itertools.count(), [getattr(generate, n) for n in names] + [tp.gather_rows]
+    for name in names[:3]:
+        setattr(generate, name, lambda done, new: next(calls) % 2 == 1)  # two reads a call: tokens 1, decode_steps
+    generate.CHECK_EVERY, tp.gather_rows = decode_steps, gather_rows_alike
     try:
         yield
     finally:
-        model_py.any_unfinished, tp.gather_rows = saved
+        *values, tp.gather_rows = saved
+        for name, value in zip(names, values):
+            setattr(generate, name, value)
 
 
 # ------------------------------------------------------------------------------------------------- the steps

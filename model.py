@@ -6,26 +6,21 @@
 
 Module names equal the release's parameter names (`vision_model.*`, `mlp1.*`, `language_model.model.*`,
 `language_model.lm_head.*`), so a state dict moves in and out of the official checkpoint without renaming.
-Checkpoint files are handled in checkpoint.py; this file is the architecture, the config, the per-token
-log-probs / entropy every trainer computes from the final hidden states, and `generate`.
+This file is the config, the architecture with its KV cache, and the per-token log-probs / entropy every trainer
+computes from the final hidden states; files and config.json live in checkpoint.py, the decode loop in generate.py.
 """
-import json
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import load_weights, save_model, save_state_dict
+import generate as gen
+from checkpoint import check_supported, dataclass_from, img_context_id, load_weights, read_config, save_model
 from connector import Connector
-from data import train_tokenizer
+from generate import has_values
 from vision import InternViT, RMSNorm, VisionConfig, run_block
 
 
@@ -53,29 +48,6 @@ class LLMConfig:
                              f"num_key_value_heads {self.num_key_value_heads}")
 
 
-def check_supported(d: dict, where: str):
-    """Refuse, before any weight is read, the release options this code does not compute: a model that loads but
-    computes something else is worse than an error. The InternVL family shares config.json's format with other
-    decoders (InternLM2, Llama, Phi-3) and with LoRA and long-context settings."""
-    llm = d["llm_config"]
-    for arch in llm.get("architectures") or ["Qwen2ForCausalLM"]:
-        if arch != "Qwen2ForCausalLM":
-            raise ValueError(f"{where}: llm_config.architectures is {arch!r}: only Qwen2ForCausalLM (Qwen2/2.5 "
-                             f"decoders: Skywork-R1V3, InternVL3) is implemented")
-    for key in ("use_backbone_lora", "use_llm_lora"):
-        if d.get(key):
-            raise ValueError(f"{where}: {key} = {d[key]}: LoRA adapters are not implemented (merge them into the "
-                             f"weights first)")
-    scaling = llm.get("rope_scaling")
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-    if scaling and kind != "dynamic":  # dynamic NTK equals plain RoPE up to max_position_embeddings
-        raise ValueError(f"{where}: llm_config.rope_scaling {scaling} is not supported (plain RoPE, or 'dynamic', "
-                         f"which equals it within max_position_embeddings)")
-    if llm.get("use_sliding_window"):
-        raise ValueError(f"{where}: llm_config.use_sliding_window = true: sliding-window attention is not "
-                         f"implemented")
-
-
 @dataclass
 class R1VConfig:
     vision: VisionConfig
@@ -98,65 +70,20 @@ class R1VConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "config.json") -> "R1VConfig":
         """Parse the release's InternVL-style config.json as it is (unknown fields such as auto_map are ignored)."""
-        for key in ("vision_config", "llm_config"):
-            if not isinstance(d.get(key), dict):
-                raise ValueError(f"{where}: missing required field {key!r}")
         check_supported(d, where)
-        vision = _dataclass_from(VisionConfig, d["vision_config"], f"{where}: vision_config",
+        vision = dataclass_from(VisionConfig, d["vision_config"], f"{where}: vision_config",
                                  ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"))
-        llm = _dataclass_from(LLMConfig, d["llm_config"], f"{where}: llm_config",
+        llm = dataclass_from(LLMConfig, d["llm_config"], f"{where}: llm_config",
                               ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                "intermediate_size", "vocab_size"))
         top = {k: v for k, v in d.items() if k not in ("vision_config", "llm_config")}
-        cfg = _dataclass_from(cls, top, where, ("downsample_ratio",), vision=vision, llm=llm)
-        if cfg.ps_version != "v2":
-            raise ValueError(f"{where}: ps_version {cfg.ps_version!r} is not supported (the release uses 'v2')")
-        if cfg.force_image_size != vision.image_size:
-            raise ValueError(f"{where}: force_image_size {cfg.force_image_size} != vision_config.image_size "
-                             f"{vision.image_size} (position-embedding interpolation is not implemented)")
-        return cfg
+        return dataclass_from(cls, top, where, ("downsample_ratio",), vision=vision, llm=llm)
 
     @classmethod
-    def from_dir(cls, ckpt_dir: str) -> "R1VConfig":
-        path = os.path.join(ckpt_dir, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json in checkpoint directory {ckpt_dir!r}")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON: {e}") from None
-        cfg = cls.from_dict(d, path)
-        cfg.img_context_token_id = _img_context_id(ckpt_dir)
+    def from_dir(cls, ckpt_dir: str) -> "R1VConfig":  # the file is read in checkpoint.py, next to where it is written
+        cfg = cls.from_dict(*read_config(ckpt_dir))
+        cfg.img_context_token_id = img_context_id(ckpt_dir)
         return cfg
-
-
-def _dataclass_from(cls, d: dict, where: str, required=(), **extra):
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"{where}: missing required field(s) {missing}")
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names}, **extra)
-
-
-def _img_context_id(ckpt_dir: str) -> int:
-    """The id of <IMG_CONTEXT> from tokenizer.json, else added_tokens.json / tokenizer_config.json."""
-    token = "<IMG_CONTEXT>"
-    for name in ("tokenizer.json", "added_tokens.json", "tokenizer_config.json"):
-        path = os.path.join(ckpt_dir, name)
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            d = json.load(f)
-        if name == "tokenizer.json":
-            ids = [t["id"] for t in d.get("added_tokens", []) if t["content"] == token]
-        elif name == "added_tokens.json":
-            ids = [d[token]] if token in d else []
-        else:
-            ids = [int(i) for i, t in d.get("added_tokens_decoder", {}).items() if t.get("content") == token]
-        if ids:
-            return ids[0]
-    raise ValueError(f"{ckpt_dir}: no {token} token in tokenizer.json, added_tokens.json or tokenizer_config.json")
 
 
 # ---------------------------------------------------------------------------------------------------- decoder
@@ -174,35 +101,38 @@ def apply_rope(x, cos, sin):  # x [B,H,T,E]
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-class KVCache:
-    """Preallocated keys/values for every layer: [layers, B, kv_heads, max_len, head_dim]. Decoding writes one
-    column per step in place, so a step costs the same Python work at token 10 as at token 10,000. Allocated at
-    the first write, in the dtype attention computes in (bf16 under FSDP mixed precision even if weights are fp32).
+class KVCache(nn.Module):
+    """Keys/values of every layer, preallocated: k, v [layers, rows, kv_heads, length, head_dim], written one column
+    per step in place, allocated at the first write in the dtype attention computes in (bf16 under FSDP mixed
+    precision). Module buffers, as in gpt-fast: torch.compile treats them as static, so CUDA graphs can record a
+    step that writes them. `start`: an int (eager: rows [:B], attention reads the columns written so far) or a
+    tensor [1] (the fixed-shape step: every row at that column, attention reads the whole cache, later columns masked)."""
 
-    `start` is a Python int (eager: attend to the columns written so far) or a position tensor (the fixed-shape
-    step that torch.compile captures: the write goes to a position held in a tensor and attention reads the whole
-    cache, future columns masked, so no shape changes from one token to the next)."""
+    def __init__(self, cfg: LLMConfig, rows: int, length: int):
+        super().__init__()
+        self.shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, length, cfg.head_dim)
+        self.register_buffer("k", None, persistent=False)
+        self.register_buffer("v", None, persistent=False)
 
-    def __init__(self, cfg: LLMConfig, batch: int, max_len: int):
-        self.shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = self.v = None
+    rows = property(lambda self: self.shape[1])
+    length = property(lambda self: self.shape[3])
 
-    def update(self, layer: int, start, k, v):  # k, v [B,Hkv,t,E] -> keys/values up to start+t
-        if self.k is None:
+    def update(self, layer: int, start, k, v):  # k, v [B,Hkv,t,E] -> keys/values [B,Hkv,start+t|length,E]
+        if self.k is None or self.k.dtype != k.dtype:
             self.k, self.v = (k.new_zeros(self.shape) for _ in range(2))
-        if torch.is_tensor(start):  # fixed shape: start [t] positions
+        if torch.is_tensor(start):
             self.k[layer].index_copy_(2, start, k)
             self.v[layer].index_copy_(2, start, v)
             return self.k[layer], self.v[layer]
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        b, end = k.shape[0], start + k.shape[2]
+        self.k[layer, :b, :, start:end] = k
+        self.v[layer, :b, :, start:end] = v
+        return self.k[layer, :b, :, :end], self.v[layer, :b, :, :end]
 
-    def repeat_rows(self, n: int):
-        """Row b -> rows b*n .. b*n+n-1: one prompt's prefilled keys/values become the start of n samples."""
-        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-        self.shape = self.k.shape
+    def repeat_rows(self, n: int, rows: int, length: int):
+        """Rows b < `rows` (first `length` columns) -> rows b*n .. b*n+n-1 in place: one prompt -> n samples."""
+        for z in (self.k, self.v):
+            z[:, :rows * n, :, :length] = z[:, :rows, :, :length].repeat_interleave(n, dim=1)
 
 
 class Attention(nn.Module):
@@ -222,11 +152,27 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
-        # GQA: each group of n_head/n_kv query heads shares one key/value head (8 KV heads serve 40 query heads).
-        # No mask means causal for a fresh prompt; a single new query after the cache sees every key.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
-                                           enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(rearrange(y, "b h t e -> b t (h e)"))
+        return self.o_proj(rearrange(attend(q, k, v, mask), "b h t e -> b t (h e)"))
+
+
+def attend(q, k, v, mask):
+    """GQA attention, q [B,H,t,E], k/v [B,Hkv,S,E] -> [B,H,t,E]: each group of H/Hkv query heads shares one KV head.
+    Written in the form whose fast CUDA kernel exists (flash takes no mask; the memory-efficient kernel takes a mask
+    but not enable_gqa; the math kernel holds fp32 [B,H,t,S] scores):
+      - no mask (a fresh or right-padded sequence: causal; one query: every key) -> enable_gqa, flash;
+      - one query per row (decode) -> the group's queries become the query axis of their KV head [B,Hkv,group,E],
+        one [B,1,1,S] mask for all of them -> memory-efficient, no K/V copy;
+      - a mask over several queries (left-padded prefill and log-prob passes) -> K/V repeated to H heads ->
+        memory-efficient (the copy is [B,H,S,E], the scores it avoids [B,H,t,S] in fp32)."""
+    group = q.shape[1] // k.shape[1]
+    if q.shape[2] == 1 and group > 1:
+        y = F.scaled_dot_product_attention(rearrange(q, "b (h g) 1 e -> b h g e", g=group), k, v, attn_mask=mask)
+        return rearrange(y, "b h g e -> b (h g) 1 e")
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=group > 1)
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class MLP(nn.Module):  # SwiGLU: down(silu(gate(x)) * up(x))
@@ -276,88 +222,46 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+        self.kept = {}  # the compiled step's KV cache (kv_cache); a dict, so not a submodule (state_dict, FSDP, .to)
 
-    sync_done = True  # sharded by FSDP, ranks hold different rows: "all done?" is asked of every rank
+    def decode(self, x, input_ids, attention_mask=None, **kw):  # tp.TPDecoder wraps it in its row gathering
+        return gen.decode(self, x, input_ids, attention_mask, **kw)
 
-    @torch.no_grad()
-    def decode(self, x, input_ids, attention_mask=None, *, max_new_tokens: int, eos: int, temperature=0.0,
-               top_p=1.0, repetition_penalty=1.0, stream=None, generator=None, num_return_sequences=1,
-               compile=False):
-        """Prompt embeddings x [B,T,D] (ids [B,T] for the repetition penalty, left padding in attention_mask)
-        -> new tokens [B*G, new]. One prefill per prompt; its KV cache is then copied into G rows, and each row
-        samples its own first token and continuation: G samples cost one prompt's prefill, not G (nanochat's
-        engine, vLLM's n > 1). Then one cached single-token step per new token."""
-        G, t = num_return_sequences, input_ids.shape[1]
+    def kv_cache(self, rows: int, length: int, keep: bool = False) -> KVCache:
+        """A cache for `rows` sequences of `length` tokens: a new one, or with keep (the compiled step) this decoder's
+        one, replaced only when too small, with twice the length: log2(longest / shortest) + 2 graphs a run."""
+        if not keep:
+            return KVCache(self.config, rows, length)
+        old = self.kept.get("cache")
+        if old is None or old.rows < rows or old.length < length:
+            if old is not None:  # grow geometrically: rising prompt lengths replace it only log2 times
+                rows, length = max(rows, old.rows), max(length, old.length * (2 if old.length < length else 1))
+            self.kept["cache"] = KVCache(self.config, rows, -(-length // 256) * 256)  # lengths: multiples of 256
+        return self.kept["cache"]
+
+    def prefill(self, x, input_ids, attention_mask=None, cache: KVCache = None):
+        """Embeddings x [B,T,D] of ids [B,T] (attention_mask: 0 = left padding) -> final-norm states [B,T,D],
+        positions [B,T], the padding mask or None; a cache gets their keys/values in rows [:B]."""
         pad = padding(attention_mask)
         pos = positions(input_ids, pad)
-        length = t + max_new_tokens
-        if compile:  # a bucketed cache length: batches of similar prompt lengths reuse one compiled step
-            length = -(-length // CACHE_BUCKET) * CACHE_BUCKET
-        cache = KVCache(self.model.config, x.shape[0], length)
-        h = self.model(x, pos, make_mask(pad, t, 0, x.device), cache, 0)[:, -1:]          # prefill: [B,1,D]
-        if G > 1:  # one prompt -> G samples: copy its cache row, last state, positions, padding and ids G times
-            cache.repeat_rows(G)
-            h, pos, input_ids = (z.repeat_interleave(G, 0) for z in (h, pos, input_ids))
-            pad = None if pad is None else pad.repeat_interleave(G, 0)
-        b = input_ids.shape[0]
-        real = torch.ones(b, length, dtype=torch.bool, device=x.device)                   # generated tokens are real
-        if pad is not None:
-            real[:, :t] = pad.bool()
-        seen = seen_tokens(input_ids, real[:, :t], self.config.vocab_size) if repetition_penalty != 1.0 else None
-        step = compiled(self.decode_step_static, compile, x.is_cuda) if compile else self.decode_step
-        out, done = [], torch.zeros(b, dtype=torch.bool, device=x.device)
-        for i in range(max_new_tokens):
-            logits = self.lm_head(h[:, -1]).float()  # [B,V]
-            tok = sample(logits, seen, temperature, top_p, repetition_penalty, generator)
-            tok = torch.where(done, torch.full_like(tok, eos), tok)
-            out.append(tok)
-            if stream is not None:
-                stream(tok)
-            if seen is not None:
-                seen[torch.arange(b), tok] = True
-            done |= tok == eos
-            if i == max_new_tokens - 1 or not any_unfinished(done, self.sync_done):
-                break
-            pos = pos[:, -1:] + 1
-            if compile:  # the same shapes every token: position as a tensor, the mask over the whole cache
-                h = step(tok, pos, cache, torch.full((1,), t + i, device=x.device), None if pad is None else real)
-            else:
-                h = step(tok, pos, cache, t + i, None if pad is None else real[:, :t + i + 1])
-        return torch.stack(out, dim=1)
+        return self.model(x, pos, make_mask(pad, x.shape[1], 0, x.device), cache, 0), pos, pad
 
-    def decode_step(self, tok, pos, cache, start: int, real=None):
-        """One new token per row [B] at position `start` -> final hidden state [B,1,D] (eager: the attention reads
-        the start+1 columns written so far)."""
-        mask = make_mask(real, 1, start, tok.device)
+    def decode_step(self, tok, pos, cache, start, real=None):
+        """One new token per row [B] at cache column `start` -> final hidden state [B,1,D]. real: 1 = a real token,
+        or None when nothing is padded. start an int: attention reads the start+1 columns written so far (real
+        [B,start+1]); a tensor [1] (torch.compile, CUDA graphs: shapes never change): every cache row, the whole
+        cache with the columns after `start` masked (real [rows,L])."""
+        if torch.is_tensor(start):
+            mask = ((torch.arange(cache.length, device=tok.device) <= start) & real)[:, None, None, :]  # [rows,1,1,L]
+        else:
+            mask = make_mask(real, 1, start, tok.device)
         return self.model(self.model.embed_tokens(tok[:, None]), pos, mask, cache, start)
-
-    def decode_step_static(self, tok, pos, cache, at, real=None):
-        """decode_step with shapes that never change (for torch.compile / CUDA graphs): the position `at` [1] is a
-        tensor, and attention reads the whole preallocated cache with the columns after `at` masked, and the left
-        padding too (real [B,L]: 1 = a real token, over the cache's full length)."""
-        cols = torch.arange(cache.shape[3], device=tok.device)
-        mask = (cols <= at)[None, None, None, :]                                                # [1,1,1,L]
-        mask = mask.expand(tok.shape[0], 1, 1, -1) if real is None else mask & real[:, None, None, :].bool()
-        return self.model(self.model.embed_tokens(tok[:, None]), pos, mask, cache, at)
 
     def tie_weights(self):
         """Tied models (tie_word_embeddings) read and write one [V,D] matrix as embedding and output layer: one
         parameter, two uses, so named_parameters() lists it once, as embed_tokens.weight."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-
-CACHE_BUCKET = 256  # KV cache lengths of a compiled decode step are multiples of this
-
-
-def compiled(step, backend, cuda: bool):
-    """torch.compile of the fixed-shape decode step: one graph (fullgraph: a graph break is an error, not a slow
-    path), shapes static. On a GPU mode="reduce-overhead" replays it as a CUDA graph, which removes the per-kernel
-    launch cost that dominates single-token steps. backend: True (inductor) or a backend name ("aot_eager": the
-    same capture without code generation, for fast tests)."""
-    backend = "inductor" if backend is True else backend
-    mode = {"mode": "reduce-overhead"} if cuda and backend == "inductor" else {}
-    return torch.compile(step, backend=backend, dynamic=False, fullgraph=True, **mode)
 
 
 def make_mask(pad_mask, t: int, start: int, device=None):
@@ -376,16 +280,12 @@ def make_mask(pad_mask, t: int, start: int, device=None):
     return mask
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Per-token log-probs and entropy from final hidden states, chunked over the vocabulary-sized logits
-# (the loss of SFT, the ratio of GRPO, the measurement of entropy.py)
+# ------------------------------------- per-token log-probs and entropy (SFT's loss, GRPO's ratio, entropy.py)
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """logits [..., V] -> entropy [...] fp32 (nats) of softmax(logits / temperature), differentiable.
-
-    H = logsumexp(z) - sum softmax(z) z, computed as -sum p log p with log p = z - logsumexp(z) (same value, but no
-    cancellation between two large numbers when one token dominates); 0 * log 0 counts as 0, so -inf logits
-    (masked tokens) give no NaN."""
+    """logits [..., V] -> entropy [...] fp32 (nats) of softmax(logits / temperature), differentiable: -sum p log p
+    with log p = z - logsumexp(z) (no cancellation of two large numbers when one token dominates); 0 * log 0 = 0,
+    so -inf logits (masked tokens) give no NaN."""
     return _entropy((logits.float() / temperature).log_softmax(-1))
 
 
@@ -405,12 +305,10 @@ def token_logprobs_and_entropy(lm_head, hidden: torch.Tensor, targets: torch.Ten
     -> (log p(target) [B,T] fp32, entropy [B,T] fp32), both differentiable, at the sampling `temperature`.
 
     lm_head: any callable [N,D] -> [N,V], normally model.language_model.lm_head. Targets < 0 (an ignore index such
-    as -100) get log p = 0; mask them out in the loss. The logits exist `chunk` tokens at a time only: a 16K-token
-    response over a 152K vocabulary would otherwise need a 10 GB fp32 [T,V] tensor. Chunking alone does not bound
-    memory under autograd, because backward would keep every chunk's [chunk,V] logits / softmax alive until the
-    loss is differentiated; so under grad each chunk is activation-checkpointed: forward keeps only its [chunk,D]
-    input, and backward recomputes that chunk's lm_head (one extra lm_head matmul, small next to the decoder). A single
-    chunk is not recomputed: its logits are the peak either way."""
+    as -100) get log p = 0; mask them out in the loss. The logits exist `chunk` tokens at a time only (a 16K-token
+    response over a 152K vocabulary would need a 10 GB fp32 [T,V] tensor), and under grad each chunk is
+    activation-checkpointed, or backward would keep every chunk's logits alive: forward keeps its [chunk,D] input,
+    backward recomputes its lm_head (one extra lm_head matmul). A single chunk is not recomputed."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature}); for greedy decoding measure at 1.0")
     if hidden.shape[:2] != targets.shape:
@@ -469,15 +367,13 @@ class SkyworkR1V(nn.Module):
     def save_pretrained(self, out_dir: str, **kwargs):
         save_model(self, out_dir, **kwargs)
 
-    # -- forward
     def extract_feature(self, pixel_values):  # [N,3,H,W] -> [N, 256, D_llm]
         return self.mlp1(self.vision_model(pixel_values, self.config.select_layer))
 
     @torch.no_grad()
     def vit_features(self, pixel_values):  # [N,3,H,W] -> [N, 1024, D_vit]
-        """The ViT's output alone, to compute once and pass to forward / generate as vit_features: while the ViT
-        is frozen its output for a prompt never changes, and the connector after it may still train. Under FSDP
-        this is an entry point like forward (registered in parallel.shard)."""
+        """The ViT's output alone, computed once and passed to forward / generate as vit_features while the ViT is
+        frozen (the connector may still train). Under FSDP an entry point like forward (parallel.shard)."""
         return self.vision_model(pixel_values, self.config.select_layer)
 
     def embed(self, input_ids, pixel_values=None, vit_features=None):
@@ -488,8 +384,10 @@ class SkyworkR1V(nn.Module):
         is_img = input_ids == self.config.img_context_token_id
         tiles = vit_features if vit_features is not None else pixel_values
         n_tiles = 0 if tiles is None else tiles.shape[0]
-        if has_values(input_ids):
-            check_image_tokens(int(is_img.sum()), n_tiles, self.config.num_image_token)
+        if has_values(input_ids) and int(is_img.sum()) != n_tiles * self.config.num_image_token:
+            raise ValueError(f"the prompt has {int(is_img.sum())} <IMG_CONTEXT> tokens but {n_tiles} tiles were "
+                             f"given, which need {n_tiles * self.config.num_image_token} "
+                             f"({self.config.num_image_token} per tile)")
         if n_tiles == 0 and not self.sharded_vit:
             return x
         # FSDP: each ViT block and the connector all-gather their weights in forward, a collective all ranks must
@@ -506,42 +404,28 @@ class SkyworkR1V(nn.Module):
         """input_ids [B,T], pixel_values [tiles,3,H,W] in image order (or their vit_features [tiles,1024,D_vit]),
         attention_mask [B,T] (1 real, 0 left pad) -> logits [B,T,V], or the final hidden states [B,T,D] with
         return_hidden (for chunked log-probs)."""
-        pad = padding(attention_mask)
-        h = self.language_model.model(self.embed(input_ids, pixel_values, vit_features), positions(input_ids, pad),
-                                      make_mask(pad, input_ids.shape[1], 0, input_ids.device))
+        h = self.language_model.prefill(self.embed(input_ids, pixel_values, vit_features), input_ids, attention_mask)[0]
         return h if return_hidden else self.language_model.lm_head(h)
 
-    # -- generation
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=64, temperature=0.0,
                  top_p=1.0, repetition_penalty=1.0, eos_token_id=None, stream=None, generator=None,
                  num_return_sequences=1, vit_features=None, decoder=None, compile=False):
-        """Sample up to max_new_tokens after left-padded prompts [B,T] -> [B*G, T+new] with G =
-        num_return_sequences (rows b*G .. b*G+G-1 answer prompt b). Rows that finished are padded with eos;
-        temperature 0 is greedy. The images go through the ViT here; the decoder (this model's language_model,
-        or a tensor-parallel copy, tp.py) prefills each prompt once and samples G continuations of it."""
+        """Sample up to max_new_tokens after left-padded prompts [B,T] -> [B*G, T+new], G = num_return_sequences
+        (rows b*G .. b*G+G-1 answer prompt b; finished rows padded with eos; temperature 0: greedy). The ViT runs
+        here, the decoder (language_model, or tp.py's copy) in generate.decode, which documents the arguments."""
         if input_ids.shape[1] + max_new_tokens > self.config.llm.max_position_embeddings:
             raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's context of {self.config.llm.max_position_embeddings} tokens")
         x = self.embed(input_ids, pixel_values, vit_features)  # [B,T,D]
         eos = self.config.llm.eos_token_id if eos_token_id is None else eos_token_id
+        # FSDP shards: every rank steps until every rank's rows are done (parallel.py); tp.TPDecoder picks its own
+        all_done = gen.all_ranks_done if self.sharded_vit else gen.rows_done
         new = (decoder or self.language_model).decode(
             x, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos=eos, temperature=temperature,
             top_p=top_p, repetition_penalty=repetition_penalty, stream=stream, generator=generator,
-            num_return_sequences=num_return_sequences, compile=compile)
+            num_return_sequences=num_return_sequences, compile=compile, all_done=all_done)
         return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), new], dim=1)
-
-
-def has_values(t: torch.Tensor) -> bool:
-    """False while tracing (fake tensors of a dry run, torch.compile): the tensor has a shape but no values, so a
-    check that reads values (a host sync: `int()`, `bool()`, `.item()`) cannot run and is skipped."""
-    return not (torch.compiler.is_compiling() or isinstance(t, FakeTensor))
-
-
-def check_image_tokens(n_img_tokens: int, n_tiles: int, num_image_token: int):
-    if n_img_tokens != n_tiles * num_image_token:
-        raise ValueError(f"the prompt has {n_img_tokens} <IMG_CONTEXT> tokens but {n_tiles} tiles were given, "
-                         f"which need {n_tiles * num_image_token} ({num_image_token} per tile)")
 
 
 def padding(attention_mask):
@@ -558,74 +442,9 @@ def positions(input_ids, attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def any_unfinished(done, sync: bool = True) -> bool:
-    """Under FSDP every rank must run the same number of forwards (each one all-gathers weights): a rank whose rows
-    all hit EOS keeps stepping until every rank is done, or the others would wait forever in the all-gather.
-    (The tensor-parallel decoder holds every rank's rows on every rank: no need to ask, sync=False.)"""
-    unfinished = (~done).any().to(torch.int32)
-    if sync and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(unfinished)
-    return bool(unfinished)
-
-
-def seen_tokens(input_ids, real, vocab_size: int):
-    """[B,V] bool: the tokens each prompt holds (padding excluded), for the repetition penalty (prompt + output,
-    as in HF). scatter_add, not assign: a pad id may also be a real token."""
-    seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.long, device=input_ids.device)
-    return seen.scatter_add_(1, input_ids, real.long()) > 0
-
-
-def sample(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
-    """logits [B,V] fp32 -> next tokens [B]. Repetition penalty as in CTRL/HF: seen tokens' logits are divided by the
-    penalty when positive, multiplied when negative. Nucleus (top-p): keep the smallest set of tokens whose
-    probability reaches top_p."""
-    if repetition_penalty != 1.0:
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = F.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before them already reaches top_p (as HF)
-        probs = probs.scatter(1, idx, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
 def count_params(config: R1VConfig) -> dict:
     """Parameter counts per part, from the module structure (built on the meta device: no memory)."""
     with torch.device("meta"):
         m = SkyworkR1V(config)
     counts = {name: sum(p.numel() for p in part.parameters()) for name, part in m.named_children()}
     return {**counts, "total": sum(counts.values())}
-
-
-# ----------------------------------------------------------------------------------------------- tiny models
-def write_tiny_checkpoint(out_dir: str, config="tiny", seed: int = 0, max_shard_bytes: int = 256 * 2**10) -> str:
-    """A random-weight checkpoint in the release format from tiny_configs/<config>.json (or a config dict of that
-    format), with a small BPE tokenizer
-    carrying the release's special tokens. Weights are non-trivial (norms, layer scales and biases away from their
-    init) so tests can tell a mis-loaded tensor. Small shards so that even tiny models exercise the index."""
-    if isinstance(config, dict):
-        cfg_dict, config = config, "config dict"
-    else:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_configs", f"{config}.json")) as f:
-            cfg_dict = json.load(f)
-    os.makedirs(out_dir, exist_ok=True)
-    tok_dir = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(out_dir)))
-    train_tokenizer(tok_dir)
-    config = R1VConfig.from_dict(cfg_dict, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        model = SkyworkR1V(config)
-    tensors = [(name, init_tensor(name, tuple(p.shape), gen)) for name, p in model.named_parameters()]
-    save_state_dict(tensors, cfg_dict, out_dir, max_shard_bytes, tok_dir)
-    shutil.rmtree(tok_dir)
-    return out_dir
-
-
-def init_tensor(name: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
-    if name.endswith((".ls1", ".ls2")) or "norm" in name or name.startswith("mlp1.0."):
-        base = 0.0 if name.endswith(".bias") else 1.0  # scales near 1, shifts near 0, neither exactly at init
-        return base + 0.1 * torch.randn(shape, generator=gen)
-    return 0.02 * torch.randn(shape, generator=gen) * (5.0 if "embed" in name else 1.0)

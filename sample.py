@@ -79,7 +79,7 @@ def default_checkpoint() -> tuple[str, str]:
             return path, what
     path = "out/tiny-init"
     if not os.path.isfile(os.path.join(path, "config.json")):
-        from model import write_tiny_checkpoint
+        from sft import write_tiny_checkpoint
         write_tiny_checkpoint(path)
     return path, "a tiny random-weight model, so expect gibberish (`python sft.py` trains it)"
 
@@ -134,17 +134,20 @@ def read_requests(cfg: SampleConfig, tok: Tokenizer, c: R1VConfig) -> list:
 # Generation
 
 class Progress:
-    """generate()'s per-step callback: times every step and, given `out`, prints row 0's text as it arrives
-    (StreamDecoder holds back the bytes of a half-finished character, so the output is never broken UTF-8)."""
+    """generate()'s stream callback: it gets the new tokens a few steps at a time (generate.decode reads them from
+    the device that often, never per token), times each arrival and, given `out`, prints row 0's text (StreamDecoder
+    holds back the bytes of a half-finished character, so the output is never broken UTF-8)."""
 
     def __init__(self, tok: Tokenizer, out=None):
-        self.tok, self.out, self.times = tok, out, []
+        self.tok, self.out, self.times, self.steps = tok, out, [], []
         self.decoder = StreamDecoder(tok, skip_special=True)
 
-    def __call__(self, new):  # new [B]: this step's tokens
+    def __call__(self, new):  # new [B, n] (or [B]): the tokens of the steps since the last call
+        row = new.reshape(new.shape[0], -1)[0].tolist()  # the one host read of these steps
         self.times.append(time.perf_counter())
-        if self.out is not None and int(new[0]) != self.tok.eos_id:
-            self.out.write(self.decoder.push(new[0]))
+        self.steps.append(len(row))
+        if self.out is not None:
+            self.out.write("".join(self.decoder.push(t) for t in row if t != self.tok.eos_id))
             self.out.flush()
 
     def finish(self):
@@ -178,7 +181,7 @@ def response_text(tok: Tokenizer, ids: list, cfg: SampleConfig) -> str:
 def report_speed(progress: Progress, t0: float, batch: int, n_prompt: int):
     t = progress.times
     if len(t) > 1:
-        steps = len(t) - 1
+        steps = sum(progress.steps[1:])  # the first arrival is the first token, after the prefill
         print(f"first token after {t[0] - t0:.2f} s ({batch} x {n_prompt} prompt tokens) | decode {steps} steps x {batch} rows in "
               f"{t[-1] - t[0]:.2f} s = {steps * batch / (t[-1] - t[0]):.1f} tokens/s", file=sys.stderr)
 

@@ -23,17 +23,19 @@ relative to the file. Every assistant turn must be `<think> reasoning </think> .
 """
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from checkpoint import resume, save_checkpoint
+from checkpoint import resume, save_checkpoint, save_state_dict
 from cli import at_least, parse_config
 from data import (THINK_PREFIX, THINK_START, Tokenizer, encode_chat, image_tiles, make_visual_task, read_jsonl,
-                  reasoning_trace, shuffled_indices)
+                  reasoning_trace, shuffled_indices, train_tokenizer)
 from logs import MetricsLog, plot_curves
-from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy, write_tiny_checkpoint
+from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
 from parallel import Context, all_reduce_sum, autocast, barrier, load, setup
 from rewards import format_reward
@@ -101,7 +103,9 @@ def sft_loss(model, batch: dict, n_tokens: float, chunk: int = 1024) -> tuple[to
     depend on the data, so there is no host sync and the function traces under FakeTensorMode (plan.py's dry run)
     and torch.compile. The price is lm_head on the prompt's tokens too: lm_head is ~2.5% of the 38B's matmul FLOPs
     per token, so under 1% of a step when the response is most of the sequence, as in long chain-of-thought SFT."""
-    hidden = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], return_hidden=True)  # [B,T,D]
+    # right padding (make_batch): causal attention already hides the padding from every real token, and padded
+    # positions have no target, so no mask: the unmasked attention kernel (model.attend)
+    hidden = model(batch["input_ids"], batch["pixel_values"], return_hidden=True)  # [B,T,D]
     targets = batch["labels"][:, 1:]                                  # position t predicts token t+1; -100 = none
     logp, ent = token_logprobs_and_entropy(model.language_model.lm_head, hidden[:, :-1], targets, chunk=chunk)
     keep = (targets >= 0).float()                                     # logp is already 0 where the target is -100
@@ -234,6 +238,37 @@ def starting_checkpoint(cfg: SFTConfig, ctx) -> tuple[str, bool]:
     if ckpt == "out/tiny-init" and ctx.is_main and not os.path.isfile(os.path.join(ckpt, "config.json")):
         write_tiny_checkpoint(ckpt)
     return ckpt, resuming
+
+
+# tiny random models: the default run starts from one, the tests load one
+def write_tiny_checkpoint(out_dir: str, config="tiny", seed: int = 0, max_shard_bytes: int = 256 * 2**10) -> str:
+    """A random-weight checkpoint in the release format from tiny_configs/<config>.json (or a config dict of that
+    format), with a small BPE tokenizer carrying the release's special tokens. Weights are non-trivial (norms, layer
+    scales and biases away from their init) so tests can tell a mis-loaded tensor. Small shards so that even tiny
+    models exercise the index."""
+    if isinstance(config, dict):
+        cfg_dict, config = config, "config dict"
+    else:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_configs", f"{config}.json")) as f:
+            cfg_dict = json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    tok_dir = tempfile.mkdtemp(prefix=".tok-", dir=os.path.dirname(os.path.abspath(out_dir)))
+    train_tokenizer(tok_dir)
+    config = R1VConfig.from_dict(cfg_dict, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = SkyworkR1V(config)
+    tensors = [(name, init_tensor(name, tuple(p.shape), gen)) for name, p in model.named_parameters()]
+    save_state_dict(tensors, cfg_dict, out_dir, max_shard_bytes, tok_dir)
+    shutil.rmtree(tok_dir)
+    return out_dir
+
+
+def init_tensor(name: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    if name.endswith((".ls1", ".ls2")) or "norm" in name or name.startswith("mlp1.0."):
+        base = 0.0 if name.endswith(".bias") else 1.0  # scales near 1, shifts near 0, neither exactly at init
+        return base + 0.1 * torch.randn(shape, generator=gen)
+    return 0.02 * torch.randn(shape, generator=gen) * (5.0 if "embed" in name else 1.0)
 
 
 def data_files(cfg: SFTConfig, ctx) -> tuple[str, str]:

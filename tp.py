@@ -23,11 +23,12 @@ Where the slices come from: FSDP2 shards every parameter on dim 0 in torch.chunk
 those rows are exactly the column-parallel slice (when W divides the head counts), so the refresh is a local copy;
 o_proj and down_proj need columns, which `DTensor.redistribute(Shard(0) -> Shard(1))` delivers (an all-to-all on
 NCCL; no rank ever holds a full matrix). Embedding and lm_head rows are FSDP's rows, zero-padded. Only the decode
-loop (model.Qwen2ForCausalLM.decode) runs here, on plain tensors: DTensor is used for the one-off refresh only
+loop (generate.decode) runs here, on plain tensors: DTensor is used for the one-off refresh only
 (its per-op overhead in a decode loop is the gap gpt-fast removed).
 
 All ranks decode one batch together: every rank's prompts are gathered, sampled identically on every rank (same
-logits after the all-gather, same generator seed), and each rank keeps its own rows of the result.
+logits after the all-gather, same generator seed), and each rank keeps its own rows of the result. A rank that
+sampled other tokens is an error (generate.tokens_agree), not a hang.
 """
 import logging
 import time
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import Shard
 
+import generate
 from checkpoint import resharded_parameters
 from model import LLMConfig, Qwen2ForCausalLM, SkyworkR1V
 
@@ -103,7 +105,6 @@ def all_reduce_output(module, inputs, output):
 
 class TPDecoder(Qwen2ForCausalLM):
     """model.py's decoder with 1/W of the heads, MLP width and vocabulary per rank; the same decode loop."""
-    sync_done = False  # every rank holds every row: all ranks agree when all rows are done, no need to ask
 
     def __init__(self, cfg: LLMConfig, rank: int, world: int):
         check_divisible(cfg, world)
@@ -121,15 +122,17 @@ class TPDecoder(Qwen2ForCausalLM):
         self.requires_grad_(False)
 
     @torch.no_grad()
-    def decode(self, x, input_ids, attention_mask=None, *, generator=None, num_return_sequences=1, **kw):
-        """Gather every rank's prompts, decode them all on every rank, return this rank's rows."""
+    def decode(self, x, input_ids, attention_mask=None, *, generator=None, num_return_sequences=1, all_done=None,
+               **kw):
+        """Gather every rank's prompts, decode them all on every rank, return this rank's rows. Every rank holds
+        every row, so the ranks agree on when all rows are done if they agree on the tokens: checked, not asked."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         (x, input_ids, attention_mask), mine = gather_rows([x, input_ids, attention_mask])
         new = super().decode(x, input_ids, attention_mask, generator=shared_generator(generator, x.device),
-                             num_return_sequences=num_return_sequences, **kw)
+                             num_return_sequences=num_return_sequences, all_done=generate.tokens_agree, **kw)
         G = num_return_sequences
-        return new[mine.start * G:mine.stop * G]
+        return generate.cut_finished(new[mine.start * G:mine.stop * G], kw["eos"])
 
 
 def gather_rows(tensors: list) -> tuple[list, slice]:

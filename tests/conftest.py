@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import write_tiny_checkpoint
+from sft import write_tiny_checkpoint
 
 # Tiny models are all per-op overhead: a second thread only adds a wake-up wait (measured 20 ms per SDPA call on a
 # loaded 2-core machine vs 0.01 ms with one thread), so the suite runs single-threaded.

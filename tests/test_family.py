@@ -18,9 +18,10 @@ import torch.nn.functional as F
 import torch.multiprocessing as mp
 
 from checkpoint import INDEX, save_state_dict
-from model import R1VConfig, SkyworkR1V, count_params, write_tiny_checkpoint
+from model import R1VConfig, SkyworkR1V, count_params
 from optim import make_optimizer
 from parallel import load, setup
+from sft import write_tiny_checkpoint
 from tp import make_decoder
 from test_fsdp import batch, free_port, full, loss_fn
 

@@ -53,9 +53,9 @@ each makes the tests named fail, and all pass without it.
   test_critical_positions_byte_tokens          token of a cue off by one (bisect_left), with characters split over
                                                byte tokens
 
-Found while writing these (test_top_p_nucleus_at_an_exact_boundary): model.sample kept one token too many when the
+Found while writing these (test_top_p_nucleus_at_an_exact_boundary): generate.sample kept one token too many when the
 probability mass before it equalled top_p exactly (`>` where the docstring's "smallest set whose probability reaches
-top_p", and HF's TopPLogitsWarper, mean `>=`); fixed in model.sample.
+top_p", and HF's TopPLogitsWarper, mean `>=`); fixed in generate.sample.
 """
 import math
 import statistics
@@ -66,8 +66,9 @@ import torch
 
 from connector import pixel_shuffle
 from entropy import critical_positions
+from generate import sample, seen_tokens
 from grpo import GRPOConfig, SampleBuffer, group_advantages, grpo_loss
-from model import apply_rope, positions, rope_cos_sin, sample, token_logprobs_and_entropy
+from model import apply_rope, positions, rope_cos_sin, token_logprobs_and_entropy
 from optim import LowPrecisionAdamW, lr_at
 
 import grpo
@@ -397,7 +398,7 @@ def test_chunked_gradients_vs_torch(temperature):
 
 
 def test_sampling_temperature_and_top_p():
-    """model.sample: frequencies over many draws vs softmax(logits / T), nucleus cut written out by hand."""
+    """generate.sample: frequencies over many draws vs softmax(logits / T), nucleus cut written out by hand."""
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
     n = 40_000
     for T in (0.5, 2.0):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from checkpoint import INDEX, save_state_dict
-from model import write_tiny_checkpoint
 from connector import pixel_shuffle
 from model import R1VConfig, SkyworkR1V, count_params, positions
+from sft import write_tiny_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 R1V3_CONFIG = os.path.join(HERE, "..", "tiny_configs", "r1v3-38b.json")
@@ -126,9 +126,9 @@ def test_group_greedy_is_copies_of_each_prompt_alone(model):
 def test_group_samples_differ_and_their_logprobs_equal_a_full_recompute(model, monkeypatch):
     """Each row of a group samples its own tokens from the shared prefill: the rows differ, and the log-prob of every
     sampled token under the logits generate used (cache copied G times) equals a fresh full forward (1e-5)."""
-    import model as model_py
-    seen_logits, real_sample = [], model_py.sample
-    monkeypatch.setattr(model_py, "sample", lambda logits, *a, **kw: seen_logits.append(logits) or real_sample(
+    import generate
+    seen_logits, real_sample = [], generate.sample
+    monkeypatch.setattr(generate, "sample", lambda logits, *a, **kw: seen_logits.append(logits) or real_sample(
         logits, *a, **kw))
     batch, mask = padded_pair()
     T, G, temp = 0.7, 4, 13
@@ -158,6 +158,67 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
     compiled = model.generate(batch, generator=torch.Generator().manual_seed(1), compile="aot_eager", **kw)
     assert torch.equal(compiled, eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 1
+
+
+def sdpa_calls(monkeypatch) -> list:
+    """Record every SDPA call's form: (query heads, key heads, mask given, enable_gqa)."""
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.shape[1], k.shape[1], attn_mask is not None, kw.get("enable_gqa", False)))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_attention_takes_a_kernel_that_exists_for_masked_gqa(model, monkeypatch):
+    """On CUDA flash takes no mask and the memory-efficient kernel no enable_gqa, so a mask with enable_gqa falls to
+    the math kernel (fp32 [B,H,t,S] scores). model.attend never combines them: a left-padded prefill repeats K/V to
+    the query heads; a one-token decode step groups the queries per KV head (no K/V copy)."""
+    calls = sdpa_calls(monkeypatch)
+    batch, mask = padded_pair()
+    model.generate(batch, attention_mask=mask, max_new_tokens=3, eos_token_id=-1)
+    cfg = model.config.llm
+    assert calls and not any(masked and gqa for _, _, masked, gqa in calls)
+    prefill, steps = calls[:cfg.num_hidden_layers], calls[cfg.num_hidden_layers:]
+    assert {c[:3] for c in prefill} == {(cfg.num_attention_heads, cfg.num_attention_heads, True)}
+    assert {c[:3] for c in steps} == {(cfg.num_key_value_heads, cfg.num_key_value_heads, True)}
+
+
+@pytest.mark.parametrize("t, masked", [(1, False), (1, True), (5, False), (5, True)])
+def test_attend_equals_gqa_attention(t, masked):
+    """Each form of model.attend against SDPA's own enable_gqa (math on CPU), with a mask or causal."""
+    from model import attend
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, t, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    mask = torch.rand(2, 1, t, 9, generator=g) < 0.7 if masked else None
+    if mask is not None:
+        mask[..., 0] = True  # every query sees a key
+    causal = not masked and t > 1
+    if causal:
+        k, v = k[:, :, :t], v[:, :, :t]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(attend(q, k, v, mask), want)
+
+
+def test_right_padded_sft_batch_needs_no_mask(model, monkeypatch):
+    """sft.py's batches are right-padded: causal attention already keeps padding out of every real token's context,
+    so sft_loss passes no mask (the unmasked, flash kernel) and gets the masked loss."""
+    from sft import sft_loss
+    ids = torch.randint(0, 400, (2, 12))
+    attn = torch.ones_like(ids)
+    attn[1, 7:] = 0
+    labels = torch.where(attn.bool(), ids, -100)
+    batch = {"input_ids": ids, "attention_mask": attn, "labels": labels, "pixel_values": None}
+    calls = sdpa_calls(monkeypatch)
+    with torch.no_grad():
+        loss, _ = sft_loss(model, batch, n_tokens=10.0)
+        assert calls and not any(masked for _, _, masked, _ in calls)
+        hidden = model(ids, attention_mask=attn, return_hidden=True)                 # the masked forward
+        logp = model.language_model.lm_head(hidden[:, :-1]).float().log_softmax(-1)
+        keep = labels[:, 1:] >= 0
+        want = -logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0][keep].sum() / 10.0
+    torch.testing.assert_close(loss, want)
 
 
 def test_position_ids_skip_left_padding():

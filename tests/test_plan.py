@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
-from model import R1VConfig, count_params, write_tiny_checkpoint
+from model import R1VConfig, count_params
 from plan import main as plan_main
 from plan import plan, recipes, units
 from optim import make_optimizer
 from parallel import Context, load as load_model
+from sft import write_tiny_checkpoint
 from test_fsdp import batch, loss_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,10 +11,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data import left_pad
-from model import LLMConfig, SkyworkR1V, make_mask, positions, write_tiny_checkpoint
+from model import LLMConfig, SkyworkR1V, make_mask, positions
 from optim import make_optimizer
 from parallel import load, setup
-from test_fsdp import batch, free_port, loss_fn
+from sft import write_tiny_checkpoint
+from test_fsdp import batch, loss_fn
 from tp import TPDecoder, gather_rows, make_decoder, refresh, shared_generator
 
 WORLD = 2
@@ -52,15 +53,34 @@ def expected_slice(name: str, full: torch.Tensor, rank: int, rows: int) -> torch
     return full.chunk(WORLD, dim=0)[rank]
 
 
-def worker(rank, ckpts, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def spawn(fn, *args, world: int = WORLD):
+    """fn(rank, port, *args) on `world` new processes. The rendezvous store lives here, in the parent, on a port it
+    binds itself and holds until every rank has exited, as torchrun's agent does: a port found free and handed to
+    the children can be taken by another process (the suite's, or any other on a busy machine) during the seconds
+    before rank 0 binds it, and a store on rank 0 dies with rank 0 while the other ranks may still be leaving."""
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    mp.spawn(fn, args=(store.port, *args), nprocs=world, join=True)
+
+
+def join(rank: int, port: int, world: int = WORLD):
+    """In a spawned rank: the environment torchrun gives (the store held by the parent, spawn), then setup()."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
-    ctx = setup(dtype="fp32")
-    try:
-        for ckpt in ckpts:
-            check(ctx, ckpt)
-    finally:
-        dist.destroy_process_group()
+    return setup(dtype="fp32")
+
+
+def leave():
+    """Every rank leaves together: none tears down its connections while another is still in a collective."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def worker(rank, port, ckpts):
+    ctx = join(rank, port)
+    for ckpt in ckpts:
+        check(ctx, ckpt)
+    leave()
 
 
 def check(ctx, ckpt):
@@ -117,7 +137,7 @@ def check(ctx, ckpt):
 
 def test_tp_generation_matches_one_process(tiny_ckpt, tmp_path):
     odd = write_tiny_checkpoint(str(tmp_path / "odd"), odd_vocab_config())
-    mp.spawn(worker, args=([tiny_ckpt, odd], free_port()), nprocs=WORLD, join=True)
+    spawn(worker, [tiny_ckpt, odd])
 
 
 def test_world_size_must_divide_heads():
