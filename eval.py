@@ -234,8 +234,8 @@ def read_responses(path: str, items: dict) -> dict:
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    done = {}
+        text = f.read()
+    lines, done = text.split("\n"), {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -246,13 +246,16 @@ def read_responses(path: str, items: dict) -> dict:
                 if os.environ.get("RANK", "0") == "0":
                     print(f"eval.py: {path}:{n}: dropping the unfinished last line", file=sys.stderr)
                     with open(path, "w", encoding="utf-8") as f:
-                        f.write("\n".join(lines[:-1]))
-                break
+                        f.writelines(line + "\n" for line in lines[:-1])
+                return done
             raise ValueError(f"{path}:{n}: not a JSON line; move the file away to start over") from None
         if not isinstance(rec, dict) or rec.get("id") not in items:
             raise ValueError(f"{path}:{n}: unknown id {str(rec.get('id') if isinstance(rec, dict) else rec)[:80]!r}"
                              f": not an item of this --data (another run's file? use another --out)")
         done[rec["id"]] = rec
+    if text and not text.endswith("\n") and os.environ.get("RANK", "0") == "0":
+        with open(path, "a", encoding="utf-8") as f:  # the next answer starts on a line of its own
+            f.write("\n")
     return done
 
 
