@@ -41,11 +41,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 @dataclass
 class EvalConfig:
     ckpt: str = ""                # release-format checkpoint dir (needed to generate)
-    benchmark: str = choice("mmmu", "jsonl")  # mmmu: MMMU's parquet layout; jsonl: {question, images, answer, [choices]}
+    benchmark: str = choice("mmmu", "jsonl")  # MMMU's parquet layout, or JSONL {question, images, answer, [choices]}
     data: str = ""                # MMMU: a folder of subject folders (or one parquet file); jsonl: the file
     split: str = "validation"     # MMMU files read from a folder: {split}-*.parquet
     limit: int = 0                # only the first N items (0 = all)
-    score: str = ""               # score this responses file (ours, or MMMU's output.json / JSONL) instead of generating
+    score: str = ""               # score this responses file (ours, or MMMU's output.json / JSONL); no generation
     out: str = "out/eval"         # responses.jsonl, scores.jsonl, results.md, results.json
     # generation: the release's evaluation settings (VLMEvalKit config "R1V3-alpha" served by vLLM)
     max_new_tokens: int = 16384
@@ -516,9 +516,14 @@ def results(lines: list, benchmark: str, settings: dict) -> dict:
     hows = defaultdict(int)
     for s in lines:
         hows[s["how"]] += 1
-    out["counts"] = {"items": len(lines), "multiple_choice": sum(s["question_type"] == "multiple-choice" for s in lines),
-                     "open": sum(s["question_type"] != "multiple-choice" for s in lines), "decided_by": dict(hows),
+    mc = sum(s["question_type"] == "multiple-choice" for s in lines)
+    out["counts"] = {"items": len(lines), "multiple_choice": mc, "open": len(lines) - mc, "decided_by": dict(hows),
                      "unparsed": hows["random"]}
+    # the unparsed items are the ones an LLM judge would decide (not reproduced here): the range it could move to
+    lucky = sum(s["correct"] for s in lines if s["unparsed"])
+    right = out["overall"]["correct"] - lucky
+    out["overall"]["judge_range"] = [round(right / len(lines), 4), round((right + hows["random"]) / len(lines), 4)] \
+        if lines else None
     out["settings"] = settings
     return out
 
@@ -535,7 +540,9 @@ def table(res: dict) -> str:
     c = res["counts"]
     return "\n".join(rows) + (f"\n\n{c['items']} items ({c['multiple_choice']} multiple choice, {c['open']} open); "
                               f"decided by: {', '.join(f'{k} {v}' for k, v in sorted(c['decided_by'].items()))}; "
-                              f"{c['unparsed']} unparsed (a seeded random letter, as MMMU's script draws).\n")
+                              f"{c['unparsed']} unparsed (a seeded random letter, as MMMU's script draws; a judge "
+                              f"deciding them could put the overall anywhere in "
+                              f"{' - '.join(f'{100 * x:.1f}' for x in res['overall']['judge_range'])} %).\n")
 
 
 def write_scores(path: str, out_dir: str, benchmark: str) -> dict:

@@ -38,6 +38,7 @@ PAINTINGS = {"A": "Mona Lisa", "B": "The Scream", "C": "Starry Night", "D": "Gue
     ("So the painting shown must be the Starry Night by van Gogh", "C", "option text"),  # > 5 words: option text
     ("not the mona lisa , it is starry night or else guernica", "D", "option text"),    # its last occurrence
     ("Starry Night", None, "random"),                                      # option text needs more than 5 words
+    ("it is the Starry Night", None, "random"),                            # 5 words: still not enough
     ("Answer:B", None, "random"),                                          # a letter glued to a word is no letter
 ])
 def test_multi_choice_rules(response, pred, how):
@@ -114,17 +115,21 @@ def test_open_boxed_compares_numbers_as_numbers(boxed, answer, right):
 def test_mmmu_output_format_is_scored(tmp_path, capsys):
     """MMMU's own output.json (a JSON list) scores like our responses.jsonl; results per subject and discipline."""
     items = [rec("The answer is (B)", rid="validation_Art_1"), rec("(A)", rid="validation_Math_3"),
-             {**rec("", "12", "open", {}, "validation_Physics_2"), "response": "so it is 12.0 m"}]
+             {**rec("", "12", "open", {}, "validation_Physics_2"), "response": "so it is 12.0 m"},
+             rec("hmm", rid="validation_Art_2")]  # unparsed: the seeded stream's first letter, A (wrong)
     for r in items:
         r.pop("subject")
     path = tmp_path / "output.json"
     path.write_text(json.dumps(items))
+    random.seed(42)  # as at the import in a fresh process
     assert ev.main(["--score", str(path), "--out", str(tmp_path / "s")]) == 0
     res = json.loads((tmp_path / "s" / "results.json").read_text())
-    assert res["overall"] == {"n": 3, "correct": 2, "accuracy": 0.6667}
+    assert res["overall"] == {"n": 4, "correct": 2, "accuracy": 0.5, "judge_range": [0.5, 0.75]}
     assert res["disciplines"]["Science"]["n"] == 2 and res["disciplines"]["Science"]["subjects"] == ["Math", "Physics"]
     scores = [json.loads(x) for x in (tmp_path / "s" / "scores.jsonl").read_text().splitlines()]
-    assert [s["correct"] for s in scores] == [True, False, True] and "| **overall** | 3 |" in capsys.readouterr().out
+    assert [(s["pred"], s["correct"], s["unparsed"]) for s in scores] == [
+        ("B", True, False), ("A", False, False), (["12.0 m", 12.0], True, False), ("A", False, True)]
+    assert "| **overall** | 4 | **50.0** |" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,8 +303,9 @@ def test_read_records_reads_parquet_rows_for_training(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     recs = data.read_records(str(tmp_path / "train.parquet"), ("question", "answer"),
                              {"question": "problem", "answer": "solution"}, image_dir=str(tmp_path / "img"))
+    where = f"{tmp_path}/train.parquet row"
     assert [(r["question"], r["answer"], r["level"], r["where"]) for r in recs] == [
-        ("How many?", "2", 3, f"{tmp_path}/train.parquet row 0"), ("And now?", "4", 1, f"{tmp_path}/train.parquet row 1")]
+        ("How many?", "2", 3, f"{where} 0"), ("And now?", "4", 1, f"{where} 1")]
     assert len(recs[0]["images"]) == 1 and recs[1]["images"] == []
     assert open(recs[0]["images"][0], "rb").read() == png(5)  # written once, named by content
     assert data.load_image(recs[0]["images"][0]).shape == (1, 3, 448, 448)
