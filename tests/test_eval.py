@@ -321,3 +321,21 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ValueError, match=r"x\.parquet: reading parquet needs pyarrow \(pip install pyarrow\)"):
         data.read_parquet(str(tmp_path / "x.parquet"))
+
+
+def test_jsonl_benchmark_kind(tiny_ckpt, tmp_path, capsys):
+    """The project's JSONL as a benchmark: choices make a multiple-choice item (an answer given as a choice's text
+    becomes its letter), no choices an open one; subjects from the records."""
+    Image.open(io.BytesIO(png(7))).save(tmp_path / "a.png")
+    lines = [{"id": "q1", "question": "<image>\nWhich colour?", "images": ["a.png"], "choices": ["red", "blue"],
+              "answer": "blue", "subject": "colours"},
+             {"id": "q2", "question": "How many?", "answer": "2"}]
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rc, _, err = run(capsys, "--benchmark", "jsonl", "--ckpt", tiny_ckpt, "--data", tmp_path / "bench.jsonl",
+                     "--out", tmp_path / "out", "--max-new-tokens", 2)
+    assert rc == 0, err
+    got = [json.loads(x) for x in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["question_type"], r["answer"], r["subject"]) for r in got] == [
+        ("q1", "multiple-choice", "B", "colours"), ("q2", "open", "2", "all")]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(res["subjects"]) == {"colours", "all"} and res["disciplines"] == {}
