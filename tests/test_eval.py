@@ -339,3 +339,19 @@ def test_jsonl_benchmark_kind(tiny_ckpt, tmp_path, capsys):
         ("q1", "multiple-choice", "B", "colours"), ("q2", "open", "2", "all")]
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(res["subjects"]) == {"colours", "all"} and res["disciplines"] == {}
+
+
+def test_sft_reads_parquet(tiny_ckpt, tmp_path, monkeypatch):
+    """sft.py --data x.parquet: rows of question / response / image bytes train like JSONL records, and every
+    message about a sample names its row."""
+    import sft
+    from model import R1VConfig
+    response = "<think>\nTwo shapes.\n</think>\n\nThe answer is \\boxed{2}."
+    rows = [{"question": "How many shapes?", "response": response, "image": {"bytes": png(8), "path": None}},
+            {"question": "And here?", "response": "no reasoning", "image": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sft.parquet")
+    monkeypatch.chdir(tmp_path)  # the images go to out/parquet-images here
+    examples, stats = sft.load_sft(str(tmp_path / "sft.parquet"), data.Tokenizer.from_dir(tiny_ckpt),
+                                   sft.SFTConfig(), R1VConfig.from_dir(tiny_ckpt))
+    assert len(examples) == 1 and stats["untagged_at"] == [f"{tmp_path}/sft.parquet row 1"]
+    assert examples[0].where == f"{tmp_path}/sft.parquet row 0" and os.path.isfile(examples[0].images[0])
