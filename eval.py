@@ -246,7 +246,7 @@ def read_responses(path: str, items: dict) -> dict:
                 if os.environ.get("RANK", "0") == "0":
                     print(f"eval.py: {path}:{n}: dropping the unfinished last line", file=sys.stderr)
                     with open(path, "w", encoding="utf-8") as f:
-                        f.writelines(line + "\n" for line in lines[:-1])
+                        f.writelines(finished + "\n" for finished in lines[:-1])
                 return done
             raise ValueError(f"{path}:{n}: not a JSON line; move the file away to start over") from None
         if not isinstance(rec, dict) or rec.get("id") not in items:
