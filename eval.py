@@ -26,12 +26,18 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 from PIL import Image
+from tqdm import tqdm
 
 from cli import at_least, check_choices, choice, parse_config
 from data import IMAGE_PLACEHOLDER, THINK_END, THINK_PREFIX, Tokenizer, build_prompt, encode_prompt, image_tiles, \
     parquet_files, read_jsonl, read_parquet, to_rgb
+from model import R1VConfig, SkyworkR1V
+from parallel import Context, load, setup
 from rewards import answers_match, extract_boxed
+from rollout import generate_responses
+from tp import check_divisible, make_decoder
 
 random.seed(42)  # MMMU's eval_utils.py seeds at import: its fallback letters are one stream over all items, in order
 
@@ -263,7 +269,6 @@ def generate_batch(model, tok, batch: list, cfg: EvalConfig, ctx, decoder, max_n
     """Items -> [(response text, generated tokens, finished)] in order. Under torchrun each rank encodes its share of
     the batch (at least one item, so every rank joins every collective), the tensor-parallel decoder decodes all
     ranks' rows together, and the answers are gathered back to every rank."""
-    from rollout import generate_responses
     share = batch[ctx.rank::ctx.world] or batch[-1:]
     prompts = [encode_prompt(tok, model.config, it.text, [open_image(im, it.where) for im in it.images],
                              cfg.max_tiles, thinking=cfg.think) for it in share]
@@ -274,7 +279,6 @@ def generate_batch(model, tok, batch: list, cfg: EvalConfig, ctx, decoder, max_n
     mine = [((THINK_PREFIX if cfg.think else "") + tok.decode(ids, skip_special=True), len(ids),
              bool(ids) and ids[-1] == tok.eos_id) for (ids,) in rows]
     if ctx.world > 1:
-        import torch.distributed as dist
         parts = [None] * ctx.world
         dist.all_gather_object(parts, mine)
         # item i of the batch is row i // world of rank i % world
@@ -284,7 +288,6 @@ def generate_batch(model, tok, batch: list, cfg: EvalConfig, ctx, decoder, max_n
 
 def generate(model, tok, items: list, lengths: dict, done: dict, cfg: EvalConfig, ctx, decoder, path: str):
     """Answer every item not in `done`, appending one line per item to `path` (rank 0) as each batch finishes."""
-    from tqdm import tqdm
     todo = [it for it in items if it.id not in done]
     context = model.config.llm.max_position_embeddings
     bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="item", disable=not ctx.is_main,
@@ -568,7 +571,6 @@ def write_scores(path: str, out_dir: str, benchmark: str) -> dict:
 def prepare(cfg: EvalConfig):
     """Everything that can be wrong with the input, checked before any weight is read -> (items, prompt lengths,
     finished responses, tokenizer, config)."""
-    from model import R1VConfig
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA GPU is available (use --device cpu)")
     if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
@@ -591,10 +593,7 @@ def prepare(cfg: EvalConfig):
 
 def load_model(cfg: EvalConfig, config):
     """-> (model, context, tensor-parallel decoder or None): one process, or FSDP2 over torchrun's ranks."""
-    from model import SkyworkR1V
-    from parallel import Context, load, setup
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        from tp import check_divisible, make_decoder
         if cfg.tp:
             check_divisible(config.llm, int(os.environ["WORLD_SIZE"]))
         ctx = setup(cfg.dtype or None, cfg.seed)
