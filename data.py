@@ -500,3 +500,106 @@ def reasoning_trace(problem):
     lines.append(f"Wait, let me check the red shapes again: {', '.join(reds) or 'none'}. "
                  f"That is {len(reds)}, so the count of {count} is right.")
     return THINK_PREFIX + "\n".join(lines) + f"\n{THINK_END}\n\nThe answer is \\boxed{{{problem['answer']}}}."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parquet: the hub's format for benchmarks (MMMU) and public RL / SFT sets; pyarrow is imported only here
+
+def parquet_files(path, pattern="*.parquet"):
+    """A parquet file, or every file matching `pattern` anywhere under a folder (sorted, so the order is fixed)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"dataset not found: {path}")
+    import glob
+    files = sorted(glob.glob(os.path.join(path, "**", pattern), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"{path}: no {pattern} file in this folder or below it")
+    return files
+
+
+def read_parquet(path):
+    """One parquet file -> its rows as dicts (image columns hold {"bytes", "path"} structs or raw bytes)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's errors have several types (ArrowInvalid, OSError, ...): all mean "not readable"
+        raise ValueError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+
+
+def image_bytes(value, where):
+    """A parquet image cell -> list of encoded images (bytes): None, bytes, a {"bytes": ...} struct, or a list."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [b for v in value for b in image_bytes(v, where)]
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if not isinstance(value, (bytes, bytearray)) or not value:
+        raise ValueError(f"{where}: an image cell must hold encoded image bytes, got {str(value)[:80]!r}")
+    return [bytes(value)]
+
+
+def save_image_bytes(data: bytes, image_dir: str) -> str:
+    """Write an encoded image once under image_dir, named by its content, and return the path. Every script reads
+    images from paths (and decodes them per batch), so a parquet dataset's images go to files rather than memory.
+    Written to a temporary name then renamed: ranks extracting the same file at once never see half an image."""
+    import hashlib
+    ext = ".png" if data[:4] == b"\x89PNG" else ".jpg" if data[:2] == b"\xff\xd8" else ".img"
+    path = os.path.join(image_dir, hashlib.sha1(data).hexdigest()[:20] + ext)
+    if not os.path.isfile(path):
+        os.makedirs(image_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return path
+
+
+def read_parquet_records(path, need=("question",), columns=None, image_dir="out/parquet-images"):
+    """Parquet file or folder of question / answer / image-bytes rows -> records shaped like read_jsonl's:
+    {"question", "answer", "images": [paths], "where": "file row N", ...the other columns}. columns renames:
+    {"question": "problem", "answer": "solution", "images": "image"}; by default the images are in "images" or
+    "image", whichever exists (none: a text-only set)."""
+    columns, records = dict(columns or {}), []
+    for file in parquet_files(path):
+        rows = read_parquet(file)
+        have = set(rows[0]) if rows else set()
+        image_col = columns.get("images") or next((c for c in ("images", "image") if c in have), None)
+        for field in need:
+            if columns.get(field, field) not in have:
+                raise ValueError(f"{file}: no column {columns.get(field, field)!r} for {field!r} (columns: "
+                                 f"{', '.join(sorted(have))})")
+        if image_col and image_col not in have:
+            raise ValueError(f"{file}: no image column {image_col!r} (columns: {', '.join(sorted(have))})")
+        for i, row in enumerate(rows):
+            where = f"{file} row {i}"
+            rec = {k: v for k, v in row.items() if k != image_col and not isinstance(v, (bytes, dict))}
+            for field in ("question", "answer"):
+                if columns.get(field, field) in row:
+                    rec[field] = row[columns.get(field, field)]
+            rec["images"] = [save_image_bytes(b, image_dir) for b in image_bytes(row.get(image_col), where)]
+            rec["where"] = where
+            records.append(rec)
+    if not records:
+        raise ValueError(f"{path}: no rows")
+    return records
+
+
+def read_records(path, need=("question",), columns=None, image_dir="out/parquet-images"):
+    """A dataset flag's value (--data, --eval-data) -> records: a .parquet file or a folder holds parquet
+    (read_parquet_records), anything else is JSONL (read_jsonl). Each record names its source in "where"
+    ("file:line" or "file row N"), so every later error can point at it."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(".parquet"):
+        return read_parquet_records(path, need, columns, image_dir)
+    records = read_jsonl(path, need)
+    with open(path, encoding="utf-8") as f:  # read_jsonl skips blank lines: recover each record's line number
+        lines = [n for n, line in enumerate(f, 1) if line.strip()]
+    for rec, line in zip(records, lines):
+        rec["where"] = f"{path}:{line}"
+    return records

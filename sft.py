@@ -33,7 +33,7 @@ import torch
 from checkpoint import resume, save_checkpoint, save_state_dict
 from cli import at_least, parse_config
 from data import (THINK_PREFIX, THINK_START, Tokenizer, encode_chat, image_tiles, make_visual_task, read_jsonl,
-                  reasoning_trace, shuffled_indices, train_tokenizer)
+                  read_records, reasoning_trace, shuffled_indices, train_tokenizer)
 from logs import MetricsLog, plot_curves
 from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
@@ -84,7 +84,7 @@ class SFTConfig:
         at_least(self, 0, "n_eval", "save_every", "gen_eval", "warmup", "lr", "weight_decay")
         parse_train_spec(self.train)  # a typo in --train fails now, not after the data is prepared
         for flag, path in (("--data", self.data), ("--eval-data", self.eval_data)):
-            if path and not os.path.isfile(path):
+            if path and not os.path.exists(path):  # a file, or a folder of parquet files
                 raise ValueError(f"{flag} {path}: no such file")
         if self.ckpt and not os.path.isfile(os.path.join(self.ckpt, "config.json")):
             raise ValueError(f"--ckpt {self.ckpt}: not a checkpoint directory (no config.json)")
@@ -389,12 +389,10 @@ def truncate(ids: list, mask: list, max_len: int, img_context_id: int):
 def load_sft(path: str, tok: Tokenizer, cfg: SFTConfig, config: R1VConfig):
     """JSONL -> ([Example], stats). Every image is decoded once here, so a corrupt file fails now with its
     file:line rather than hours into the run. Untagged, truncated and dropped samples are counted in stats."""
-    records = read_jsonl(path, required=())
-    with open(path, encoding="utf-8") as f:  # read_jsonl skips blank lines; recover each record's line number
-        lines = [n for n, line in enumerate(f, 1) if line.strip()]
+    records = read_records(path, need=())  # JSONL, or parquet rows; each record's "where" is its file:line / row
     examples, stats = [], {"samples": len(records), "untagged": 0, "untagged_at": [], "truncated": 0, "dropped": 0}
-    for rec, line in zip(records, lines):
-        where = f"{path}:{line}"
+    for rec in records:
+        where = rec["where"]
         messages = to_messages(rec, where, cfg.allow_untagged)
         if messages is None:
             stats["untagged"] += 1
