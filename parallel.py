@@ -14,7 +14,7 @@ safetensors shards (checkpoint.load_weights reads just those rows): no process e
 Precision: parameters, gradients and AdamW moments stay fp32 ("master weights": bf16 weights lose updates of
 lr ~1e-6 relative size); `MixedPrecisionPolicy` all-gathers bf16 copies for compute and reduces gradients in fp32.
 
-Beyond one node (`Layout`, `--replicate N`, `--tp-size N`; docs/multinode.md): the ranks form a 2-D DeviceMesh,
+Beyond one node (`LayoutFlags`, `--replicate N`, `--tp-size N`; docs/multinode.md): the ranks form a 2-D DeviceMesh,
 `replicate` x `shard`, the ranks of one node in one shard group (torchrun numbers a node's ranks consecutively).
 FSDP2 over it is HSDP: parameters are sharded inside a shard group and replicated across groups, so the per-layer
 all-gathers and reduce-scatters stay on the node's links and only one all-reduce of the gradient shards per step
