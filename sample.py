@@ -149,7 +149,7 @@ class Progress:
     def __call__(self, new):  # new [B]: this step's tokens (under torchrun: of the rows this rank's group decodes)
         self.times.append(time.perf_counter())
         self.rows = len(new)
-        if self.out is not None and int(new[0]) != self.tok.eos_id:
+        if self.out is not None and len(new) and int(new[0]) != self.tok.eos_id:  # (--no-tp: a rank may have none)
             self.out.write(self.decoder.push(new[0]))
             self.out.flush()
 

@@ -236,11 +236,13 @@ def test_context_limit_is_exact(loaded):
         model.generate(torch.tensor([req.ids]), max_new_tokens=room + 1)
 
 
-@pytest.mark.parametrize("nproc, layout", [(2, []), (4, ["--replicate", "2"])], ids=["2-ranks", "4-ranks-replicate-2"])
+@pytest.mark.parametrize("nproc, layout", [(2, []), (2, ["--no-tp"]), (4, ["--replicate", "2"])],
+                         ids=["2-ranks", "2-ranks-no-tp", "4-ranks-replicate-2"])
 def test_torchrun_prints_the_single_process_text(tiny_ckpt, tmp_path, nproc, layout):
     """`torchrun --nproc_per_node 2 sample.py --greedy` (FSDP2 shards, tensor-parallel decode) prints exactly what
-    one process prints, for a prompt with an image; so does a job of 4 ranks as 2 HSDP replicas of 2 (two
-    tensor-parallel groups, the second without a row: the one prompt is rank 0's)."""
+    one process prints, for a prompt with an image; so do the decode from the FSDP shards (rank 1 steps along
+    without a row) and a job of 4 ranks as 2 HSDP replicas of 2 (two tensor-parallel groups, the second without a
+    row: the one prompt is rank 0's)."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = ["sample.py", "--ckpt", tiny_ckpt, "--greedy", "--max-new-tokens", "12", "--image",
