@@ -5,7 +5,8 @@ A release directory holds config.json (InternVL-style: vision_config + llm_confi
 tokenizer files. Loading builds the model on the meta device (no memory, no random init of 38B parameters), then gives
 each parameter its tensor from `safe_open`, one at a time, so host memory peaks near one tensor, not one model
 (and when dtype and device match the file, the weights are its memory-mapped pages: no copy at all). Under FSDP2 (`shard`, see parallel.py) a parameter is a DTensor whose local
-part is a block of rows: each rank reads only those rows with `get_slice`.
+part is a block of rows: each rank reads only those rows with `get_slice` (under HSDP the rows of its shard group;
+each replica reads the same rows). Saving writes once: the full tensors are gathered and global rank 0 writes.
 
 Tied embeddings (`llm_config.tie_word_embeddings`, as in Qwen2.5-0.5B/1.5B): one [V,D] Parameter is registered twice,
 as `language_model.model.embed_tokens.weight` and `language_model.lm_head.weight`. Files written by different tools
@@ -112,8 +113,10 @@ def check_tied_copy(names: dict, alias: str, name: str, rows: int = 4096):
 
 
 def local_rows(param):
-    """(start, stop) rows of the full tensor that this rank holds: FSDP2 shards dim 0 like torch.chunk."""
-    n, world, rank = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
+    """(start, stop) rows of the full tensor that this rank holds: FSDP2 shards dim 0 like torch.chunk over the
+    mesh dimension it shards on; under HSDP the other dimension replicates, so the replicas read the same rows."""
+    dim = next(d for d, pl in enumerate(param.placements) if pl.is_shard())
+    n, world, rank = param.shape[0], param.device_mesh.size(dim), param.device_mesh.get_local_rank(dim)
     step = -(-n // world)
     return min(rank * step, n), min((rank + 1) * step, n)
 

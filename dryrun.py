@@ -197,13 +197,13 @@ def dry_run_answers(decode_steps: int):
     import generate
     import tp
 
-    def gather_rows_alike(tensors):
-        out = []
+    def gather_rows_alike(tensors, group=None):
+        out, rank = [], dist.get_rank(group)
         for z in tensors:
-            parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, z)
+            parts = [torch.empty_like(z) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, z, group=group)
             out.append(torch.cat(parts))
-        return out, slice(dist.get_rank() * len(tensors[0]), (dist.get_rank() + 1) * len(tensors[0]))
+        return out, slice(rank * len(tensors[0]), (rank + 1) * len(tensors[0]))
 
     names = ("rows_done", "all_ranks_done", "tokens_agree", "CHECK_EVERY")
     calls, saved = itertools.count(), [getattr(generate, n) for n in names] + [tp.gather_rows]

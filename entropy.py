@@ -24,7 +24,7 @@ from cli import at_least, check_choices, choice, parse_config
 from data import IMG_CONTEXT, THINK_START, Tokenizer, encode_prompt, read_jsonl
 from logs import plot_curves
 from model import SkyworkR1V, token_logprobs_and_entropy
-from parallel import setup
+from parallel import LayoutFlags, setup
 from rewards import accuracy_reward
 from rollout import generate_responses
 
@@ -36,7 +36,7 @@ DEFAULT_CUES = ("Wait", "wait", "But wait", "but wait", "Alternatively", "altern
 
 
 @dataclass
-class EntropyConfig:
+class EntropyConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     ckpts: list = field(default_factory=list, metadata={"required": True})  # checkpoint dirs (globs are expanded)
     # JSONL {"images", "question", ["answer"], ["response" for --mode score]}
     data: str = field(default="", metadata={"required": True})
@@ -55,6 +55,7 @@ class EntropyConfig:
     cues: tuple = DEFAULT_CUES
 
     def __post_init__(self):
+        super().__post_init__()  # the layout
         check_choices(self)
         at_least(self, 1, "max_new_tokens", "chunk")
         at_least(self, 0, "temperature", "limit", "acc_tolerance")
@@ -249,7 +250,7 @@ def run(cfg: EntropyConfig) -> dict:
         raise ValueError("no checkpoints given (--ckpts DIR [DIR ...])")
     records = read_jsonl(cfg.data, required=("question", "response") if cfg.mode == "score" else ("question",))
     records = records[:cfg.limit] if cfg.limit else records
-    ctx = setup(cfg.dtype or None, cfg.seed)
+    ctx = setup(cfg.dtype or None, cfg.seed, cfg)
     reports, raws = [], []
     for path in expand_ckpts(cfg.ckpts):
         report, raw = score_checkpoint(path, records, cfg, ctx)

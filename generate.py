@@ -139,7 +139,7 @@ def all_ranks_done(done, new) -> bool:
     return not bool(left)
 
 
-def tokens_agree(done, new) -> bool:
+def tokens_agree(done, new, group=None) -> bool:
     """The tensor-parallel copy: every rank decodes every row and must sample the same tokens; a rank that drew
     others would stop at another step and leave the rest waiting in a collective until the timeout. So compare a
     checksum of the tokens since the last read (one all-reduce of max(c), max(-c): equal on all ranks iff
@@ -147,7 +147,7 @@ def tokens_agree(done, new) -> bool:
     weights = torch.arange(1, new.numel() + 1, device=new.device).view_as(new)
     c = (new * weights).sum()
     v = torch.stack([c, -c, (~done).any().long()])
-    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    dist.all_reduce(v, op=dist.ReduceOp.MAX, group=group)  # the ranks decoding these rows (tp.py's group)
     high, neg_low, left = v.tolist()
     if high != -neg_low:
         raise RuntimeError("tensor-parallel ranks sampled different tokens (their generators or logits differ): "

@@ -38,14 +38,14 @@ from data import Tokenizer, encode_prompt, make_visual_task, read_jsonl, shuffle
 from logs import MetricsLog, plot_curves
 from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
-from parallel import Context, autocast, barrier, load, mean_over_ranks, setup
+from parallel import Context, LayoutFlags, autocast, barrier, load, mean_over_ranks, setup
 from rewards import accuracy_reward, format_reward, reward  # noqa: F401  (format_reward: re-exported)
 from rollout import cat_pixels, generate_responses, heldout_accuracy, vit_once
 from tp import check_divisible, make_decoder
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     # model and data
     ckpt: str = "out/sft"         # starting point: the cold-start SFT model (release format)
     data: str = ""                # training JSONL {"images": [...], "question", "answer"}; "" = synthetic visual task
@@ -96,6 +96,7 @@ class GRPOConfig:
                                           # (`python grpo.py` without --ckpt picks tiny)
 
     def __post_init__(self):  # a bad value is one line naming the flag (cli.parse_config), before any work
+        super().__post_init__()  # the layout
         at_least(self, 1, "steps", "prompts_per_step", "group_size", "max_new_tokens", "max_tiles",
                  "rollout_batch_size", "ppo_epochs", "minibatch_size", "micro_batch_size", "logprob_chunk",
                  "buffer_capacity", "eval_every", "save_every", "synthetic_size")
@@ -488,14 +489,14 @@ def start(cfg: GRPOConfig, reward_fn: Callable) -> Run:
     if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
         hint = " Run `python sft.py` first: GRPO starts from the cold-start SFT model." if cfg.ckpt == "out/sft" else ""
         raise FileNotFoundError(f"no checkpoint at {cfg.ckpt!r} (config.json missing).{hint}")
-    ctx = setup(seed=cfg.seed)
+    ctx = setup(seed=cfg.seed, layout=cfg)
     if cfg.prompts_per_step % ctx.world:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} must be a multiple of the world size {ctx.world}")
     ckpt_dir = latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if cfg.resume and ckpt_dir is None and ctx.is_main:
         print(f"--resume: no step_* checkpoint in {cfg.out_dir}, starting from {cfg.ckpt}")
     if cfg.tp and ctx.world > 1:  # before any weight is read
-        check_divisible(R1VConfig.from_dir(cfg.ckpt).llm, ctx.world)
+        check_divisible(R1VConfig.from_dir(cfg.ckpt).llm, ctx.layout.tp_size)
     problems, heldout = load_problems(cfg, ctx.is_main)
     policy = load(ckpt_dir or cfg.ckpt, ctx, train=cfg.train, grad_checkpointing=cfg.grad_checkpointing)
     # the reference is only ever read: sharded like the policy, in the compute dtype (2 B/param)

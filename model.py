@@ -398,7 +398,10 @@ class SkyworkR1V(nn.Module):
                 pixel_values = x.new_zeros(0, 3, self.config.force_image_size, self.config.force_image_size)
             vit_features = self.vision_model(pixel_values, self.config.select_layer)
         image_tokens = self.mlp1(vit_features).to(x.dtype)  # [N,256,D]
-        return x.masked_scatter(is_img[..., None], image_tokens) if n_tiles else x  # row-major: tiles fill in order
+        # row-major: tiles fill in order. With zero tiles too: the connector must be in the autograd graph on every
+        # rank, or FSDP reduces its gradient at the end of backward on the ranks without images and in order on the
+        # others, and the ranks' reduce-scatters no longer pair up
+        return x.masked_scatter(is_img[..., None], image_tokens)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, return_hidden=False, vit_features=None):
         """input_ids [B,T], pixel_values [tiles,3,H,W] in image order (or their vit_features [tiles,1024,D_vit]),

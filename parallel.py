@@ -13,11 +13,20 @@ safetensors shards (checkpoint.load_weights reads just those rows): no process e
 
 Precision: parameters, gradients and AdamW moments stay fp32 ("master weights": bf16 weights lose updates of
 lr ~1e-6 relative size); `MixedPrecisionPolicy` all-gathers bf16 copies for compute and reduces gradients in fp32.
+
+Beyond one node (`LayoutFlags`, `--replicate N`, `--tp-size N`; docs/multinode.md): the ranks form a 2-D DeviceMesh,
+`replicate` x `shard`, the ranks of one node in one shard group (torchrun numbers a node's ranks consecutively).
+FSDP2 over it is HSDP: parameters are sharded inside a shard group and replicated across groups, so the per-layer
+all-gathers and reduce-scatters stay on the node's links and only one all-reduce of the gradient shards per step
+crosses nodes. With replicate 1 (one node, the default there) the mesh is 1-D: full sharding, as before. The
+tensor-parallel rollout copy (tp.py) lives in groups of `tp_size` consecutive ranks inside a shard group.
 """
 import atexit
+import math
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,21 +36,71 @@ from optim import freeze
 
 
 # ------------------------------------------------------------------------------------------------------- set-up
+class Layout(NamedTuple):
+    """How the ranks are arranged, resolved: shard groups (HSDP replicas) and ranks per rollout copy."""
+    replicate: int
+    tp_size: int
+
+
+@dataclass
+class LayoutFlags:
+    """The layout as flags (--replicate, --tp-size): every script's config inherits these two fields, and setup()
+    builds the meshes from them. 0 = the job's default, resolved by resolve() from torchrun's WORLD_SIZE and
+    LOCAL_WORLD_SIZE. A config's own __post_init__ calls super().__post_init__(), which checks the numbers at parse
+    time: a layout that does not fit is one line naming them, exit 2 (cli.parse_config), before any weight is read."""
+    replicate: int = 0  # shard groups (HSDP replicas); 0 = the number of nodes, WORLD_SIZE / LOCAL_WORLD_SIZE
+    tp_size: int = 0    # ranks per tensor-parallel rollout copy; 0 = one node's ranks (at most a shard group)
+
+    def __post_init__(self):
+        layout = resolve(self)
+        ckpt = getattr(self, "ckpt", "")  # a script with a rollout copy (a `tp` field) and a checkpoint: the heads
+        if getattr(self, "tp", False) and isinstance(ckpt, str) and os.path.isfile(os.path.join(ckpt, "config.json")):
+            from model import R1VConfig
+            from tp import check_divisible
+            check_divisible(R1VConfig.from_dir(ckpt).llm, layout.tp_size)
+
+
+def resolve(layout: LayoutFlags = None, world: int = None, local_world: int = None) -> Layout:
+    """-> the Layout with both numbers filled in for `world` ranks, `local_world` per node (default: torchrun's
+    environment). Raises ValueError naming the numbers when they do not fit: replicate must divide the world; the
+    tensor-parallel group must sit inside a shard group and inside a node (tp_size divides both)."""
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if local_world is None else local_world
+    replicate, tp_size = (layout.replicate, layout.tp_size) if layout is not None else (0, 0)
+    if replicate < 0 or tp_size < 0:
+        raise ValueError(f"--replicate and --tp-size must be >= 0 (0 = the default), got {replicate} and {tp_size}")
+    replicate = replicate or max(1, world // local_world)
+    if world % replicate:
+        raise ValueError(f"--replicate {replicate} must divide the world size {world} (each replica is a shard "
+                         f"group of world / replicate ranks)")
+    shard = world // replicate
+    tp_size = tp_size or math.gcd(shard, local_world)
+    if shard % tp_size or local_world % tp_size:
+        raise ValueError(f"--tp-size {tp_size} must divide the shard group ({world} ranks / --replicate {replicate} "
+                         f"= {shard}) and the ranks of one node ({local_world}): a rollout copy lives inside both")
+    return Layout(replicate, tp_size)
+
+
 @dataclass
 class Context:
     device: torch.device
     rank: int = 0
     world: int = 1
     dtype: torch.dtype = torch.float32  # compute dtype: bf16 on GPU, fp32 on CPU unless asked
+    layout: Layout = Layout(1, 1)
+    mesh: object = None     # FSDP's DeviceMesh: ("shard",), or ("replicate", "shard") when replicate > 1
+    tp_mesh: object = None  # this rank's tensor-parallel group, a 1-D DeviceMesh ("tp",) (tp.make_decoder)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def setup(dtype: str = None, seed: int = 0) -> Context:
-    """Pick device and backend; under torchrun (WORLD_SIZE > 1) join the process group."""
+def setup(dtype: str = None, seed: int = 0, layout: LayoutFlags = None) -> Context:
+    """Pick device and backend; under torchrun (WORLD_SIZE > 1) join the process group and build the meshes of
+    `layout` (resolve(): the defaults, and a ValueError if it does not fit, before any collective)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    layout = resolve(layout, world)
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if cuda:
@@ -55,15 +114,30 @@ def setup(dtype: str = None, seed: int = 0) -> Context:
         atexit.register(leave)  # why a pause before leaving: leave()
     torch.manual_seed(seed + rank)  # different rollouts per rank, reproducible per run
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: torch.bfloat16 if cuda else torch.float32}[dtype]
-    return Context(device, rank, world, dtype)
+    mesh, tp_mesh = meshes(device.type, world, layout) if world > 1 else (None, None)
+    return Context(device, rank, world, dtype, layout, mesh, tp_mesh)
+
+
+def meshes(device_type: str, world: int, layout: Layout) -> tuple:
+    """-> (FSDP's mesh, this rank's tensor-parallel mesh). Ranks r*S .. r*S+S-1 (S = world / replicate) form shard
+    group r, one node under torchrun's numbering; tensor-parallel groups are tp_size consecutive ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if layout.replicate == 1:  # full sharding over every rank: the 1-D mesh of one node
+        mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    else:
+        mesh = init_device_mesh(device_type, (layout.replicate, world // layout.replicate),
+                                mesh_dim_names=("replicate", "shard"))
+    tp = init_device_mesh(device_type, (world // layout.tp_size, layout.tp_size), mesh_dim_names=("groups", "tp"))
+    return mesh, tp["tp"]
 
 
 def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
-    """FSDP2 over all ranks: one unit per ViT block, the connector, the embedding, one per decoder block, the root."""
+    """FSDP2 over ctx.mesh (HSDP when it is 2-D; all ranks when there is none, as in the dry run): one unit per ViT
+    block, the connector, the embedding, one per decoder block, the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    mesh = init_device_mesh(ctx.device.type, (ctx.world,))
+    mesh = ctx.mesh if ctx.mesh is not None else init_device_mesh(ctx.device.type, (ctx.world,))
     kw = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=ctx.dtype, reduce_dtype=torch.float32),
               offload_policy=CPUOffloadPolicy() if cpu_offload else None)
     kw = {k: v for k, v in kw.items() if v is not None}
@@ -79,11 +153,15 @@ def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
     # around that call too
     register_fsdp_forward_method(model, "generate")
     register_fsdp_forward_method(model, "vit_features")  # the ViT once per GRPO step (grpo.py)
+    model.tp_mesh = ctx.tp_mesh  # where tp.make_decoder puts the rollout copy
     if dist.get_backend() == "gloo":
         # gloo has no AVG reduce-scatter, so FSDP2 falls back to SUM and gradients come out world-size times too
-        # large (pytorch#162338); an explicit divide factor makes FSDP divide by the world size itself.
+        # large (pytorch#162338); an explicit divide factor makes FSDP divide by the world size itself. Under HSDP
+        # that factor is not the shard group's size, for which FSDP would pick PREMUL_SUM, which gloo lacks: sum
+        # in both collectives, then divide.
         for unit in [*units, model]:
             unit.set_gradient_divide_factor(float(ctx.world))
+            unit.set_force_sum_reduction_for_comms(mesh.ndim > 1)
     return model
 
 
@@ -133,6 +211,15 @@ def all_reduce_sum(values: list) -> list:
                      device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather_objects(obj) -> list:
+    """[each rank's obj] in rank order (picklable Python objects; [obj] on one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def mean_over_ranks(metrics: dict) -> dict:

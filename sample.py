@@ -8,6 +8,10 @@ Defaults follow the release's inference script (temperature 0.6, top-p 0.95, rep
 12 tiles per image, thinking mode: the assistant turn opens with `<think>`). Everything that can be wrong with the
 input (files, images, placeholders, context length) is checked before the weights are loaded, and is reported as
 one line on stderr with exit code 2.
+
+Under torchrun (`torchrun --nproc_per_node 8 sample.py ...`, or several nodes with --replicate / --tp-size:
+docs/multinode.md) the prompts are split over the ranks: each rank brings its share, each tensor-parallel group
+decodes its ranks' rows once, and rank 0 gathers the answers and prints them in the order of the input.
 """
 import glob
 import json
@@ -22,14 +26,14 @@ from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, b
                   left_pad, parse_response, read_jsonl)
 from model import R1VConfig, SkyworkR1V
 from cli import at_least, check_choices, choice, parse_config
-from parallel import load, setup
+from parallel import Context, LayoutFlags, all_gather_objects, load, resolve, setup
 from tp import check_divisible, make_decoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     ckpt: str = ""                # release-format checkpoint dir; "" = the last out/grpo/step_*, else out/sft, else out/tiny-init
     image: list = field(default_factory=list)  # --image a.png --image b.jpg: the images of --prompt, in order
     prompt: str = ""              # "" with no --image = the synthetic task's question about a generated image
@@ -51,6 +55,7 @@ class SampleConfig:
     compile: bool = False         # torch.compile the fixed-shape decode step (CUDA graphs on a GPU)
 
     def __post_init__(self):  # a bad value is one line naming the flag (cli.parse_config), before any work
+        super().__post_init__()  # the layout
         check_choices(self)
         at_least(self, 1, "max_new_tokens", "batch_size")
         at_least(self, 0, "temperature", "max_tiles")
@@ -139,10 +144,13 @@ class Progress:
     holds back the bytes of a half-finished character, so the output is never broken UTF-8)."""
 
     def __init__(self, tok: Tokenizer, out=None):
-        self.tok, self.out, self.times, self.steps = tok, out, [], []
+        self.tok, self.out, self.times, self.steps, self.rows = tok, out, [], [], 0
         self.decoder = StreamDecoder(tok, skip_special=True)
 
-    def __call__(self, new):  # new [B, n] (or [B]): the tokens of the steps since the last call
+    def __call__(self, new):  # new [B, n]: the tokens of the steps since the last call, of this rank's group's rows
+        self.rows = new.shape[0]
+        if not self.rows:  # (--no-tp: a rank may have none)
+            return
         row = new.reshape(new.shape[0], -1)[0].tolist()  # the one host read of these steps
         self.times.append(time.perf_counter())
         self.steps.append(len(row))
@@ -159,9 +167,10 @@ class Progress:
 @torch.no_grad()
 def generate(model: SkyworkR1V, tok: Tokenizer, requests: list, cfg: SampleConfig, stream=None, decoder=None) -> list:
     """Requests -> generated ids of each (up to, not including, <|im_end|>), as one left-padded batch. decoder: the
-    tensor-parallel copy under torchrun (every rank brings the same prompts and keeps its copy of the answers)."""
+    tensor-parallel copy under torchrun (each rank brings its own requests, maybe none, and gets their answers)."""
     device, dtype = model.language_model.lm_head.weight.device, model.language_model.lm_head.weight.dtype
-    ids, mask = left_pad([r.ids for r in requests], tok.pad_id)
+    ids, mask = left_pad([r.ids for r in requests] or [[tok.pad_id]], tok.pad_id)
+    ids, mask = ids[:len(requests)], mask[:len(requests)]  # no requests: zero rows (still a part in the collectives)
     pixels = [image_tiles(p, model.config, cfg.max_tiles) for r in requests for p in r.images]  # the order embed() fills
     pixels = torch.cat(pixels).to(device, dtype) if pixels else None
     seq = model.generate(ids.to(device), pixels, mask.to(device), max_new_tokens=cfg.max_new_tokens,
@@ -178,8 +187,8 @@ def response_text(tok: Tokenizer, ids: list, cfg: SampleConfig) -> str:
     return (THINK_PREFIX if cfg.think else "") + tok.decode(ids, skip_special=True)
 
 
-def report_speed(progress: Progress, t0: float, batch: int, n_prompt: int):
-    t = progress.times
+def report_speed(progress: Progress, t0: float, n_prompt: int):
+    t, batch = progress.times, progress.rows
     if len(t) > 1:
         steps = sum(progress.steps[1:])  # the first arrival is the first token, after the prefill
         print(f"first token after {t[0] - t0:.2f} s ({batch} x {n_prompt} prompt tokens) | decode {steps} steps x {batch} rows in "
@@ -194,7 +203,7 @@ def parse_args(argv=None) -> SampleConfig:
 
 
 def prepare(cfg: SampleConfig):
-    """-> (model, tokenizer, requests, tensor-parallel decoder or None). Raises ValueError / FileNotFoundError naming the problem; every input is
+    """-> (model, tokenizer, requests, tensor-parallel decoder or None, context). Raises ValueError / FileNotFoundError naming the problem; every input is
     checked before the weights are loaded, so a bad prompt costs no model compute."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA GPU is available (use --device cpu)")
@@ -208,16 +217,25 @@ def prepare(cfg: SampleConfig):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         # torchrun: the model sharded over the GPUs with FSDP2 (the 38B does not fit one 80 GB GPU with a KV cache),
-        # through the same loading code as training; the decoder's tensor-parallel copy generates (tp.py). Every
-        # rank runs the same prompts in step, rank 0 prints.
+        # through the same loading code as training; the decoder's tensor-parallel copy generates (tp.py). The
+        # ranks run in step, each on its share of the prompts (main); rank 0 prints.
         if cfg.tp:
-            check_divisible(config.llm, world)
-        ctx = setup(cfg.dtype or None, cfg.seed)
+            check_divisible(config.llm, resolve(cfg).tp_size)
+        ctx = setup(cfg.dtype or None, cfg.seed, cfg)
         cfg.device = str(ctx.device)
         model = load(ckpt, ctx, train="none", dtype=ctx.dtype).eval()
-        return model, tok, requests, make_decoder(model, ctx.dtype) if cfg.tp else None
+        return model, tok, requests, make_decoder(model, ctx.dtype) if cfg.tp else None, ctx
     dtype = DTYPES[cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")]
-    return SkyworkR1V.from_pretrained(ckpt, dtype=dtype, device=cfg.device), tok, requests, None
+    model = SkyworkR1V.from_pretrained(ckpt, dtype=dtype, device=cfg.device)
+    return model, tok, requests, None, Context(torch.device(cfg.device))
+
+
+def answer_all(model, tok: Tokenizer, requests: list, cfg: SampleConfig, ctx: Context, progress, decoder) -> list:
+    """generate() over the ranks: rank r answers requests r, r + world, ... (under torchrun; all of them on one
+    process), then every rank gets every answer, in the order of `requests`."""
+    mine = generate(model, tok, requests[ctx.rank::ctx.world], cfg, progress, decoder)
+    shares = all_gather_objects(mine)
+    return [shares[i % ctx.world][i // ctx.world] for i in range(len(requests))]
 
 
 def main(argv=None) -> int:
@@ -225,31 +243,31 @@ def main(argv=None) -> int:
     if os.environ.get("RANK", "0") != "0":
         sys.stdout = open(os.devnull, "w")  # under torchrun only rank 0 prints; the others step along
     try:
-        model, tok, requests, decoder = prepare(cfg)
+        model, tok, requests, decoder, ctx = prepare(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
     if not cfg.prompts:  # one prompt: stream it, then show the answer on its own
         progress, t0 = Progress(tok, sys.stdout), time.perf_counter()
         print(THINK_PREFIX if cfg.think else "", end="", flush=True)
-        ids = generate(model, tok, requests, cfg, progress, decoder)[0]
+        ids = answer_all(model, tok, requests, cfg, ctx, progress, decoder)[0]  # rank 0's: the one streamed
         progress.finish()
         response = response_text(tok, ids, cfg)
         if cfg.think:  # the reasoning can be long: repeat the answer after it
             print(f"\n\n--- answer ---\n{parse_response(response)[1]}" if THINK_END in response else
                   f"\n\n(no answer: the reasoning never reached {THINK_END})")
         print()
-        report_speed(progress, t0, 1, len(requests[0].ids))
+        report_speed(progress, t0, len(requests[0].ids))
         return 0
     for b in range(0, len(requests), cfg.batch_size):
         chunk = requests[b:b + cfg.batch_size]
         progress, t0 = Progress(tok), time.perf_counter()
-        for r, ids in zip(chunk, generate(model, tok, chunk, cfg, progress, decoder)):
+        for r, ids in zip(chunk, answer_all(model, tok, chunk, cfg, ctx, progress, decoder)):
             response = response_text(tok, ids, cfg)
             thinking, answer = parse_response(response)
             print(json.dumps({"question": r.question, "response": response, "thinking": thinking, "answer": answer},
                              ensure_ascii=False), flush=True)
-        report_speed(progress, t0, len(chunk), max(len(r.ids) for r in chunk))
+        report_speed(progress, t0, max(len(r.ids) for r in chunk))
     return 0
 
 

@@ -37,13 +37,13 @@ from data import (THINK_PREFIX, THINK_START, Tokenizer, encode_chat, image_tiles
 from logs import MetricsLog, plot_curves
 from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
-from parallel import Context, all_reduce_sum, autocast, barrier, load, setup
+from parallel import Context, LayoutFlags, all_reduce_sum, autocast, barrier, load, setup
 from rewards import format_reward
 from rollout import heldout_accuracy
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     # model and data
     ckpt: str = ""                # starting checkpoint (release format); "" = a tiny random one in out/tiny-init
     data: str = ""                # training JSONL; "" = synthetic cold-start data written to synthetic_dir
@@ -79,6 +79,7 @@ class SFTConfig:
     seed: int = 0
 
     def __post_init__(self):
+        super().__post_init__()  # the layout
         at_least(self, 1, "steps", "batch_size", "grad_accum", "eval_every", "print_every", "max_len", "max_tiles",
                  "max_new_tokens", "logprob_chunk", "n_train")
         at_least(self, 0, "n_eval", "save_every", "gen_eval", "warmup", "lr", "weight_decay")
@@ -197,7 +198,7 @@ def evaluate(model, examples: list, cfg: SFTConfig, ctx, pad_id: int) -> float:
 
 def main(cfg: SFTConfig) -> dict:
     t_start = time.time()
-    ctx = setup(seed=cfg.seed)
+    ctx = setup(seed=cfg.seed, layout=cfg)
     ckpt, resuming = starting_checkpoint(cfg, ctx)
     train_path, eval_path = data_files(cfg, ctx)
     barrier()  # the main rank may have just written the tiny checkpoint and the synthetic data

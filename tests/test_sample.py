@@ -236,17 +236,59 @@ def test_context_limit_is_exact(loaded):
         model.generate(torch.tensor([req.ids]), max_new_tokens=room + 1)
 
 
-def test_torchrun_two_ranks_print_the_single_process_text(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("nproc, layout", [(2, []), (2, ["--no-tp"]), (4, ["--replicate", "2"])],
+                         ids=["2-ranks", "2-ranks-no-tp", "4-ranks-replicate-2"])
+def test_torchrun_prints_the_single_process_text(tiny_ckpt, tmp_path, nproc, layout):
     """`torchrun --nproc_per_node 2 sample.py --greedy` (FSDP2 shards, tensor-parallel decode) prints exactly what
-    one process prints, for a prompt with an image."""
+    one process prints, for a prompt with an image; so do the decode from the FSDP shards (rank 1 steps along
+    without a row) and a job of 4 ranks as 2 HSDP replicas of 2 (two tensor-parallel groups, the second without a
+    row: the one prompt is rank 0's)."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = ["sample.py", "--ckpt", tiny_ckpt, "--greedy", "--max-new-tokens", "12", "--image",
             save_image(tmp_path / "a.png"), "--prompt", "<image>\nWhat is shown?"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          str(nproc), *args, *layout], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     errors = [line for line in two.stderr.splitlines() if re.search(r"error|terminate|abort|exception", line, re.I)]
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], errors[:20], two.stderr[-2000:])
     assert one.stdout.strip() and two.stdout == one.stdout
+
+
+def ranks_worker(rank, world, port, argv, out_dir):
+    """One rank of a 2-rank sample.py job, in a spawned process: rank 0's stdout and each rank's decoded row counts
+    (the rows the decode loop ran, after the tensor-parallel gather) go to files."""
+    import model as model_py
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    real, rows = model_py.Qwen2ForCausalLM.decode, []
+
+    def counting(self, x, *args, **kw):
+        rows.append(x.shape[0])
+        return real(self, x, *args, **kw)
+    model_py.Qwen2ForCausalLM.decode = counting
+    with open(os.path.join(out_dir, f"stdout{rank}"), "w") as out:
+        sys.stdout = out
+        assert main(argv) == 0
+        sys.stdout.flush()
+    with open(os.path.join(out_dir, f"rows{rank}"), "w") as f:
+        json.dump(rows, f)
+
+
+def test_torchrun_decodes_each_row_once(tiny_ckpt, tmp_path, capsys):
+    """2 ranks, 3 prompts in batches of 2: the prompts are split over the ranks, so the tensor-parallel pair decodes
+    2 rows, then 1 (each row once; before, every rank brought every prompt and 4, then 2 were decoded), and rank 0
+    prints one process's lines in the input's order."""
+    import torch.multiprocessing as mp
+    from test_fsdp import free_port
+    save_image(tmp_path / "a.png")
+    records = [{"question": "Say hi."}, {"images": ["a.png"], "question": "What is it?"}, {"question": "Count."}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    argv = ["--ckpt", tiny_ckpt, "--prompts", str(tmp_path / "p.jsonl"), "--greedy", "--max-new-tokens", "5",
+            "--batch-size", "2"]
+    rc, one, _ = run(capsys, *argv)
+    assert rc == 0 and len(one.splitlines()) == 3
+    mp.spawn(ranks_worker, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    assert open(tmp_path / "stdout0").read() == one
+    assert [json.load(open(tmp_path / f"rows{r}")) for r in range(2)] == [[2, 1], [2, 1]]
