@@ -34,7 +34,7 @@ from cli import at_least, check_choices, choice, parse_config
 from data import IMAGE_PLACEHOLDER, THINK_END, THINK_PREFIX, Tokenizer, build_prompt, encode_prompt, image_tiles, \
     parquet_files, read_jsonl, read_parquet, to_rgb
 from model import R1VConfig, SkyworkR1V
-from parallel import Context, load, setup
+from parallel import Context, LayoutFlags, load, resolve, setup
 from rewards import answers_match, extract_boxed
 from rollout import generate_responses
 from tp import check_divisible, make_decoder
@@ -45,7 +45,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     ckpt: str = ""                # release-format checkpoint dir (needed to generate)
     benchmark: str = choice("mmmu", "jsonl")  # MMMU's parquet layout, or JSONL {question, images, answer, [choices]}
     data: str = ""                # MMMU: a folder of subject folders (or one parquet file); jsonl: the file
@@ -68,6 +68,7 @@ class EvalConfig:
     compile: bool = False         # torch.compile the fixed-shape decode step
 
     def __post_init__(self):
+        super().__post_init__()  # the layout
         check_choices(self)
         at_least(self, 1, "max_new_tokens", "batch_size")
         at_least(self, 0, "limit", "temperature", "max_tiles", "repetition_penalty")
@@ -595,8 +596,8 @@ def load_model(cfg: EvalConfig, config):
     """-> (model, context, tensor-parallel decoder or None): one process, or FSDP2 over torchrun's ranks."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         if cfg.tp:
-            check_divisible(config.llm, int(os.environ["WORLD_SIZE"]))
-        ctx = setup(cfg.dtype or None, cfg.seed)
+            check_divisible(config.llm, resolve(cfg).tp_size)
+        ctx = setup(cfg.dtype or None, cfg.seed, cfg)
         model = load(cfg.ckpt, ctx, train="none", dtype=ctx.dtype).eval()
         return model, ctx, make_decoder(model, ctx.dtype) if cfg.tp else None
     dtype = DTYPES[cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")]
