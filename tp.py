@@ -167,16 +167,11 @@ def make_decoder(model: SkyworkR1V, dtype: torch.dtype) -> TPDecoder | None:
     (the model's own decoder is used there: tensor parallelism of degree 1 is the model itself)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return None
-    decoder = meta_decoder(model.config.llm, dtype).to_empty(device=next(model.parameters()).device)
+    with torch.device("meta"):  # allocated once, by to_empty, in `dtype`: never an fp32 copy on the GPU
+        decoder = TPDecoder(model.config.llm, dist.get_rank(), dist.get_world_size()).to(dtype)
+    decoder.to_empty(device=next(model.parameters()).device)
     refresh(decoder, model)
     return decoder
-
-
-def meta_decoder(cfg: LLMConfig, dtype: torch.dtype) -> TPDecoder:
-    """This rank's TPDecoder on the meta device, already in `dtype`: to_empty then allocates it once, in the
-    compute dtype (never an fp32 copy on the GPU, even for a moment)."""
-    with torch.device("meta"):
-        return TPDecoder(cfg, dist.get_rank(), dist.get_world_size()).to(dtype)
 
 
 @torch.no_grad()

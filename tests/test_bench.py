@@ -1,11 +1,11 @@
-"""bench.py: the side-by-side table runs end to end on the tiny config, and the roofline's arithmetic is right."""
+"""tools/bench.py: the side-by-side table runs end to end on the tiny config, and the roofline's arithmetic is right."""
 import json
 import math
 
 import pytest
 
 pytest.importorskip("transformers")
-import bench  # noqa: E402
+from tools import bench  # noqa: E402
 
 
 def test_tiny_table_has_every_row_with_finite_ratios(tmp_path, capsys):
@@ -48,7 +48,7 @@ def test_roofline_38b_numbers():
 
 
 # ---------------------------------------------------------------------------- bench_rollout.py and the GRPO roofline
-import bench_rollout  # noqa: E402
+from tools import bench_rollout  # noqa: E402
 
 # the smallest group the comparison means something for: 2 samples, an image of 2 tiles + thumbnail, 4 new tokens
 SMALL_GROUP = bench_rollout.RolloutSizes(group=2, image_grid=(2, 1), group_new=4, micro_batch=2)

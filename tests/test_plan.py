@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from model import R1VConfig, count_params, write_tiny_checkpoint
-from plan import main as plan_main
-from plan import plan, recipes, units
+from tools.plan import main as plan_main
+from tools.plan import plan, recipes, units
 from optim import make_optimizer
 from parallel import Context, load
 from test_fsdp import batch, loss_fn
@@ -45,7 +45,7 @@ def test_peak_host_memory_of_a_training_step_is_within_20_percent(tmp_path):
     cfg["llm_config"].update(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                              intermediate_size=1408, vocab_size=32000)
     ckpt = write_tiny_checkpoint(str(tmp_path / "mid"), cfg, max_shard_bytes=32 * 2**20)
-    out = subprocess.run([sys.executable, "plan.py", "--measure", ckpt, "--recipe", "cold-start SFT", "--seq", "640",
+    out = subprocess.run([sys.executable, "-m", "tools.plan", "--measure", ckpt, "--recipe", "cold-start SFT", "--seq", "640",
                           "--tiles", "1"], capture_output=True, text=True, cwd=ROOT, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["planned"] > 400e6  # large enough that interpreter and allocator noise cannot decide the test

@@ -1,6 +1,6 @@
 """A dry run of the real training code at full scale, without GPUs: fake tensors on a fake process group.
 
-    python plan.py --trace                       # the 38B on 8 fake GPUs, every recipe, next to plan.py's formula
+    python -m tools.plan --trace               # the 38B on 8 fake GPUs, every recipe, next to plan.py's formula
 
 plan.py computes memory per GPU from a formula; this file runs the code instead and counts. One process plays rank
 0 of a fake `gpus`-rank group (torch's FakeStore + the "fake" backend: every collective returns tensors of the right
@@ -38,7 +38,8 @@ from optim import PARTS, clip_grads, freeze, make_optimizer
 from parallel import Context, autocast, shard
 from rollout import vit_once
 from sft import sft_loss
-from tp import meta_decoder, refresh
+from tp import TPDecoder, refresh
+from tools import ROOT
 
 COLUMNS = {  # FSDPMemTracker category -> column. The model has no buffers (RoPE is computed per forward), so
     # "Buffer" is free for the one module outside FSDP: tp.py's rollout copy (GRPO's rollout phase)
@@ -129,7 +130,7 @@ class PeakTracker(FSDPMemTracker):
         return {**out, "peak": snap["Total"], "at": self.peak_at, "stages": dict(self.stages)}
 
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+TOOLS = os.path.join(ROOT, "tools")
 
 
 def caller() -> str:
@@ -138,7 +139,7 @@ def caller() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
-        if name.startswith(ROOT) and not name.endswith(("dryrun.py", "plan.py")):
+        if name.startswith(ROOT) and not name.startswith(TOOLS):
             return f"{name[len(ROOT) + 1:]}:{frame.f_code.co_name}"
         frame = frame.f_back
     return ""
@@ -163,6 +164,12 @@ def sharded_model(cfg: R1VConfig, ctx: Context, train: str, grad_ckpt: bool, dty
     freeze(model, train)
     model.grad_checkpointing = grad_ckpt
     return shard(model, ctx).train()
+
+
+def meta_decoder(cfg: R1VConfig, dtype: torch.dtype) -> TPDecoder:
+    """This rank's tensor-parallel copy on the meta device, as tp.make_decoder builds it before to_empty."""
+    with torch.device("meta"):
+        return TPDecoder(cfg.llm, dist.get_rank(), dist.get_world_size()).to(dtype)
 
 
 def reference_bytes(cfg: R1VConfig, gpus: int) -> int:
@@ -285,7 +292,7 @@ def trace_recipe(cfg: R1VConfig, gpus: int, train: str, grpo: bool, s: Shape = S
     ctx = Context(torch.device("cpu"), rank=dist.get_rank(), world=gpus, dtype=torch.bfloat16)  # the GPU's settings
     model = sharded_model(cfg, ctx, train, grad_ckpt)
     # tp.make_decoder in two halves: the meta copy here, outside FakeTensorMode; to_empty + refresh inside it
-    decoder = meta_decoder(cfg.llm, ctx.dtype) if grpo and tp else None
+    decoder = meta_decoder(cfg, ctx.dtype) if grpo and tp else None
     out = {}
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():  # (to_empty reads the meta model)
         model.to_empty(device="cpu")

@@ -19,11 +19,11 @@ Ratio = ours / theirs throughput (> 1: ours is faster): median over repeats; spr
 The roofline section is computed from a config (default the release's shapes), not measured: bytes and FLOPs per
 decode step, per training token, per tile, and the lower bounds they imply on 8xH100.
 
-    python bench.py --config small --device cpu       # the table (+ out/bench_small_cpu.json)
-    python bench.py --config proxy --device cuda      # release-width blocks, 2 + 2 layers
-    python bench.py --roofline                        # the 38B on 8xH100 (+ out/roofline_r1v3-38b.json)
-    python bench.py --config small --profile decode1  # torch.profiler top ops, both sides, one row
-    python bench.py --rollout                         # rollout speed (bench_rollout.py, + out/bench_rollout.json)
+    python -m tools.bench --config small --device cpu       # the table (+ out/bench_small_cpu.json)
+    python -m tools.bench --config proxy --device cuda      # release-width blocks, 2 + 2 layers
+    python -m tools.bench --roofline                        # the 38B on 8xH100 (+ out/roofline_r1v3-38b.json)
+    python -m tools.bench --config small --profile decode1  # torch.profiler top ops, both sides, one row
+    python -m tools.bench --rollout                         # rollout speed (bench_rollout.py, + out/bench_rollout.json)
 
 transformers is the reference: tests/hf_reference.py builds it (transformers stays out of the project's code).
 """
@@ -43,8 +43,8 @@ from grpo import GRPOConfig, grpo_loss, on_policy
 from logs import machine
 from model import R1VConfig, SkyworkR1V, count_params, token_logprobs_and_entropy, write_tiny_checkpoint
 from sft import sft_loss
+from tools import ROOT
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHARD_BYTES = 5 * 2**30  # the release's (and HF's) 5 GB shards, for both formats
 NO_EOS = -1  # an eos id argmax never returns: every row generates every token
@@ -97,7 +97,7 @@ TARGETS = {"vit": 1.0, "prefill": 1.0, "decode1": 1.5, "decodeB": 1.0, "load": 1
 def reference():
     """tests/hf_reference.py: transformers' InternVL holding our weights. It lives with the tests because
     transformers is a test-and-benchmark dependency (requirements-test.txt) that the project's code never imports."""
-    sys.path.insert(0, os.path.join(HERE, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
     import hf_reference
     return hf_reference
 
@@ -497,7 +497,7 @@ def grpo_step_bound(c: dict, hw: Hardware, g: GRPOConfig, tp: bool, prompt: int 
 
 
 def roofline(config_name: str = "r1v3-38b", context: int = 4096, hw: Hardware = Hardware()) -> dict:
-    with open(os.path.join(HERE, "tiny_configs", f"{config_name}.json")) as f:
+    with open(os.path.join(ROOT, "tiny_configs", f"{config_name}.json")) as f:
         config = R1VConfig.from_dict(json.load(f), config_name)
     c = model_costs(config)
     p = c["params"]
@@ -610,7 +610,7 @@ def parse_args(argv=None) -> BenchConfig:
 
 def main(cfg: BenchConfig):
     if cfg.rollout:
-        import bench_rollout  # rollout speed lives in its own file: this one compares against transformers
+        from tools import bench_rollout  # rollout speed lives in its own file: this one compares against transformers
         return bench_rollout.run(cfg)
     if cfg.roofline:
         r = roofline(cfg.roofline_config, cfg.context)

@@ -1,8 +1,8 @@
 """Memory plan: bytes per GPU for each recipe of the paper under FSDP2, from a config alone, and checked by a trace.
 
-    python plan.py --config tiny_configs/r1v3-38b.json --gpus 8           # the formula, every recipe
-    python plan.py --trace                                                # the real code on fake tensors, next to it
-    python plan.py --config tiny_configs/internvl3-2b.json --gpus 1       # one GPU: no FSDP
+    python -m tools.plan --config tiny_configs/r1v3-38b.json --gpus 8           # the formula, every recipe
+    python -m tools.plan --trace                                                # the real code on fake tensors, next to it
+    python -m tools.plan --config tiny_configs/internvl3-2b.json --gpus 1       # one GPU: no FSDP
 
 The formula. Persistent state, sharded over W GPUs (FSDP2 splits every tensor by rows):
     weights  4 B x all parameters            (fp32 master copies; bf16 weights lose lr~1e-6 updates)
@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 from cli import Parser, at_least
 from model import R1VConfig, count_params
+from tools import ROOT
 
 GB = 1e9
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
@@ -290,7 +290,7 @@ def trace(cfg: R1VConfig, gpus: int, s=None, grad_ckpt: bool = True, bf16_moment
     GRPO's trace plus the reference's local shards: its forward (no grad, before the update) peaks below both."""
     from tqdm import tqdm
 
-    from dryrun import Shape, reference_bytes, trace_recipe, train_spec
+    from tools.dryrun import Shape, reference_bytes, trace_recipe, train_spec
 
     s = s or Shape()
     tp = tp and tp_divides(cfg, gpus)
@@ -385,7 +385,7 @@ def main(argv=None):
         return print(table(cfg, a.gpus, tp=not a.no_tp and tp_divides(cfg, a.gpus), seq=a.seq,
                            micro_batch=a.micro_batch, rollout_seqs=a.rollout_seqs, tiles=a.tiles, group=a.group,
                            step_prompts=a.step_prompts, prompt=a.prompt))
-    from dryrun import Shape
+    from tools.dryrun import Shape
 
     t0 = time.perf_counter()
     s = Shape(a.seq, a.prompt, a.micro_batch, a.rollout_seqs, a.group, a.step_prompts, a.tiles, a.chunk)
