@@ -100,3 +100,18 @@ def test_roofline_grpo_rows_tp_beats_fsdp_gather_by_the_formulas():
     assert 1.5 * 3600 < fsdp["step_s"] < 2 * 3600 and tp["step_s"] < 600
     report = bench.roofline_report(r)
     assert "GRPO step, default recipe" in report and "COMPUTED, not measured" in report
+
+
+def test_rollout_step_work_counts_the_tiles_each_path_runs_through_the_vit(tiny_ckpt):
+    """bench_rollout.step_work (what the ViT-once and prefill-once path saves) against the tiles the ViT really sees
+    in one GRPO step of each side."""
+    m, opt, ids, pixels, cfg, ctx = bench_rollout.group_setup(tiny_ckpt, SMALL_GROUP)
+    seen = []
+    m.vision_model.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    want = bench_rollout.step_work(cfg, pixels.shape[0], len(ids))
+    for side, rollout_fn, features in (("old", bench_rollout.old_rollout, False),
+                                       ("new", bench_rollout.new_rollout, True)):
+        seen.clear()
+        bench_rollout.grpo_step(m, opt, rollout_fn, ids, pixels, cfg, ctx, features)
+        assert sum(seen) == want[side]["vit_tiles"], side
+    assert want["old"]["prefill_tokens"] == cfg.group_size * want["new"]["prefill_tokens"]

@@ -343,12 +343,30 @@ def group_rows(ckpt: str, s: RolloutSizes, repeats: int) -> list:
                            "old": lambda: grpo_step(m, opt, old_rollout, ids, pixels, cfg, ctx, False)}, repeats, timed)
     check_grpo_steps(outs["old"], outs["new"])
     rows.append(compare(f"GRPO step (G={s.group}, {s.ppo_epochs} PPO epoch)", "s", times, "new", "old", target=1.5))
+    rows[-1]["work"] = step_work(cfg, pixels.shape[0], len(ids))
     return rows
+
+
+def step_work(cfg: GRPOConfig, tiles: int, prompt_tokens: int) -> dict:
+    """Tiles through the ViT and prompt tokens prefilled in one GRPO step of one group, each side. old: per sample,
+    in the rollout and in every log-prob pass (the old policy's, then ppo_epochs updates); new: once (the ViT
+    frozen, as in group_setup, the passes reuse its features; the update is one optimizer step, so no old pass)."""
+    G = cfg.group_size
+    return {"old": {"vit_tiles": G * (2 + cfg.ppo_epochs) * tiles, "prefill_tokens": G * prompt_tokens},
+            "new": {"vit_tiles": tiles, "prefill_tokens": prompt_tokens}}
 
 
 # ------------------------------------------------------------------------------------------------------ report
 def fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def work_line(rows: list) -> str:
+    """The group rows' work per GRPO step, old vs new (step_work)."""
+    w = next((r["work"] for r in rows if "work" in r), None)
+    return "" if w is None else (f"per GRPO step of one group, old -> new: ViT tiles {w['old']['vit_tiles']} -> "
+                                 f"{w['new']['vit_tiles']}, prefilled tokens {w['old']['prefill_tokens']:,} -> "
+                                 f"{w['new']['prefill_tokens']:,}")
 
 
 def table(rows: list) -> str:
@@ -398,8 +416,9 @@ def run(cfg, sizes: RolloutSizes = None) -> dict:
           f"thread, {sizes.decode_config}; one process: {cfg.threads} thread(s); group: {cfg.config} | median of "
           f"{cfg.repeats} | load average {meta['load_average_before'][0]:.1f} -> {meta['load_average_after'][0]:.1f}\n")
     print(table(rows))
-    if split:
-        print("\n" + split_line(split))
+    for line in (split_line(split) if split else "", work_line(rows)):
+        print("\n" + line if line else "", end="")
+    print()
     out = cfg.out or os.path.join("out", "bench_rollout.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
