@@ -121,3 +121,22 @@ def test_one_gpu_rows(name, capsys):
         assert (p["rollout"] > 0) == bool(r.rollout_tokens)
     assert plan_main(["--config", os.path.join(ROOT, "tiny_configs", f"{name}.json"), "--gpus", "1"]) is None
     assert "| GRPO | act-ckpt, bf16 Adam |" in capsys.readouterr().out
+
+
+def test_two_and_four_nodes_hsdp_vs_full_fsdp(capsys):
+    """nodes of 8 GPUs: HSDP shards the training state inside a node, so per GPU it holds what one node does; full
+    FSDP shards it over every GPU. The tensor-parallel copy and the KV cache stay per node either way."""
+    cfg = load("r1v3-38b")
+    grpo = next(r for r in recipes() if r.name == "GRPO")
+    one = plan(cfg, 8, grpo)
+    for nodes in (2, 4):
+        assert plan(cfg, 8, grpo, nodes=nodes, hsdp=True) == one
+        full = plan(cfg, 8, grpo, nodes=nodes, hsdp=False)
+        for col in ("weights", "grads", "adam"):
+            assert abs(full[col] - one[col] / nodes) < 1
+        assert full["tp_copy"] == one["tp_copy"]
+        assert full["rollout"] - one["rollout"] == (full["weights"] + full["adam"]) - (one["weights"] + one["adam"])
+    plan_main(["--nodes", "2"])
+    out = capsys.readouterr().out
+    assert "HSDP: sharded over each node's 8 GPUs, replicated over 2 nodes" in out
+    assert "full FSDP: sharded over all 16 GPUs" in out
