@@ -17,11 +17,13 @@ same thing (same greedy tokens, features, losses, weights), so the comparison is
 Ratio = ours / theirs throughput (> 1: ours is faster): median over repeats; spread = min..max of per-repeat ratios.
 
 The roofline section is computed from a config (default the release's shapes), not measured: bytes and FLOPs per
-decode step, per training token, per tile, and the lower bounds they imply on 8xH100.
+decode step, per training token, per tile, and the lower bounds they imply on 8xH100; the GRPO step on 1, 2 and 4
+such nodes, HSDP vs full FSDP.
 
     python -m tools.bench --config small --device cpu       # the table (+ out/bench_small_cpu.json)
     python -m tools.bench --config proxy --device cuda      # release-width blocks, 2 + 2 layers
     python -m tools.bench --roofline                        # the 38B on 8xH100 (+ out/roofline_r1v3-38b.json)
+    python -m tools.bench --roofline --inter-node-gbps 200  # the GRPO step on 2 and 4 nodes over a slower network
     python -m tools.bench --config small --profile decode1  # torch.profiler top ops, both sides, one row
     python -m tools.bench --rollout                         # rollout speed (bench_rollout.py, + out/bench_rollout.json)
 
@@ -57,7 +59,7 @@ class BenchConfig:
     dtype: str = choice("", "fp32", "bf16")  # default ("") fp32 on cpu, bf16 on cuda
     repeats: int = 5              # timed repeats per side, after one warm-up call each
     threads: int = 2              # torch.set_num_threads on cpu (1 on a shared, loaded machine: a 2nd OpenMP thread
-                                  # then waits for a descheduled peer at every op, measured 2-3x slower)
+                                  # then waits for a descheduled peer at every op); --rollout: the one process's
     only: str = ""                # comma-separated row names (default: all)
     out: str = ""                 # JSON results; default out/bench_<config>_<device>.json
     profile: str = ""             # a row name: print torch.profiler's top ops for both sides instead of timing
@@ -88,7 +90,7 @@ class Sizes:  # the work of one timed call per row
 SIZES = {"tiny": Sizes(1, 64, 8, 8, 64, 4, 2, 16, 16),
          "small": Sizes(2, 512, 16, 32, 64, 16, 2, 64, 64),
          "proxy": Sizes(8, 2048, 16, 64, 64, 32, 4, 512, 512)}
-# ours / theirs targets from the issue, in run order
+# ours / theirs targets, in run order
 TARGETS = {"vit": 1.0, "prefill": 1.0, "decode1": 1.5, "decodeB": 1.0, "load": 1.0, "sft": 1.0, "grpo": 1.0}
 
 

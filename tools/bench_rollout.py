@@ -26,7 +26,7 @@ side goes first, A B B A ..., so both sides see the same machine load), each che
 
 Ratios are "A faster than B": median time of B / median time of A; the range is over per-repeat paired ratios.
 
-    python -m tools.bench --rollout                       # everything: the table + out/bench_rollout.json
+    python -m tools.bench --rollout  # everything: the table + out/bench_rollout.json
     python -m tools.bench --rollout --only group --repeats 3
 """
 import json
@@ -291,14 +291,14 @@ def group_setup(ckpt: str, s: RolloutSizes) -> tuple:
 
 
 def old_rollout(m, ids, pixels, cfg, ctx) -> tuple[list, Prompt]:
-    """Before issue 14: G copies of the prompt, each with its pixels: G ViT passes and G prefills."""
+    """Per sample: G copies of the prompt, each with its pixels: G ViT passes and G prefills."""
     groups = generate_responses(m, [(ids, pixels)] * cfg.group_size, ctx, pad_id=0, stop_ids=[NO_EOS], group_size=1,
                                 batch_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=0.0)
     return [g[0] for g in groups], Prompt(ids, pixels, None)  # the log-prob passes take the pixels (features=False)
 
 
 def new_rollout(m, ids, pixels, cfg, ctx) -> tuple[list, Prompt]:
-    """Issue 14: the ViT once, one prefill, its KV cache copied into G sample rows."""
+    """grpo.py's path: the ViT once, one prefill, its KV cache copied into G sample rows."""
     vit = vit_once(m, [pixels], ctx)
     groups = generate_responses(m, [(ids, pixels)], ctx, pad_id=0, stop_ids=[NO_EOS], group_size=cfg.group_size,
                                 batch_size=cfg.group_size, vit_features=vit, max_new_tokens=cfg.max_new_tokens,

@@ -166,17 +166,26 @@ def sharded_model(cfg: R1VConfig, ctx: Context, train: str, grad_ckpt: bool, dty
     return shard(model, ctx).train()
 
 
-def meta_decoder(cfg: R1VConfig, dtype: torch.dtype) -> TPDecoder:
-    """This rank's tensor-parallel copy on the meta device, as tp.make_decoder builds it before to_empty."""
+def meta_decoder(cfg: R1VConfig, dtype: torch.dtype, tp_size: int) -> TPDecoder:
+    """This rank's share of a `tp_size`-way tensor-parallel copy on the meta device, as tp.make_decoder builds it
+    before to_empty."""
     with torch.device("meta"):
-        return TPDecoder(cfg.llm, dist.get_rank(), dist.get_world_size()).to(dtype)
+        return TPDecoder(cfg.llm, dist.get_rank() % tp_size, tp_size).to(dtype)
 
 
-def reference_bytes(cfg: R1VConfig, gpus: int) -> int:
+def reference_bytes(cfg: R1VConfig, gpus: int, replicate: int = 1) -> int:
     """This rank's shards of GRPO's frozen reference policy (bf16, sharded like the policy; never materialised)."""
-    fake_group(gpus)
-    ctx = Context(torch.device("cpu"), rank=0, world=gpus, dtype=torch.bfloat16)
-    return local_bytes(sharded_model(cfg, ctx, "none", False, torch.bfloat16))
+    return local_bytes(sharded_model(cfg, trace_context(gpus, replicate), "none", False, torch.bfloat16))
+
+
+def trace_context(gpus: int, replicate: int = 1, fake: bool = True) -> Context:
+    """This rank's Context in a (fake, unless fake=False) group of replicate x gpus ranks, with the GPU's settings.
+    replicate > 1 (HSDP: shard over `gpus`, replicate across) waits for parallel.py's 2-D mesh."""
+    if replicate > 1:
+        raise NotImplementedError(f"a trace over {replicate} replicas needs parallel.py's HSDP mesh")
+    if fake:
+        fake_group(gpus * replicate)
+    return Context(torch.device("cpu"), rank=dist.get_rank(), world=gpus * replicate, dtype=torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -279,20 +288,20 @@ def warm_up_shape(cfg: R1VConfig, s: Shape) -> Shape:
 
 # ---------------------------------------------------------------------------------------------- one recipe
 def trace_recipe(cfg: R1VConfig, gpus: int, train: str, grpo: bool, s: Shape = Shape(), grad_ckpt: bool = True,
-                 bf16_moments: bool = True, tp: bool = True, fake: bool = True, decode_steps: int = 2) -> dict:
+                 bf16_moments: bool = True, tp: bool = True, fake: bool = True, decode_steps: int = 2,
+                 replicate: int = 1) -> dict:
     """{phase: PeakTracker.result()} for one recipe: `train` the parts trained (optim.freeze's spec), `grpo` for
     GRPO's two phases, "rollout" (ViT once, one generate call) then "train" (one update), as grpo.train runs them;
     else one "train" step (sft.py). Each tracked phase follows an untracked warm-up step: Adam's state exists
     from the second step on, and the first step's set-up (FSDP's lazy init, DTensor's sharding propagation, which
     makes full-size tensors) would be counted. The tensor-parallel copy (tp) exists in the rollout phase only,
     as in grpo.train (release_rollout_copy before the update, rebuilt after it).
-    fake=False runs the same on real tensors in an initialised process group (the test against gloo)."""
-    if fake:
-        fake_group(gpus)
-    ctx = Context(torch.device("cpu"), rank=dist.get_rank(), world=gpus, dtype=torch.bfloat16)  # the GPU's settings
+    fake=False runs the same on real tensors in an initialised process group (the test against gloo).
+    replicate: nodes of `gpus` ranks (trace_context); the tensor-parallel copy spans one node's `gpus`."""
+    ctx = trace_context(gpus, replicate, fake)
     model = sharded_model(cfg, ctx, train, grad_ckpt)
     # tp.make_decoder in two halves: the meta copy here, outside FakeTensorMode; to_empty + refresh inside it
-    decoder = meta_decoder(cfg, ctx.dtype) if grpo and tp else None
+    decoder = meta_decoder(cfg, ctx.dtype, gpus) if grpo and tp else None
     out = {}
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():  # (to_empty reads the meta model)
         model.to_empty(device="cpu")

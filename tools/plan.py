@@ -1,8 +1,9 @@
 """Memory plan: bytes per GPU for each recipe of the paper under FSDP2, from a config alone, and checked by a trace.
 
-    python -m tools.plan --config tiny_configs/r1v3-38b.json --gpus 8           # the formula, every recipe
-    python -m tools.plan --trace                                                # the real code on fake tensors, next to it
-    python -m tools.plan --config tiny_configs/internvl3-2b.json --gpus 1       # one GPU: no FSDP
+    python -m tools.plan --config tiny_configs/r1v3-38b.json --gpus 8      # the formula, every recipe
+    python -m tools.plan --trace                                           # the real code on fake tensors, next to it
+    python -m tools.plan --config tiny_configs/internvl3-2b.json --gpus 1  # one GPU: no FSDP
+    python -m tools.plan --nodes 2                                         # 2 nodes of 8: HSDP and full FSDP
 
 The formula. Persistent state, sharded over W GPUs (FSDP2 splits every tensor by rows):
     weights  4 B x all parameters            (fp32 master copies; bf16 weights lose lr~1e-6 updates)
@@ -289,10 +290,11 @@ def tp_divides(cfg: R1VConfig, gpus: int) -> bool:
 
 
 def trace(cfg: R1VConfig, gpus: int, s=None, grad_ckpt: bool = True, bf16_moments: bool = True, tp: bool = True,
-          names=None) -> list:
+          names=None, replicate: int = 1) -> list:
     """Trace every recipe (or those in `names`; dryrun.trace_recipe) -> rows {recipe, phase, traced bytes by
     column, peak, at, stages, plan, plan_at}. Recipes that train the same parts share one trace. GRPO + KL ref is
-    GRPO's trace plus the reference's local shards: its forward (no grad, before the update) peaks below both."""
+    GRPO's trace plus the reference's local shards: its forward (no grad, before the update) peaks below both.
+    replicate: nodes of `gpus` ranks under HSDP, next to the formula's HSDP column (dryrun.trace_context)."""
     from tqdm import tqdm
 
     from tools.dryrun import Shape, reference_bytes, trace_recipe, train_spec
@@ -310,10 +312,11 @@ def trace(cfg: R1VConfig, gpus: int, s=None, grad_ckpt: bool = True, bf16_moment
             key = (r.train, bool(r.rollout_tokens))
             if key not in traced:
                 bar.set_postfix_str(r.name)
-                traced[key] = trace_recipe(cfg, gpus, train_spec(r.train), key[1], s, grad_ckpt, bf16_moments, tp)
+                traced[key] = trace_recipe(cfg, gpus, train_spec(r.train), key[1], s, grad_ckpt, bf16_moments, tp,
+                                           replicate=replicate)
                 bar.update(len(traced[key]))
-            ref = reference_bytes(cfg, gpus) if r.reference else 0
-            p = plan(cfg, gpus, r, grad_ckpt, bf16_moments, s.chunk, tp=tp)
+            ref = reference_bytes(cfg, gpus, replicate) if r.reference else 0
+            p = plan(cfg, gpus, r, grad_ckpt, bf16_moments, s.chunk, tp=tp, nodes=replicate)
             for phase, got in traced[key].items():
                 rows.append({"recipe": r.name, "phase": phase, **got, "ref": ref, "peak": got["peak"] + ref,
                              "plan": p[phase], "plan_at": "rollout" if phase == "rollout" else p["train_at"]})
