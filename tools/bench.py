@@ -134,7 +134,7 @@ class Row:
     grad: bool = False
 
 
-def text_ids(batch: int, length: int, device, seed: int = 0):
+def text_ids(batch: int, length: int, device="cpu", seed: int = 0):
     """Random byte-level token ids (no special tokens, so no <IMG_CONTEXT> by accident): [B, T]."""
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
 

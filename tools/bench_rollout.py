@@ -53,10 +53,10 @@ from model import SkyworkR1V, token_logprobs_and_entropy, write_tiny_checkpoint
 from optim import make_optimizer
 from parallel import Context, load, setup
 from rollout import generate_responses, vit_once
+from tools.bench import NO_EOS, fmt, text_ids
 from tp import make_decoder, refresh
 
 WORLD = 2
-NO_EOS = -1  # a stop id no row ever samples: every row makes every token, so both sides do equal work
 PARTS = ("decode", "group")
 
 
@@ -115,11 +115,6 @@ def compare(row: str, unit: str, times: dict, a: str, b: str, work: float = 0.0,
                 a_range=sorted([value(min(ta)), value(max(ta))]), b_value=value(statistics.median(tb)),
                 b_range=sorted([value(min(tb)), value(max(tb))]), ratio=ratio, ratio_range=[min(paired), max(paired)],
                 target=target, met=None if target is None else ratio >= target, seconds={a: ta, b: tb})
-
-
-def text_ids(batch: int, length: int, seed: int = 0):
-    """Random byte-level token ids (no special tokens, so no <IMG_CONTEXT> by accident): [B, T]."""
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def free_port() -> int:
@@ -357,10 +352,6 @@ def step_work(cfg: GRPOConfig, tiles: int, prompt_tokens: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ report
-def fmt(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
-
-
 def work_line(rows: list) -> str:
     """The group rows' work per GRPO step, old vs new (step_work)."""
     w = next((r["work"] for r in rows if "work" in r), None)
