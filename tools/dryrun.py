@@ -6,7 +6,7 @@ plan.py computes memory per GPU from a formula; this file runs the code instead 
 0 of a fake `gpus`-rank group (torch's FakeStore + the "fake" backend: every collective returns tensors of the right
 shape and does nothing), so `fully_shard` really shards for 8 ranks. Under FakeTensorMode every tensor has a shape,
 a dtype and a device but no storage: the 38B's forward, backward, clipping, AdamW step and generation run in a few
-hundred MB of host memory and about a minute per recipe, through the same functions the scripts call
+hundred MB of host memory (timings: docs/memory.md), through the same functions the scripts call
 (sft.sft_loss, grpo.response_logprobs and grpo_loss, rollout.vit_once, SkyworkR1V.generate with tp.py's decoder,
 optim.clip_grads and the optimizers, tp.refresh). FSDPMemTracker (torch.distributed._tools, which torchtitan uses
 for its memory estimation) watches every op and keeps the live tensor bytes by category; the peak is what a GPU
