@@ -42,10 +42,9 @@ import torch
 
 from cli import at_least, check_choices, choice, parse_config
 from grpo import GRPOConfig, grpo_loss, on_policy
-from logs import machine
 from model import R1VConfig, SkyworkR1V, count_params, token_logprobs_and_entropy, write_tiny_checkpoint
 from sft import sft_loss
-from tools import ROOT
+from tools import ROOT, machine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHARD_BYTES = 5 * 2**30  # the release's (and HF's) 5 GB shards, for both formats

@@ -48,11 +48,11 @@ from PIL import Image
 
 from data import Tokenizer, encode_prompt
 from grpo import GRPOConfig, Prompt, batch_logprobs, old_logprobs, optimise
-from logs import machine
 from model import SkyworkR1V, token_logprobs_and_entropy, write_tiny_checkpoint
 from optim import make_optimizer
 from parallel import Context, load, setup
 from rollout import generate_responses, vit_once
+from tools import machine
 from tools.bench import NO_EOS, fmt, text_ids
 from tp import make_decoder, refresh
 
