@@ -1,9 +1,6 @@
-"""Training logs: one JSON line per step, the curves drawn from them (matplotlib optional), and where a result was
-measured (for the tables the benchmarks and docs/reproduce.py write)."""
+"""Training logs: one JSON line per step, and the curves drawn from them (matplotlib optional)."""
 import json
 import os
-import platform
-import time
 
 
 class MetricsLog:
@@ -58,15 +55,3 @@ def plot_curves(jsonl_path: str, png_path: str, keys) -> bool:
     plt.close(fig)
     return True
 
-
-def machine() -> dict:
-    """Date, CPU model, cores, GPU (None without one), Python and torch versions."""
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return dict(date=time.strftime("%Y-%m-%d %H:%M %Z"), cpu=cpu, cores=os.cpu_count(),
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                python=platform.python_version(), torch=torch.__version__)

@@ -195,18 +195,13 @@ def make_decoder(model: SkyworkR1V, dtype: torch.dtype, mesh=None) -> TPDecoder 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return None
     mesh = mesh if mesh is not None else getattr(model, "tp_mesh", None)
-    decoder = meta_decoder(model.config.llm, dtype, mesh).to_empty(device=next(model.parameters()).device)
-    refresh(decoder, model)
-    return decoder
-
-
-def meta_decoder(cfg: LLMConfig, dtype: torch.dtype, mesh=None) -> TPDecoder:
-    """This rank's TPDecoder on the meta device, already in `dtype`: to_empty then allocates it once, in the
-    compute dtype (never an fp32 copy on the GPU, even for a moment). mesh: its group (None: all ranks)."""
     rank, world, group = (dist.get_rank(), dist.get_world_size(), None) if mesh is None else \
         (mesh.get_local_rank(), mesh.size(), mesh.get_group())
-    with torch.device("meta"):
-        return TPDecoder(cfg, rank, world, group).to(dtype)
+    with torch.device("meta"):  # allocated once, by to_empty, in `dtype`: never an fp32 copy on the GPU
+        decoder = TPDecoder(model.config.llm, rank, world, group).to(dtype)
+    decoder.to_empty(device=next(model.parameters()).device)
+    refresh(decoder, model)
+    return decoder
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 
 from cli import at_least, parse_config  # noqa: E402  (after the path: the repository's modules)
 from grpo import TINY_RUN  # noqa: E402
-from logs import machine  # noqa: E402
+from tools import machine  # noqa: E402
 
 
 @dataclass

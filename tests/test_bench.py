@@ -1,11 +1,11 @@
-"""bench.py: the side-by-side table runs end to end on the tiny config, and the roofline's arithmetic is right."""
+"""tools/bench.py: the side-by-side table runs end to end on the tiny config, and the roofline's arithmetic is right."""
 import json
 import math
 
 import pytest
 
 pytest.importorskip("transformers")
-import bench  # noqa: E402
+from tools import bench  # noqa: E402
 
 
 def test_tiny_table_has_every_row_with_finite_ratios(tmp_path, capsys):
@@ -48,7 +48,7 @@ def test_roofline_38b_numbers():
 
 
 # ---------------------------------------------------------------------------- bench_rollout.py and the GRPO roofline
-import bench_rollout  # noqa: E402
+from tools import bench_rollout  # noqa: E402
 
 # the smallest group the comparison means something for: 2 samples, an image of 2 tiles + thumbnail, 4 new tokens
 SMALL_GROUP = bench_rollout.RolloutSizes(group=2, image_grid=(2, 1), group_new=4, micro_batch=2)
@@ -100,3 +100,43 @@ def test_roofline_grpo_rows_tp_beats_fsdp_gather_by_the_formulas():
     assert 1.5 * 3600 < fsdp["step_s"] < 2 * 3600 and tp["step_s"] < 600
     report = bench.roofline_report(r)
     assert "GRPO step, default recipe" in report and "COMPUTED, not measured" in report
+
+
+def test_rollout_step_work_counts_the_tiles_each_path_runs_through_the_vit(tiny_ckpt):
+    """bench_rollout.step_work (what the ViT-once and prefill-once path saves) against the tiles the ViT really sees
+    in one GRPO step of each side."""
+    m, opt, ids, pixels, cfg, ctx = bench_rollout.group_setup(tiny_ckpt, SMALL_GROUP)
+    seen = []
+    m.vision_model.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    want = bench_rollout.step_work(cfg, pixels.shape[0], len(ids))
+    for side, rollout_fn, features in (("old", bench_rollout.old_rollout, False),
+                                       ("new", bench_rollout.new_rollout, True)):
+        seen.clear()
+        bench_rollout.grpo_step(m, opt, rollout_fn, ids, pixels, cfg, ctx, features)
+        assert sum(seen) == want[side]["vit_tiles"], side
+    assert want["old"]["prefill_tokens"] == cfg.group_size * want["new"]["prefill_tokens"]
+
+
+def test_roofline_grpo_on_several_nodes_hsdp_vs_full_fsdp():
+    """1, 2, 4 nodes of 8: the rollout and the compute scale with the GPUs; HSDP keeps FSDP's collectives on NVLink
+    and adds one cross-node all-reduce of the gradient shards per optimizer step; full FSDP's per-micro-batch
+    collectives cross the network (400 Gb/s per GPU = 50 GB/s) and bound the update."""
+    r = bench.roofline("r1v3-38b", context=4096)
+    c, g = r["costs"], bench.GRPOConfig()
+    rows = {(n["nodes"], n["sharding"]): n for n in r["nodes"]}
+    assert list(rows) == [(1, "FSDP"), (2, "HSDP"), (2, "full FSDP"), (4, "HSDP"), (4, "full FSDP")]
+    one = rows[1, "FSDP"]
+    assert one["step_s"] == r["grpo"][1]["step_s"]  # one node: the TP column of the default recipe
+    for n in (2, 4):
+        hsdp, full = rows[n, "HSDP"], rows[n, "full FSDP"]
+        assert hsdp["seqs_per_gpu"] == full["seqs_per_gpu"] == 64 // n
+        assert abs(hsdp["phases"]["rollout"] - one["phases"]["rollout"] / n) < 1e-6
+        assert abs(hsdp["phases"]["update"] - one["phases"]["update"] / n) < 1e-6  # compute-bound, as on one node
+        shard = 4 * c["trained"] / 8  # fp32 gradients of one GPU's shard; one optimizer step per GRPO step
+        assert abs(hsdp["phases"]["replicate"] - 2 * (n - 1) / n * shard / 50e9) < 1e-9
+        network = 64 // n * (2 + 2 + 4) * c["trained"] * (8 * n - 1) / (8 * n) / 50e9  # per micro-batch, x micro
+        assert abs(full["phases"]["update"] - network) < 1e-6 and full["phases"]["replicate"] == 0
+        assert hsdp["step_s"] < full["step_s"] < one["step_s"]
+    slow = bench.roofline("r1v3-38b", 4096, bench.Hardware(inter_node_bytes_per_s=25e9))
+    assert slow["nodes"][2]["phases"]["update"] == 2 * rows[2, "full FSDP"]["phases"]["update"]
+    assert "HSDP vs full FSDP (COMPUTED, not measured)" in bench.roofline_report(r)

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # script -> the function its __main__ hands the command line to (a parse_args, or a main(argv) returning its exit
 # status)
 ENTRY = {"sft.py": "parse_args", "entropy.py": "parse_args", "grpo.py": "parse_args", "sample.py": "main",
-         "plan.py": "main", "bench.py": "parse_args"}
+         "tools/plan.py": "main", "tools/bench.py": "parse_args"}
 
 
 NO_CKPT = ["--ckpt", "no-such-ckpt"]  # sample.py must fail fast, never write a default checkpoint
@@ -37,18 +37,18 @@ CASES = [
     ("grpo.py", ["--train", "vison"], "--train"),
     ("sample.py", NO_CKPT + ["--dtype", "fp16"], "--dtype"),
     ("sample.py", NO_CKPT + ["--temperature", "-1"], "--temperature"),
-    ("plan.py", ["--seq", "x"], "--seq"),
-    ("plan.py", ["--gpus", "0"], "--gpus"),
-    ("bench.py", ["--config", "huge"], "--config"),
-    ("bench.py", ["--repeats", "x"], "--repeats"),
-    ("bench.py", ["--threads", "0"], "--threads"),
+    ("tools/plan.py", ["--seq", "x"], "--seq"),
+    ("tools/plan.py", ["--gpus", "0"], "--gpus"),
+    ("tools/bench.py", ["--config", "huge"], "--config"),
+    ("tools/bench.py", ["--repeats", "x"], "--repeats"),
+    ("tools/bench.py", ["--threads", "0"], "--threads"),
 ]
 
 
 def exit_status(script: str, argv: list):
     """Run the script's entry point on argv -> its exit status: SystemExit's code, or what main(argv) returned;
     None if the flags were accepted (a parse_args returned a config)."""
-    entry = getattr(importlib.import_module(script.removesuffix(".py")), ENTRY[script])
+    entry = getattr(importlib.import_module(script.removesuffix(".py").replace("/", ".")), ENTRY[script])
     try:
         status = entry(argv)
     except SystemExit as e:

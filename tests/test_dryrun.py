@@ -1,4 +1,4 @@
-"""The dry run (dryrun.py, `plan.py --trace`) is only as good as two claims, checked here:
+"""The dry run (tools/dryrun.py, `python -m tools.plan --trace`) is only as good as two claims, checked here:
 1. the training hot path runs on fake tensors: forward with images and left padding, backward, clipping and both
    optimizers' steps contain no data-dependent op (a host sync on a GPU, an error under FakeTensorMode);
 2. a trace on a fake process group counts what the same step holds for real: the same recipe on 2 real gloo ranks,
@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from data import left_pad
 from model import R1VConfig, SkyworkR1V
 from optim import clip_grads, make_optimizer
-from plan import tp_copy_bytes
+from tools.plan import tp_copy_bytes
 from sft import sft_loss
 from test_fsdp import free_port
 
@@ -89,7 +89,7 @@ RECIPES = {"SFT": ("vision,connector,llm", False), "GRPO": ("connector,llm", Tru
 
 def peaks(fake: bool) -> dict:
     """{recipe/phase: peak bytes} of rank 0, fake or real, for every recipe of RECIPES."""
-    from dryrun import Shape, trace_recipe
+    from tools.dryrun import Shape, trace_recipe
 
     torch.manual_seed(0)
     out = {}
@@ -113,7 +113,8 @@ def gloo_worker(rank: int, port: int, result: str):
 
 
 FAKE_RUN = """
-import json, plan, test_dryrun
+import json, test_dryrun
+from tools import plan
 from model import R1VConfig
 proxy = R1VConfig.from_dict(json.load(open("tiny_configs/proxy.json")))
 print(json.dumps({"peaks": test_dryrun.peaks(True), "proxy": plan.trace(proxy, WORLD)}))
@@ -143,7 +144,7 @@ def test_fake_trace_matches_real_gloo_ranks_within_5_percent(fake_run, tmp_path)
 # ---------------------------------------------------------------------- 3. the formula against the trace
 def test_formula_within_10_percent_of_the_trace_at_full_width(fake_run):
     """tiny_configs/proxy.json (2 ViT and 2 decoder blocks of the 38B's widths, its vocabulary) at the 38B's shapes
-    (8K tokens, 7 tiles, groups of 8) on the fake 2-rank group: plan.py's formula within 10% of the trace in every
+    (8K tokens, 7 tiles, groups of 8) on the fake 2-rank group: tools/plan.py's formula within 10% of the trace in every
     recipe and phase, the tensor-parallel copy exact (the 38B on 8 ranks agrees within 2%: docs/memory.md)."""
     rows = fake_run["proxy"]
     assert len(rows) == 6 and {r["phase"] for r in rows} == {"rollout", "train"}

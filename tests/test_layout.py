@@ -54,6 +54,10 @@ def test_import_graph_is_a_dag():
     assert find_cycle(graph) == []
 
 
+def test_the_recipe_never_imports_tools():
+    assert [m for m in MODULES if "tools" in imports(m)] == []
+
+
 def test_runtime_code_never_imports_transformers():
     assert [m for m in MODULES if "transformers" in imports(m)] == []
 

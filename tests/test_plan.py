@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from model import R1VConfig, count_params
-from plan import main as plan_main
-from plan import plan, recipes, units
+from tools.plan import main as plan_main
+from tools.plan import plan, recipes, units
 from optim import make_optimizer
 from parallel import Context, load as load_model
 from sft import write_tiny_checkpoint
@@ -46,14 +46,14 @@ def test_peak_host_memory_of_a_training_step_is_within_20_percent(tmp_path):
     cfg["llm_config"].update(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                              intermediate_size=1408, vocab_size=32000)
     ckpt = write_tiny_checkpoint(str(tmp_path / "mid"), cfg, max_shard_bytes=32 * 2**20)
-    out = subprocess.run([sys.executable, "plan.py", "--measure", ckpt, "--recipe", "cold-start SFT", "--seq", "640",
+    out = subprocess.run([sys.executable, "-m", "tools.plan", "--measure", ckpt, "--recipe", "cold-start SFT", "--seq", "640",
                           "--tiles", "1"], capture_output=True, text=True, cwd=ROOT, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["planned"] > 400e6  # large enough that interpreter and allocator noise cannot decide the test
     assert 0.8 < r["measured"] / r["planned"] < 1.2, r
 
 
-def load(name: str) -> R1VConfig:
+def release_config(name: str) -> R1VConfig:
     with open(os.path.join(ROOT, "tiny_configs", f"{name}.json")) as f:
         return R1VConfig.from_dict(json.load(f))
 
@@ -63,7 +63,7 @@ def test_default_38b_grpo_fits_80gb_in_both_phases(capsys):
     Both phases meet the <= 70 GB target, the update because grpo.py drops the copy for it (release_rollout_copy:
     kept, it would push the update past 70 GB). The same numbers as the fake-tensor trace of the real code, within
     3% (docs/memory.md)."""
-    cfg = load("r1v3-38b")
+    cfg = release_config("r1v3-38b")
     grpo = next(r for r in recipes() if r.name == "GRPO")
     default = plan(cfg, 8, grpo, grad_ckpt=True, bf16_moments=True)
     assert default["rollout"] <= 70e9 and default["train"] <= 70e9, (default["rollout"] / 1e9, default["train"] / 1e9)
@@ -78,7 +78,7 @@ def test_tensor_parallel_copy_and_kv_cache_per_gpu():
     """38B on 8 GPUs: the copy is 1/8 of the decoder in bf16 plus 1/8 of the (padded) vocabulary rows of embedding
     and lm_head, ~8.2 GB; each GPU decodes all 8 GPUs' rows with 1 of the 8 KV heads: 32 KiB per token, the same
     bytes as its own rows with all heads (256 KiB per token)."""
-    cfg = load("r1v3-38b")
+    cfg = release_config("r1v3-38b")
     grpo = next(r for r in recipes() if r.name == "GRPO")
     tp = plan(cfg, 8, grpo)["tp_copy"]
     decoder = count_params(cfg)["language_model"] - 2 * cfg.llm.vocab_size * cfg.llm.hidden_size
@@ -97,7 +97,7 @@ def test_tied_embedding_counts_once():
     """A tied decoder (llm.tie_word_embeddings: Qwen2.5-0.5B/1.5B) holds one [V, D] matrix: in the parameter count,
     the weights, and the root unit (parallel.shard keeps it there, it is lm_head's weight); the rollout copy still
     has an embedding and an lm_head slice (tp.TPDecoder unties them)."""
-    tied = load("tiny-300m-tied")
+    tied = release_config("tiny-300m-tied")
     untied = R1VConfig.from_dict({**json.load(open(os.path.join(ROOT, "tiny_configs", "tiny-300m-tied.json"))),
                                   "llm_config": {**json.load(open(os.path.join(ROOT, "tiny_configs",
                                                                                "tiny-300m-tied.json")))["llm_config"],
@@ -114,7 +114,7 @@ def test_tied_embedding_counts_once():
 def test_one_gpu_rows(name, capsys):
     """One GPU: no FSDP (nothing gathered, no reduce-scatter), no tensor-parallel copy; each phase's peak is the
     persistent state plus its largest moment. The rows docs/memory.md shows."""
-    cfg = load(name)
+    cfg = release_config(name)
     for r in recipes():
         p = plan(cfg, 1, r, bf16_moments=True)
         assert p["tp_copy"] == 0 and p["weights"] == 4 * count_params(cfg)["total"]
@@ -122,3 +122,22 @@ def test_one_gpu_rows(name, capsys):
         assert (p["rollout"] > 0) == bool(r.rollout_tokens)
     assert plan_main(["--config", os.path.join(ROOT, "tiny_configs", f"{name}.json"), "--gpus", "1"]) is None
     assert "| GRPO | act-ckpt, bf16 Adam |" in capsys.readouterr().out
+
+
+def test_two_and_four_nodes_hsdp_vs_full_fsdp(capsys):
+    """nodes of 8 GPUs: HSDP shards the training state inside a node, so per GPU it holds what one node does; full
+    FSDP shards it over every GPU. The tensor-parallel copy and the KV cache stay per node either way."""
+    cfg = release_config("r1v3-38b")
+    grpo = next(r for r in recipes() if r.name == "GRPO")
+    one = plan(cfg, 8, grpo)
+    for nodes in (2, 4):
+        assert plan(cfg, 8, grpo, nodes=nodes, hsdp=True) == one
+        full = plan(cfg, 8, grpo, nodes=nodes, hsdp=False)
+        for col in ("weights", "grads", "adam"):
+            assert abs(full[col] - one[col] / nodes) < 1
+        assert full["tp_copy"] == one["tp_copy"]
+        assert full["rollout"] - one["rollout"] == (full["weights"] + full["adam"]) - (one["weights"] + one["adam"])
+    plan_main(["--nodes", "2"])
+    out = capsys.readouterr().out
+    assert "HSDP: sharded over each node's 8 GPUs, replicated over 2 nodes" in out
+    assert "full FSDP: sharded over all 16 GPUs" in out

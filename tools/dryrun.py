@@ -1,12 +1,12 @@
 """A dry run of the real training code at full scale, without GPUs: fake tensors on a fake process group.
 
-    python plan.py --trace                       # the 38B on 8 fake GPUs, every recipe, next to plan.py's formula
+    python -m tools.plan --trace               # the 38B on 8 fake GPUs, every recipe, next to plan.py's formula
 
 plan.py computes memory per GPU from a formula; this file runs the code instead and counts. One process plays rank
 0 of a fake `gpus`-rank group (torch's FakeStore + the "fake" backend: every collective returns tensors of the right
 shape and does nothing), so `fully_shard` really shards for 8 ranks. Under FakeTensorMode every tensor has a shape,
 a dtype and a device but no storage: the 38B's forward, backward, clipping, AdamW step and generation run in a few
-hundred MB of host memory and about a minute per recipe, through the same functions the scripts call
+hundred MB of host memory (timings: docs/memory.md), through the same functions the scripts call
 (sft.sft_loss, grpo.response_logprobs and grpo_loss, rollout.vit_once, SkyworkR1V.generate with tp.py's decoder,
 optim.clip_grads and the optimizers, tp.refresh). FSDPMemTracker (torch.distributed._tools, which torchtitan uses
 for its memory estimation) watches every op and keeps the live tensor bytes by category; the peak is what a GPU
@@ -38,7 +38,8 @@ from optim import PARTS, clip_grads, freeze, make_optimizer
 from parallel import Context, autocast, shard
 from rollout import vit_once
 from sft import sft_loss
-from tp import meta_decoder, refresh
+from tp import TPDecoder, refresh
+from tools import ROOT
 
 COLUMNS = {  # FSDPMemTracker category -> column. The model has no buffers (RoPE is computed per forward), so
     # "Buffer" is free for the one module outside FSDP: tp.py's rollout copy (GRPO's rollout phase)
@@ -129,7 +130,7 @@ class PeakTracker(FSDPMemTracker):
         return {**out, "peak": snap["Total"], "at": self.peak_at, "stages": dict(self.stages)}
 
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+TOOLS = os.path.join(ROOT, "tools")
 
 
 def caller() -> str:
@@ -138,7 +139,7 @@ def caller() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
-        if name.startswith(ROOT) and not name.endswith(("dryrun.py", "plan.py")):
+        if name.startswith(ROOT) and not name.startswith(TOOLS):
             return f"{name[len(ROOT) + 1:]}:{frame.f_code.co_name}"
         frame = frame.f_back
     return ""
@@ -165,11 +166,26 @@ def sharded_model(cfg: R1VConfig, ctx: Context, train: str, grad_ckpt: bool, dty
     return shard(model, ctx).train()
 
 
-def reference_bytes(cfg: R1VConfig, gpus: int) -> int:
+def meta_decoder(cfg: R1VConfig, dtype: torch.dtype, tp_size: int) -> TPDecoder:
+    """This rank's share of a `tp_size`-way tensor-parallel copy on the meta device, as tp.make_decoder builds it
+    before to_empty."""
+    with torch.device("meta"):
+        return TPDecoder(cfg.llm, dist.get_rank() % tp_size, tp_size).to(dtype)
+
+
+def reference_bytes(cfg: R1VConfig, gpus: int, replicate: int = 1) -> int:
     """This rank's shards of GRPO's frozen reference policy (bf16, sharded like the policy; never materialised)."""
-    fake_group(gpus)
-    ctx = Context(torch.device("cpu"), rank=0, world=gpus, dtype=torch.bfloat16)
-    return local_bytes(sharded_model(cfg, ctx, "none", False, torch.bfloat16))
+    return local_bytes(sharded_model(cfg, trace_context(gpus, replicate), "none", False, torch.bfloat16))
+
+
+def trace_context(gpus: int, replicate: int = 1, fake: bool = True) -> Context:
+    """This rank's Context in a (fake, unless fake=False) group of replicate x gpus ranks, with the GPU's settings.
+    replicate > 1 (HSDP: shard over `gpus`, replicate across) waits for parallel.py's 2-D mesh."""
+    if replicate > 1:
+        raise NotImplementedError(f"a trace over {replicate} replicas needs parallel.py's HSDP mesh")
+    if fake:
+        fake_group(gpus * replicate)
+    return Context(torch.device("cpu"), rank=dist.get_rank(), world=gpus * replicate, dtype=torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -277,20 +293,20 @@ def warm_up_shape(cfg: R1VConfig, s: Shape) -> Shape:
 
 # ---------------------------------------------------------------------------------------------- one recipe
 def trace_recipe(cfg: R1VConfig, gpus: int, train: str, grpo: bool, s: Shape = Shape(), grad_ckpt: bool = True,
-                 bf16_moments: bool = True, tp: bool = True, fake: bool = True, decode_steps: int = 2) -> dict:
+                 bf16_moments: bool = True, tp: bool = True, fake: bool = True, decode_steps: int = 2,
+                 replicate: int = 1) -> dict:
     """{phase: PeakTracker.result()} for one recipe: `train` the parts trained (optim.freeze's spec), `grpo` for
     GRPO's two phases, "rollout" (ViT once, one generate call) then "train" (one update), as grpo.train runs them;
     else one "train" step (sft.py). Each tracked phase follows an untracked warm-up step: Adam's state exists
     from the second step on, and the first step's set-up (FSDP's lazy init, DTensor's sharding propagation, which
     makes full-size tensors) would be counted. The tensor-parallel copy (tp) exists in the rollout phase only,
     as in grpo.train (release_rollout_copy before the update, rebuilt after it).
-    fake=False runs the same on real tensors in an initialised process group (the test against gloo)."""
-    if fake:
-        fake_group(gpus)
-    ctx = Context(torch.device("cpu"), rank=dist.get_rank(), world=gpus, dtype=torch.bfloat16)  # the GPU's settings
+    fake=False runs the same on real tensors in an initialised process group (the test against gloo).
+    replicate: nodes of `gpus` ranks (trace_context); the tensor-parallel copy spans one node's `gpus`."""
+    ctx = trace_context(gpus, replicate, fake)
     model = sharded_model(cfg, ctx, train, grad_ckpt)
     # tp.make_decoder in two halves: the meta copy here, outside FakeTensorMode; to_empty + refresh inside it
-    decoder = meta_decoder(cfg.llm, ctx.dtype) if grpo and tp else None
+    decoder = meta_decoder(cfg, ctx.dtype, gpus) if grpo and tp else None
     out = {}
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():  # (to_empty reads the meta model)
         model.to_empty(device="cpu")

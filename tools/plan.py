@@ -1,8 +1,9 @@
 """Memory plan: bytes per GPU for each recipe of the paper under FSDP2, from a config alone, and checked by a trace.
 
-    python plan.py --config tiny_configs/r1v3-38b.json --gpus 8           # the formula, every recipe
-    python plan.py --trace                                                # the real code on fake tensors, next to it
-    python plan.py --config tiny_configs/internvl3-2b.json --gpus 1       # one GPU: no FSDP
+    python -m tools.plan --config tiny_configs/r1v3-38b.json --gpus 8      # the formula, every recipe
+    python -m tools.plan --trace                                           # the real code on fake tensors, next to it
+    python -m tools.plan --config tiny_configs/internvl3-2b.json --gpus 1  # one GPU: no FSDP
+    python -m tools.plan --nodes 2                                         # 2 nodes of 8: HSDP and full FSDP
 
 The formula. Persistent state, sharded over W GPUs (FSDP2 splits every tensor by rows):
     weights  4 B x all parameters            (fp32 master copies; bf16 weights lose lr~1e-6 updates)
@@ -35,9 +36,9 @@ from dataclasses import dataclass
 
 from cli import Parser, at_least
 from model import R1VConfig, count_params
+from tools import ROOT
 
 GB = 1e9
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
@@ -124,13 +125,14 @@ def tp_copy_bytes(cfg: R1VConfig, gpus: int) -> float:
                 + 2 * rows * lm.hidden_size + lm.hidden_size)
 
 
-def state(cfg: R1VConfig, gpus: int, r: Recipe, bf16_moments: bool, tp: bool) -> dict:
-    """Persistent bytes per GPU: weights, grads (all of them, as after the backward), Adam, ref, tp_copy."""
+def state(cfg: R1VConfig, gpus: int, r: Recipe, bf16_moments: bool, tp_gpus: int) -> dict:
+    """Persistent bytes per GPU, sharded over `gpus`: weights, grads (all of them, as after the backward), Adam,
+    ref; tp_copy over `tp_gpus` (0: no tensor-parallel copy)."""
     u = units(cfg)
     n_train = sum(u[p] for p in r.train)
     return {"weights": 4 * u["total"] / gpus, "grads": 4 * n_train / gpus,
             "adam": (4 if bf16_moments else 8) * n_train / gpus, "ref": 2 * u["total"] / gpus if r.reference else 0,
-            "tp_copy": tp_copy_bytes(cfg, gpus) if tp and r.rollout_tokens and gpus > 1 else 0}
+            "tp_copy": tp_copy_bytes(cfg, tp_gpus) if tp_gpus > 1 and r.rollout_tokens else 0}
 
 
 # ----------------------------------------------------------------------------------------------- the moments
@@ -204,29 +206,33 @@ def rollout_moment(cfg: R1VConfig, gpus: int, r: Recipe, tp: bool, ab: int) -> f
 
 
 def plan(cfg: R1VConfig, gpus: int, r: Recipe, grad_ckpt: bool = True, bf16_moments: bool = False,
-         chunk: int = 1024, act_bytes: int = 2, tp: bool = True) -> dict:
+         chunk: int = 1024, act_bytes: int = 2, tp: bool = True, nodes: int = 1, hsdp: bool = True) -> dict:
     """Bytes per GPU: the persistent columns of state(), "train" and "rollout" (each phase's peak: persistent +
     its largest moment; rollout 0 for recipes without one), "at" (the moment that sets the peak) and "peak".
     act_bytes: 2 for bf16 compute, 4 for fp32 (the CPU check). One GPU means no FSDP and no tensor-parallel copy;
-    tp: GRPO keeps tp.py's rollout copy (grpo --tp, on when W divides the heads)."""
+    tp: GRPO keeps tp.py's rollout copy (grpo --tp, on when W divides the heads), over the `gpus` of a node.
+    nodes of `gpus` GPUs each: HSDP shards the training state inside a node and replicates it across nodes (per
+    GPU as on one node: the cross-node all-reduce works in place on the gradient shards); full FSDP
+    (hsdp=False) shards it over every GPU. Activations, KV cache and the TP copy per GPU are the same either way."""
     tp = tp and gpus > 1
-    out = state(cfg, gpus, r, bf16_moments, tp)
+    shard = gpus if hsdp else gpus * nodes
+    out = state(cfg, shard, r, bf16_moments, gpus if tp else 0)
     persistent = out["weights"] + out["adam"] + out["ref"] + out["tp_copy"]
-    moments = train_moments(cfg, gpus, r, grad_ckpt, bf16_moments, chunk, act_bytes)
+    moments = train_moments(cfg, shard, r, grad_ckpt, bf16_moments, chunk, act_bytes)
     at = max(moments, key=moments.get)
     out["train"], out["train_at"] = persistent - out["tp_copy"] + moments[at], at  # grpo.release_rollout_copy
-    out["rollout"] = persistent + rollout_moment(cfg, gpus, r, tp, act_bytes) if r.rollout_tokens else 0
+    out["rollout"] = persistent + rollout_moment(cfg, shard, r, tp, act_bytes) if r.rollout_tokens else 0
     out["peak"] = max(out["train"], out["rollout"])
     out["at"] = "rollout" if out["rollout"] > out["train"] else at
     return out
 
 
-def table(cfg: R1VConfig, gpus: int, tp: bool = True, **kw) -> str:
+def table(cfg: R1VConfig, gpus: int, tp: bool = True, nodes: int = 1, hsdp: bool = True, **kw) -> str:
     cols = ["weights", "grads", "adam", "ref", "tp_copy", "rollout", "train", "peak"]
     lines = [f"| recipe | options | {' | '.join(cols)} | peak at |", "|---|---|" + "---|" * (len(cols) + 1)]
     for r in recipes(**kw):
         for ckpt, bf16 in ((True, False), (True, True), (False, True)):
-            p = plan(cfg, gpus, r, grad_ckpt=ckpt, bf16_moments=bf16, tp=tp)
+            p = plan(cfg, gpus, r, grad_ckpt=ckpt, bf16_moments=bf16, tp=tp, nodes=nodes, hsdp=hsdp)
             opts = f"{'act-ckpt' if ckpt else 'no ckpt'}, {'bf16' if bf16 else 'fp32'} Adam"
             lines.append(f"| {r.name} | {opts} | " + " | ".join(f"{p[c] / GB:.1f}" for c in cols) + f" | {p['at']} |")
     return "\n".join(lines)
@@ -284,13 +290,14 @@ def tp_divides(cfg: R1VConfig, gpus: int) -> bool:
 
 
 def trace(cfg: R1VConfig, gpus: int, s=None, grad_ckpt: bool = True, bf16_moments: bool = True, tp: bool = True,
-          names=None) -> list:
+          names=None, replicate: int = 1) -> list:
     """Trace every recipe (or those in `names`; dryrun.trace_recipe) -> rows {recipe, phase, traced bytes by
     column, peak, at, stages, plan, plan_at}. Recipes that train the same parts share one trace. GRPO + KL ref is
-    GRPO's trace plus the reference's local shards: its forward (no grad, before the update) peaks below both."""
+    GRPO's trace plus the reference's local shards: its forward (no grad, before the update) peaks below both.
+    replicate: nodes of `gpus` ranks under HSDP, next to the formula's HSDP column (dryrun.trace_context)."""
     from tqdm import tqdm
 
-    from dryrun import Shape, reference_bytes, trace_recipe, train_spec
+    from tools.dryrun import Shape, reference_bytes, trace_recipe, train_spec
 
     s = s or Shape()
     tp = tp and tp_divides(cfg, gpus)
@@ -305,10 +312,11 @@ def trace(cfg: R1VConfig, gpus: int, s=None, grad_ckpt: bool = True, bf16_moment
             key = (r.train, bool(r.rollout_tokens))
             if key not in traced:
                 bar.set_postfix_str(r.name)
-                traced[key] = trace_recipe(cfg, gpus, train_spec(r.train), key[1], s, grad_ckpt, bf16_moments, tp)
+                traced[key] = trace_recipe(cfg, gpus, train_spec(r.train), key[1], s, grad_ckpt, bf16_moments, tp,
+                                           replicate=replicate)
                 bar.update(len(traced[key]))
-            ref = reference_bytes(cfg, gpus) if r.reference else 0
-            p = plan(cfg, gpus, r, grad_ckpt, bf16_moments, s.chunk, tp=tp)
+            ref = reference_bytes(cfg, gpus, replicate) if r.reference else 0
+            p = plan(cfg, gpus, r, grad_ckpt, bf16_moments, s.chunk, tp=tp, nodes=replicate)
             for phase, got in traced[key].items():
                 rows.append({"recipe": r.name, "phase": phase, **got, "ref": ref, "peak": got["peak"] + ref,
                              "plan": p[phase], "plan_at": "rollout" if phase == "rollout" else p["train_at"]})
@@ -333,7 +341,8 @@ def trace_table(rows: list) -> str:
 def parse_args(argv=None):
     ap = Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="tiny_configs/r1v3-38b.json", help="a release-format config.json")
-    ap.add_argument("--gpus", type=int, default=8)
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs per node")
+    ap.add_argument("--nodes", type=int, default=1, help="nodes of --gpus GPUs: > 1 prints HSDP and full FSDP")
     ap.add_argument("--seq", type=int, default=8192, help="tokens per sequence (prompt + response)")
     ap.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per backward")
     ap.add_argument("--rollout-seqs", type=int, default=8, help="sequences per GPU generated at once")
@@ -353,10 +362,12 @@ def parse_args(argv=None):
                     help="--measure: the recipe (default cold-start SFT); --trace: only these (repeatable)")
     a = ap.parse_args(argv)
     try:
-        at_least(a, 1, "gpus", "seq", "micro_batch", "rollout_seqs", "group", "step_prompts", "chunk", "prompt")
+        at_least(a, 1, "gpus", "nodes", "seq", "micro_batch", "rollout_seqs", "group", "step_prompts", "chunk", "prompt")
         at_least(a, 0, "tiles")
     except ValueError as e:
         ap.error(str(e))
+    if a.trace and a.nodes > 1:
+        ap.error("--trace on several nodes needs parallel.py's HSDP mesh: trace one node (--nodes 1)")
     if a.trace and a.gpus < 2:
         ap.error("--trace shards over a fake group of --gpus >= 2 ranks (one GPU: the formula alone)")
     if not a.measure:
@@ -372,6 +383,18 @@ def parse_args(argv=None):
     return a
 
 
+def print_tables(a, head: str):
+    """The formula's table for one node, or for HSDP and full FSDP on --nodes nodes."""
+    layouts = [(True, "")] if a.nodes == 1 else [
+        (True, f"HSDP: sharded over each node's {a.gpus} GPUs, replicated over {a.nodes} nodes"),
+        (False, f"full FSDP: sharded over all {a.nodes * a.gpus} GPUs")]
+    for hsdp, layout in layouts:
+        print(f"{head}{', ' + layout if layout else ''}")
+        print(table(a.cfg, a.gpus, tp=not a.no_tp and tp_divides(a.cfg, a.gpus), nodes=a.nodes, hsdp=hsdp,
+                    seq=a.seq, micro_batch=a.micro_batch, rollout_seqs=a.rollout_seqs, tiles=a.tiles, group=a.group,
+                    step_prompts=a.step_prompts, prompt=a.prompt))
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.measure:
@@ -381,11 +404,8 @@ def main(argv=None):
             f"seq {a.seq}, micro-batch {a.micro_batch}, rollout {a.rollout_seqs} seqs, {a.tiles} tiles, group "
             f"{a.group}")
     if not a.trace:
-        print(head)
-        return print(table(cfg, a.gpus, tp=not a.no_tp and tp_divides(cfg, a.gpus), seq=a.seq,
-                           micro_batch=a.micro_batch, rollout_seqs=a.rollout_seqs, tiles=a.tiles, group=a.group,
-                           step_prompts=a.step_prompts, prompt=a.prompt))
-    from dryrun import Shape
+        return print_tables(a, head)
+    from tools.dryrun import Shape
 
     t0 = time.perf_counter()
     s = Shape(a.seq, a.prompt, a.micro_batch, a.rollout_seqs, a.group, a.step_prompts, a.tiles, a.chunk)

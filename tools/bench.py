@@ -17,13 +17,15 @@ same thing (same greedy tokens, features, losses, weights), so the comparison is
 Ratio = ours / theirs throughput (> 1: ours is faster): median over repeats; spread = min..max of per-repeat ratios.
 
 The roofline section is computed from a config (default the release's shapes), not measured: bytes and FLOPs per
-decode step, per training token, per tile, and the lower bounds they imply on 8xH100.
+decode step, per training token, per tile, and the lower bounds they imply on 8xH100; the GRPO step on 1, 2 and 4
+such nodes, HSDP vs full FSDP.
 
-    python bench.py --config small --device cpu       # the table (+ out/bench_small_cpu.json)
-    python bench.py --config proxy --device cuda      # release-width blocks, 2 + 2 layers
-    python bench.py --roofline                        # the 38B on 8xH100 (+ out/roofline_r1v3-38b.json)
-    python bench.py --config small --profile decode1  # torch.profiler top ops, both sides, one row
-    python bench.py --rollout                         # rollout speed (bench_rollout.py, + out/bench_rollout.json)
+    python -m tools.bench --config small --device cpu       # the table (+ out/bench_small_cpu.json)
+    python -m tools.bench --config proxy --device cuda      # release-width blocks, 2 + 2 layers
+    python -m tools.bench --roofline                        # the 38B on 8xH100 (+ out/roofline_r1v3-38b.json)
+    python -m tools.bench --roofline --inter-node-gbps 200  # the GRPO step on 2 and 4 nodes over a slower network
+    python -m tools.bench --config small --profile decode1  # torch.profiler top ops, both sides, one row
+    python -m tools.bench --rollout                         # rollout speed (bench_rollout.py, + out/bench_rollout.json)
 
 transformers is the reference: tests/hf_reference.py builds it (transformers stays out of the project's code).
 """
@@ -40,11 +42,10 @@ import torch
 
 from cli import at_least, check_choices, choice, parse_config
 from grpo import GRPOConfig, grpo_loss, on_policy
-from logs import machine
 from model import R1VConfig, SkyworkR1V, count_params, token_logprobs_and_entropy
 from sft import sft_loss, write_tiny_checkpoint
+from tools import ROOT, machine
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHARD_BYTES = 5 * 2**30  # the release's (and HF's) 5 GB shards, for both formats
 NO_EOS = -1  # an eos id argmax never returns: every row generates every token
@@ -57,7 +58,7 @@ class BenchConfig:
     dtype: str = choice("", "fp32", "bf16")  # default ("") fp32 on cpu, bf16 on cuda
     repeats: int = 5              # timed repeats per side, after one warm-up call each
     threads: int = 2              # torch.set_num_threads on cpu (1 on a shared, loaded machine: a 2nd OpenMP thread
-                                  # then waits for a descheduled peer at every op, measured 2-3x slower)
+                                  # then waits for a descheduled peer at every op); --rollout: the one process's
     only: str = ""                # comma-separated row names (default: all)
     out: str = ""                 # JSON results; default out/bench_<config>_<device>.json
     profile: str = ""             # a row name: print torch.profiler's top ops for both sides instead of timing
@@ -65,10 +66,11 @@ class BenchConfig:
     rollout: bool = False         # bench_rollout.py: TP vs FSDP-gather decode on 2 ranks, group vs per-row rollouts
     roofline_config: str = "r1v3-38b"
     context: int = 4096           # roofline: tokens in context per sequence (decode KV reads, training sequence)
+    inter_node_gbps: float = 400  # roofline: network bandwidth between nodes, Gb/s per GPU (one NIC per GPU)
 
     def __post_init__(self):
         check_choices(self)
-        at_least(self, 1, "repeats", "threads", "context")
+        at_least(self, 1, "repeats", "threads", "context", "inter_node_gbps")
 
 
 @dataclass
@@ -87,7 +89,7 @@ class Sizes:  # the work of one timed call per row
 SIZES = {"tiny": Sizes(1, 64, 8, 8, 64, 4, 2, 16, 16),
          "small": Sizes(2, 512, 16, 32, 64, 16, 2, 64, 64),
          "proxy": Sizes(8, 2048, 16, 64, 64, 32, 4, 512, 512)}
-# ours / theirs targets from the issue, in run order
+# ours / theirs targets, in run order
 TARGETS = {"vit": 1.0, "prefill": 1.0, "decode1": 1.5, "decodeB": 1.0, "load": 1.0, "sft": 1.0, "grpo": 1.0}
 
 
@@ -97,7 +99,7 @@ TARGETS = {"vit": 1.0, "prefill": 1.0, "decode1": 1.5, "decodeB": 1.0, "load": 1
 def reference():
     """tests/hf_reference.py: transformers' InternVL holding our weights. It lives with the tests because
     transformers is a test-and-benchmark dependency (requirements-test.txt) that the project's code never imports."""
-    sys.path.insert(0, os.path.join(HERE, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
     import hf_reference
     return hf_reference
 
@@ -131,7 +133,7 @@ class Row:
     grad: bool = False
 
 
-def text_ids(batch: int, length: int, device, seed: int = 0):
+def text_ids(batch: int, length: int, device="cpu", seed: int = 0):
     """Random byte-level token ids (no special tokens, so no <IMG_CONTEXT> by accident): [B, T]."""
     return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
 
@@ -401,6 +403,7 @@ class Hardware:  # one 8xH100 SXM node; datasheet peaks (dense bf16, no sparsity
     hbm_bytes_per_s: float = 3.35e12
     flops_per_s: float = 989e12          # 1,979 with 2:4 sparsity, halved
     nvlink_bytes_per_s: float = 450e9     # per GPU per direction: ring all-gather / reduce-scatter bandwidth
+    inter_node_bytes_per_s: float = 50e9  # per GPU per direction between nodes: 400 Gb/s, one NIC per GPU
     hbm_bytes: float = 80e9
     nvme_bytes_per_s: float = 7e9         # assumed: one PCIe 4.0 x4 NVMe drive
     host_bytes_per_s: float = 50e9        # assumed: page cache -> GPUs over PCIe 5.0, bounded by host DRAM
@@ -429,6 +432,11 @@ def model_costs(config: R1VConfig) -> dict:
         trained=counts["language_model"] + counts["mlp1"])  # GRPO's default trainable parts
 
 
+def ring(n: int) -> float:
+    """The share of a tensor each member of an n-member ring all-gather or reduce-scatter sends."""
+    return (n - 1) / n
+
+
 def decode_bound(c: dict, hw: Hardware, batch: int, context: int, fsdp: bool) -> dict:
     """One decode step, `batch` sequences per GPU each with `context` tokens of KV, per GPU.
     resident: weights stay in HBM, tensor-parallel over the node (tp.py, or an inference engine): each GPU reads
@@ -443,11 +451,11 @@ def decode_bound(c: dict, hw: Hardware, batch: int, context: int, fsdp: bool) ->
     kv = batch * context * c["kv_bytes_per_token"]
     flops = batch * (2 * c["dec_matmul"] + context * c["attn_flops_per_ctx_token"])
     hbm = (weights if fsdp else weights / hw.gpus) + kv
-    ring, rows = (hw.gpus - 1) / hw.gpus, hw.gpus * batch
+    rows = hw.gpus * batch
     if fsdp:
-        comm = 2 * (c["params"]["language_model"] - c["lm_head"]) * ring
+        comm = 2 * (c["params"]["language_model"] - c["lm_head"]) * ring(hw.gpus)
     else:
-        comm = ring * 2 * rows * (2 * (2 * c["layers"] + 1) * c["hidden"] + c["vocab"])
+        comm = ring(hw.gpus) * 2 * rows * (2 * (2 * c["layers"] + 1) * c["hidden"] + c["vocab"])
     times = {"HBM": hbm / hw.hbm_bytes_per_s, "compute": flops / hw.flops_per_s, "NVLink": comm / hw.nvlink_bytes_per_s}
     bound = max(times, key=times.get)
     held = (4 if fsdp else 2) * c["params"]["total"] / hw.gpus
@@ -461,43 +469,66 @@ def decode_bound(c: dict, hw: Hardware, batch: int, context: int, fsdp: bool) ->
 RECIPE_PROMPT_TOKENS, RECIPE_TILES = 2048, 7
 
 
-def grpo_step_bound(c: dict, hw: Hardware, g: GRPOConfig, tp: bool, prompt: int = RECIPE_PROMPT_TOKENS,
-                    tiles: int = RECIPE_TILES) -> dict:
-    """Lower bound on one GRPO step of recipe g (grpo.py's defaults) per GPU, every response at max_new_tokens,
-    each phase at the max of its compute, HBM and NVLink times (perfect overlap), at 100% of the peaks.
-    rollout   each prompt prefilled once (ViT once) and G rows decoded from it; a rank's rows in
-              rollout_batch_size-sequence calls, each max_new_tokens decode steps (decode_bound, mean context);
-              with TP all ranks' calls decode together, so the node batch is gpus x rollout_batch_size
-    logprobs  the old policy's forward over every sequence, unless the update is one optimizer step
-              (grpo.old_logprobs: the default recipe's case), and the reference's when beta > 0
-    update    ppo_epochs forward + backward (+ a recomputed forward with activation checkpointing); FSDP per
-              micro-batch: bf16 all-gathers in forward and backward, fp32 reduce-scatter, of the trained parts
-    refresh   TP only: the row-parallel matrices' fp32 all-to-all, and a read + bf16 write of 1/gpus of the decoder"""
-    seqs = g.prompts_per_step * g.group_size // hw.gpus                    # sequences per GPU
-    length, ring = prompt + g.max_new_tokens, (hw.gpus - 1) / hw.gpus
+def fsdp_collective_s(nbytes: float, hw: Hardware, nodes: int, hsdp: bool) -> float:
+    """One FSDP all-gather or reduce-scatter of `nbytes` (the whole tensor). Sharded inside a node (one node, or
+    HSDP) it runs over NVLink; sharded over all nodes (full FSDP) the ring crosses the network, whose bandwidth
+    then bounds it."""
+    if nodes == 1 or hsdp:
+        return ring(hw.gpus) * nbytes / hw.nvlink_bytes_per_s
+    return ring(hw.gpus * nodes) * nbytes / hw.inter_node_bytes_per_s
+
+
+def grpo_step_bound(c: dict, hw: Hardware, g: GRPOConfig, tp: bool, nodes: int = 1, hsdp: bool = True,
+                    prompt: int = RECIPE_PROMPT_TOKENS, tiles: int = RECIPE_TILES) -> dict:
+    """Lower bound on one GRPO step of recipe g (grpo.py's defaults) per GPU on `nodes` nodes of hw.gpus GPUs,
+    every response at max_new_tokens, each phase at the max of its compute, HBM and network times (perfect
+    overlap), at 100% of the peaks. The step's prompts are split over all GPUs; TP generation stays inside a node.
+    rollout    each prompt prefilled once (ViT once) and G rows decoded from it; a rank's rows in
+               rollout_batch_size-sequence calls, each max_new_tokens decode steps (decode_bound, mean context);
+               with TP all ranks of a node decode together, so the node batch is gpus x rollout_batch_size
+    logprobs   the old policy's forward over every sequence, unless the update is one optimizer step
+               (grpo.old_logprobs: the default recipe's case), and the reference's when beta > 0
+    update     ppo_epochs forward + backward (+ a recomputed forward with activation checkpointing); FSDP per
+               micro-batch: bf16 all-gathers in forward and backward, fp32 reduce-scatter, of the trained parts
+               (fsdp_collective_s: inside a node, or across all nodes for full FSDP)
+    replicate  HSDP on several nodes: per optimizer step, one fp32 all-reduce of each GPU's gradient shard
+               across the nodes' replicas (a ring all-reduce sends twice ring(nodes) of it)
+    refresh    TP only: the row-parallel matrices' fp32 all-to-all, and a read + bf16 write of 1/gpus of the decoder"""
+    seqs = g.prompts_per_step * g.group_size // (hw.gpus * nodes)           # sequences per GPU
+    length = prompt + g.max_new_tokens
     fwd_flops = length * (2 * c["dec_matmul"] + length / 2 * c["attn_flops_per_ctx_token"])  # one sequence, causal
     micro = -(-seqs // g.micro_batch_size)
 
-    def per_micro(flops: float, comm: float) -> float:
-        return micro * max(flops / micro / hw.flops_per_s, comm / hw.nvlink_bytes_per_s)
+    def per_micro(flops: float, nbytes: float) -> float:
+        return micro * max(flops / micro / hw.flops_per_s, fsdp_collective_s(nbytes, hw, nodes, hsdp))
 
     step = decode_bound(c, hw, g.rollout_batch_size, prompt + g.max_new_tokens // 2, fsdp=not tp)
     prefill = seqs / g.group_size * (prompt * (2 * c["dec_matmul"] + prompt / 2 * c["attn_flops_per_ctx_token"])
                                      + tiles * c["tile_flops"])
     passes = (not on_policy(g, seqs)) + (g.beta > 0)  # the old policy (grpo.old_logprobs) and the reference
     recompute = 4 if g.grad_checkpointing else 3                           # x the forward: fwd + 2x bwd (+ fwd)
+    opt_steps = g.ppo_epochs * -(-seqs // g.minibatch_size)
     phases = dict(
         rollout=prefill / hw.flops_per_s + -(-seqs // g.rollout_batch_size) * g.max_new_tokens * step["step_s"],
-        logprobs=passes * per_micro(seqs * fwd_flops, 2 * c["trained"] * ring),
-        update=g.ppo_epochs * per_micro(recompute * seqs * fwd_flops, (2 + 2 + 4) * c["trained"] * ring),
-        refresh=(4 * c["row_parallel"] / hw.gpus * ring / hw.nvlink_bytes_per_s
+        logprobs=passes * per_micro(seqs * fwd_flops, 2 * c["trained"]),
+        update=g.ppo_epochs * per_micro(recompute * seqs * fwd_flops, (2 + 2 + 4) * c["trained"]),
+        replicate=(opt_steps * 2 * ring(nodes) * 4 * c["trained"] / hw.gpus / hw.inter_node_bytes_per_s
+                   if hsdp and nodes > 1 else 0.0),
+        refresh=(4 * c["row_parallel"] / hw.gpus * ring(hw.gpus) / hw.nvlink_bytes_per_s
                  + 6 * c["params"]["language_model"] / hw.gpus / hw.hbm_bytes_per_s) if tp else 0.0)
-    return dict(generation="TP" if tp else "FSDP-gather", seqs_per_gpu=seqs, decode_step=step, phases=phases,
-                step_s=sum(phases.values()))
+    return dict(generation="TP" if tp else "FSDP-gather", nodes=nodes,
+                sharding="FSDP" if nodes == 1 else "HSDP" if hsdp else "full FSDP", seqs_per_gpu=seqs,
+                decode_step=step, phases=phases, step_s=sum(phases.values()))
+
+
+def multi_node(c: dict, hw: Hardware, g: GRPOConfig) -> list:
+    """The GRPO step (TP generation) on 1, 2 and 4 nodes: HSDP and full FSDP, the same recipe's prompts."""
+    return [grpo_step_bound(c, hw, g, True, nodes, hsdp) for nodes in (1, 2, 4)
+            for hsdp in ((True, False) if nodes > 1 else (True,))]
 
 
 def roofline(config_name: str = "r1v3-38b", context: int = 4096, hw: Hardware = Hardware()) -> dict:
-    with open(os.path.join(HERE, "tiny_configs", f"{config_name}.json")) as f:
+    with open(os.path.join(ROOT, "tiny_configs", f"{config_name}.json")) as f:
         config = R1VConfig.from_dict(json.load(f), config_name)
     c = model_costs(config)
     p = c["params"]
@@ -508,6 +539,7 @@ def roofline(config_name: str = "r1v3-38b", context: int = 4096, hw: Hardware = 
         config=config_name, hardware=asdict(hw), costs=c,
         decode=[decode_bound(c, hw, b, context, fsdp) for fsdp in (False, True) for b in (1, 64)],
         grpo=[grpo_step_bound(c, hw, GRPOConfig(), tp) for tp in (False, True)], recipe=asdict(GRPOConfig()),
+        nodes=multi_node(c, hw, GRPOConfig()),
         train=dict(flops_per_token=train_flops, node_tokens_per_s=hw.gpus * hw.flops_per_s / train_flops,
                    fsdp_bytes_per_microbatch=fsdp_comm,
                    min_tokens_per_gpu_microbatch=fsdp_comm / hw.nvlink_bytes_per_s * hw.flops_per_s / train_flops),
@@ -549,7 +581,7 @@ def roofline_report(r: dict) -> str:
             f"fit only with a mean context <= {kv_room / 64 / c['kv_bytes_per_token']:,.0f} tokens. So rollouts belong "
             f"in an engine that keeps the weights resident (gathered or resharded to tensor-parallel once per rollout "
             f"phase), not in generate() on FSDP shards.", "",
-            *grpo_report(r), "",
+            *grpo_report(r), "", *nodes_report(r), "",
             "### Training (SFT / GRPO), per token", "",
             f"- FLOPs/token = 6 x {c['dec_matmul'] / 1e9:.1f}B + attention at {r['decode'][0]['context']} context = "
             f"{tr['flops_per_token'] / 1e9:.0f} GFLOP (+1 forward = 8N with activation checkpointing).",
@@ -601,6 +633,24 @@ def grpo_report(r: dict) -> list:
     return out
 
 
+def nodes_report(r: dict) -> list:
+    """The GRPO step with TP generation on 1, 2, 4 nodes: HSDP vs full FSDP (multi_node)."""
+    hw, g, one = r["hardware"], r["recipe"], r["nodes"][0]
+    out = [f"### GRPO step on 1, 2, 4 nodes of {hw['gpus']}xH100: HSDP vs full FSDP (COMPUTED, not measured)", "",
+           f"The same recipe ({g['prompts_per_step']} prompts x {g['group_size']} samples) split over all GPUs; "
+           f"TP generation inside each node, data-parallel across nodes. Network between nodes "
+           f"{hw['inter_node_bytes_per_s'] * 8 / 1e9:.0f} Gb/s per GPU. HSDP shards the training state inside a "
+           f"node (its all-gathers and reduce-scatters on NVLink) and replicates it across nodes: one fp32 "
+           f"all-reduce of the gradient shards across nodes per optimizer step. Full FSDP shards over every GPU: "
+           f"each micro-batch's all-gathers and reduce-scatter cross the network.", "",
+           "| nodes | training | seqs/GPU | rollout s >= | update s >= | cross-node all-reduce s >= | GRPO step s >= "
+           "| vs 1 node |", "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {n['nodes']} | {n['sharding']} | {n['seqs_per_gpu']} | {fmt(n['phases']['rollout'])} "
+            f"| {fmt(n['phases']['update'])} | {fmt(n['phases']['replicate'])} | **{fmt(n['step_s'])}** "
+            f"| {one['step_s'] / n['step_s']:.2f}x |" for n in r["nodes"]]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> BenchConfig:
@@ -610,10 +660,10 @@ def parse_args(argv=None) -> BenchConfig:
 
 def main(cfg: BenchConfig):
     if cfg.rollout:
-        import bench_rollout  # rollout speed lives in its own file: this one compares against transformers
+        from tools import bench_rollout  # rollout speed lives in its own file: this one compares against transformers
         return bench_rollout.run(cfg)
     if cfg.roofline:
-        r = roofline(cfg.roofline_config, cfg.context)
+        r = roofline(cfg.roofline_config, cfg.context, Hardware(inter_node_bytes_per_s=cfg.inter_node_gbps * 1e9 / 8))
         print(roofline_report(r))
         out = cfg.out or os.path.join("out", f"roofline_{cfg.roofline_config}.json")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -1,4 +1,4 @@
-"""Rollout speed, measured (issues 13 and 14): `python bench.py --rollout`.
+"""Rollout speed, measured: `python -m tools.bench --rollout`.
 
 Two comparisons of the same work done two ways, each paired and interleaved in one run (repeats alternate which
 side goes first, A B B A ..., so both sides see the same machine load), each checked for equal work before timing:
@@ -7,8 +7,11 @@ side goes first, A B B A ..., so both sides see the same machine load), each che
            (B = 1 and 8; rank r brings rows r, r+2, ...) decoded three ways, greedy, eos off:
              TP           tp.make_decoder's tensor-parallel copy: two all-reduces of [B,1,D] per layer per token
              FSDP-gather  generate on the FSDP2 shards (decoder=None): every layer all-gathered every token
-             one process  the unsharded model on rank 0 with `threads` threads (rank 1 waits in a barrier)
-           Greedy tokens must be identical on all three.
+             one process  what `python sample.py` runs: SkyworkR1V.from_pretrained and generate, in a process of its
+                          own (no process group) with `threads` threads; half its repeats before the 2-rank job,
+                          half after (two jobs cannot interleave their calls)
+           Greedy tokens must be identical on all three. Then one TP call at batch 1 under torch.profiler on rank 0:
+           per token, the time in aten ops (compute) vs from each collective's call to its return (waiting).
   refresh  the same 2 ranks: tp.refresh (FSDP shards -> TP copy) next to one optimizer step of the sharded model
            (forward + backward + AdamW on a short text batch); GRPO rebuilds the copy after each
            update (tp.make_decoder: an allocation, then this refresh).
@@ -23,8 +26,8 @@ side goes first, A B B A ..., so both sides see the same machine load), each che
 
 Ratios are "A faster than B": median time of B / median time of A; the range is over per-repeat paired ratios.
 
-    python bench.py --rollout                       # everything: the table + out/bench_rollout.json
-    python bench.py --rollout --only group --repeats 3
+    python -m tools.bench --rollout  # everything: the table + out/bench_rollout.json
+    python -m tools.bench --rollout --only group --repeats 3
 """
 import json
 import os
@@ -40,20 +43,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.profiler import ProfilerActivity, profile, record_function
 from PIL import Image
 
 from data import Tokenizer, encode_prompt
 from grpo import GRPOConfig, Prompt, batch_logprobs, old_logprobs, optimise
-from logs import machine
 from model import SkyworkR1V, token_logprobs_and_entropy
 from optim import make_optimizer
 from parallel import Context, load, setup
 from rollout import generate_responses, vit_once
 from sft import write_tiny_checkpoint
+from tools import machine
+from tools.bench import NO_EOS, fmt, text_ids
 from tp import make_decoder, refresh
 
 WORLD = 2
-NO_EOS = -1  # a stop id no row ever samples: every row makes every token, so both sides do equal work
 PARTS = ("decode", "group")
 
 
@@ -114,76 +118,124 @@ def compare(row: str, unit: str, times: dict, a: str, b: str, work: float = 0.0,
                 target=target, met=None if target is None else ratio >= target, seconds={a: ta, b: tb})
 
 
-def text_ids(batch: int, length: int, seed: int = 0):
-    """Random byte-level token ids (no special tokens, so no <IMG_CONTEXT> by accident): [B, T]."""
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def spawned(fn, nprocs: int, *args):
+    """fn(rank, out, *args) in `nprocs` fresh processes -> the JSON rank 0 wrote to `out` (mp.spawn returns
+    nothing)."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out.json")
+        mp.spawn(fn, args=(out, *args), nprocs=nprocs, join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def write_json(out: str, value):
+    with open(out, "w") as f:
+        json.dump(value, f)
+
+
 # ------------------------------------------------------------------------------- decode and refresh: 2 ranks
-def two_rank_rows(ckpt: str, s: RolloutSizes, repeats: int, threads: int) -> list:
-    """Spawn 2 gloo ranks on a free port; rank 0 writes its rows to a file (mp.spawn returns nothing)."""
-    out = os.path.join(os.path.dirname(ckpt), "rows.json")
-    mp.spawn(rank_main, args=(ckpt, out, free_port(), s, repeats, threads), nprocs=WORLD, join=True)
-    with open(out) as f:
-        return json.load(f)
+def decode_table_rows(ckpt: str, s: RolloutSizes, repeats: int, threads: int) -> tuple[list, dict]:
+    """The decode and refresh rows, and rank 0's profile split (collective_split) of a TP call at batch 1."""
+    alone, half = f"one process, {threads} thread{'s' * (threads > 1)}", repeats // 2
+    before = spawned(one_process_main, 1, ckpt, s, repeats - half, threads)
+    job = spawned(rank_main, WORLD, ckpt, s, repeats, before["tokens"], free_port())
+    after = spawned(one_process_main, 1, ckpt, s, half, threads)["seconds"] if half else {}
+    rows = []
+    for b in map(str, s.decode_batches):
+        times = {**job["seconds"][b], alone: before["seconds"][b] + after.get(b, [])}
+        work, name = int(b) * s.decode_new, f"decode, batch {b}"
+        rows += [compare(name, "tokens/s", times, "TP", "FSDP-gather", work, target=5.0),
+                 compare(name, "tokens/s", times, "TP", alone, work, target=0.4)]
+    return rows + [job["refresh"]], job["split"]
 
 
-def rank_main(rank: int, ckpt: str, out: str, port: int, s: RolloutSizes, repeats: int, threads: int):
+def one_process_main(rank: int, out: str, ckpt: str, s: RolloutSizes, repeats: int, threads: int):
+    """`python sample.py`'s decode path, alone in its process: {"seconds": {batch: [...]}, "tokens": {batch: ids}}."""
+    torch.set_num_threads(threads)
+    model = SkyworkR1V.from_pretrained(ckpt).eval()
+    seconds, tokens = {}, {}
+    for b in s.decode_batches:
+        ids = text_ids(b, s.decode_prompt, seed=b)
+        times, outs = measure({"one": lambda: model.generate(ids, max_new_tokens=s.decode_new, eos_token_id=NO_EOS)},
+                              repeats, timed)
+        seconds[str(b)], tokens[str(b)] = times["one"], outs["one"].tolist()
+    write_json(out, {"seconds": seconds, "tokens": tokens})
+
+
+def rank_main(rank: int, out: str, ckpt: str, s: RolloutSizes, repeats: int, want: dict, port: int):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     ctx = setup(dtype="fp32")
     torch.set_num_threads(1)  # one core per rank: the two ranks fill the 2-core machine
     try:
         sharded = load(ckpt, ctx, train="connector,llm")  # GRPO's trainable parts, FSDP2
         decoder = make_decoder(sharded, torch.float32)
-        ref = SkyworkR1V.from_pretrained(ckpt).eval()  # the one-process side (timed on rank 0 only)
-        rows = [r for b in s.decode_batches for r in decode_rows(ctx, sharded, decoder, ref, b, s, repeats, threads)]
-        rows.append(refresh_row(ctx, sharded, decoder, s, repeats))
+        seconds = {str(b): decode_times(ctx, sharded, decoder, b, s, repeats, torch.tensor(want[str(b)]))
+                   for b in s.decode_batches}
+        ids = text_ids(1, s.decode_prompt, seed=1)[ctx.rank::WORLD]
+        split = collective_split(lambda: sharded.generate(ids, None, torch.ones_like(ids), decoder=decoder,
+                                                          max_new_tokens=s.decode_new, eos_token_id=NO_EOS),
+                                 s.decode_new)
+        refresh = refresh_row(ctx, sharded, decoder, s, repeats)
         if rank == 0:
-            with open(out, "w") as f:
-                json.dump(rows, f)
+            write_json(out, {"seconds": seconds, "refresh": refresh, "split": split})
     finally:
         dist.destroy_process_group()
 
 
-def decode_rows(ctx, sharded, decoder, ref, batch: int, s: RolloutSizes, repeats: int, threads: int) -> list:
-    """The same `batch` prompts decoded by TP, FSDP-gather and one process; tokens/s of the whole job."""
-    ids = text_ids(batch, s.decode_prompt, seed=batch)
-    mine = ids[ctx.rank::WORLD]  # batch 1: rank 1 brings no rows but steps along (every path is collective)
-    kw = dict(max_new_tokens=s.decode_new, eos_token_id=NO_EOS)
-
-    def one_process(threads: int):
-        def run():
-            if ctx.rank:
-                return None  # rank 1 waits in the barrier (gloo blocks, it does not spin: measured ~0 CPU s)
-            torch.set_num_threads(threads)
-            try:
-                return ref.generate(ids, **kw)
-            finally:
-                torch.set_num_threads(1)
-        return run
-
-    # one process with `threads` threads (the brief's baseline) and with 1 (what `python sample.py` uses:
-    # parallel.setup sets 1 thread on CPU, as a 2nd thread waits for a descheduled peer on a loaded machine)
-    alone = [f"one process, {threads} threads", "one process, 1 thread"][:2 if threads > 1 else 1]
+def decode_times(ctx, sharded, decoder, batch: int, s: RolloutSizes, repeats: int, want) -> dict:
+    """The same `batch` prompts decoded by TP and by FSDP-gather -> {side: [seconds of the whole job]}; each rank's
+    rows checked against the one-process tokens `want`."""
+    mine = text_ids(batch, s.decode_prompt, seed=batch)[ctx.rank::WORLD]  # batch 1: rank 1 brings no rows but
+    kw = dict(max_new_tokens=s.decode_new, eos_token_id=NO_EOS)           # steps along (every path is collective)
     sides = {"TP": lambda: sharded.generate(mine, None, torch.ones_like(mine), decoder=decoder, **kw),
-             "FSDP-gather": lambda: sharded.generate(mine, None, torch.ones_like(mine), **kw),
-             **{name: one_process(n) for name, n in zip(alone, [threads, 1])}}
+             "FSDP-gather": lambda: sharded.generate(mine, None, torch.ones_like(mine), **kw)}
     times, outs = measure(sides, repeats, timed_together)
-    want = outs[alone[0]] if ctx.rank == 0 else torch.empty(batch, s.decode_prompt + s.decode_new, dtype=torch.long)
-    dist.broadcast(want, src=0)  # rank 0's one-process tokens, to check every rank's rows against
-    for side in ("TP", "FSDP-gather"):
+    for side in sides:
         assert torch.equal(outs[side], want[ctx.rank::WORLD]), \
             f"batch {batch}: {side} greedy tokens differ from one process's on rank {ctx.rank}"
-    assert ctx.rank or all(torch.equal(outs[side], want) for side in alone), "one process: tokens depend on threads"
-    work, name = batch * s.decode_new, f"decode, batch {batch}"
-    return [compare(name, "tokens/s", times, "TP", "FSDP-gather", work, target=5.0),
-            *[compare(name, "tokens/s", times, "TP", side, work, target=0.4) for side in alone]]
+    return times
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "broadcast")  # what tp.py and the decode loop call
+
+
+def collective_split(fn, tokens: int) -> dict:
+    """torch.profiler over fn() on this rank -> ms per token: compute (the aten ops' own time; matmul: mm and
+    addmm), waiting (each torch.distributed collective from its call to its return, annotated here), the rest
+    (Python, dispatch, the profiler's own overhead), and collectives per token."""
+    saved = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def annotated(name, f):
+        def call(*args, **kwargs):
+            with record_function(f"collective: {name}"):
+                return f(*args, **kwargs)
+        return call
+
+    for name, f in saved.items():  # tp.py looks dist.all_reduce up at each call: it sees the annotated one
+        setattr(dist, name, annotated(name, f))
+    try:
+        dist.barrier()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            wall = time.perf_counter() - t0
+    finally:
+        for name, f in saved.items():
+            setattr(dist, name, f)
+    events = prof.key_averages()
+    ms = lambda us: us / 1e3 / tokens  # noqa: E731
+    waiting = [e for e in events if e.key.startswith("collective: ")]
+    compute = ms(sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")))
+    split = dict(wall_ms=wall * 1e3 / tokens, compute_ms=compute, waiting_ms=ms(sum(e.cpu_time_total for e in waiting)),
+                 matmul_ms=ms(sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm"))),
+                 collectives=sum(e.count for e in waiting) / tokens)
+    return dict(split, other_ms=split["wall_ms"] - compute - split["waiting_ms"])
 
 
 def refresh_row(ctx, sharded, decoder, s: RolloutSizes, repeats: int) -> dict:
@@ -235,14 +287,14 @@ def group_setup(ckpt: str, s: RolloutSizes) -> tuple:
 
 
 def old_rollout(m, ids, pixels, cfg, ctx) -> tuple[list, Prompt]:
-    """Before issue 14: G copies of the prompt, each with its pixels: G ViT passes and G prefills."""
+    """Per sample: G copies of the prompt, each with its pixels: G ViT passes and G prefills."""
     groups = generate_responses(m, [(ids, pixels)] * cfg.group_size, ctx, pad_id=0, stop_ids=[NO_EOS], group_size=1,
                                 batch_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=0.0)
     return [g[0] for g in groups], Prompt(ids, pixels, None)  # the log-prob passes take the pixels (features=False)
 
 
 def new_rollout(m, ids, pixels, cfg, ctx) -> tuple[list, Prompt]:
-    """Issue 14: the ViT once, one prefill, its KV cache copied into G sample rows."""
+    """grpo.py's path: the ViT once, one prefill, its KV cache copied into G sample rows."""
     vit = vit_once(m, [pixels], ctx)
     groups = generate_responses(m, [(ids, pixels)], ctx, pad_id=0, stop_ids=[NO_EOS], group_size=cfg.group_size,
                                 batch_size=cfg.group_size, vit_features=vit, max_new_tokens=cfg.max_new_tokens,
@@ -287,12 +339,26 @@ def group_rows(ckpt: str, s: RolloutSizes, repeats: int) -> list:
                            "old": lambda: grpo_step(m, opt, old_rollout, ids, pixels, cfg, ctx, False)}, repeats, timed)
     check_grpo_steps(outs["old"], outs["new"])
     rows.append(compare(f"GRPO step (G={s.group}, {s.ppo_epochs} PPO epoch)", "s", times, "new", "old", target=1.5))
+    rows[-1]["work"] = step_work(cfg, pixels.shape[0], len(ids))
     return rows
 
 
+def step_work(cfg: GRPOConfig, tiles: int, prompt_tokens: int) -> dict:
+    """Tiles through the ViT and prompt tokens prefilled in one GRPO step of one group, each side. old: per sample,
+    in the rollout and in every log-prob pass (the old policy's, then ppo_epochs updates); new: once (the ViT
+    frozen, as in group_setup, the passes reuse its features; the update is one optimizer step, so no old pass)."""
+    G = cfg.group_size
+    return {"old": {"vit_tiles": G * (2 + cfg.ppo_epochs) * tiles, "prefill_tokens": G * prompt_tokens},
+            "new": {"vit_tiles": tiles, "prefill_tokens": prompt_tokens}}
+
+
 # ------------------------------------------------------------------------------------------------------ report
-def fmt(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+def work_line(rows: list) -> str:
+    """The group rows' work per GRPO step, old vs new (step_work)."""
+    w = next((r["work"] for r in rows if "work" in r), None)
+    return "" if w is None else (f"per GRPO step of one group, old -> new: ViT tiles {w['old']['vit_tiles']} -> "
+                                 f"{w['new']['vit_tiles']}, prefilled tokens {w['old']['prefill_tokens']:,} -> "
+                                 f"{w['new']['prefill_tokens']:,}")
 
 
 def table(rows: list) -> str:
@@ -309,6 +375,12 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def split_line(s: dict) -> str:
+    return (f"TP decode, batch 1, rank 0 under torch.profiler, per token: {s['wall_ms']:.1f} ms = compute "
+            f"{s['compute_ms']:.1f} (matmuls {s['matmul_ms']:.1f}) + waiting in {s['collectives']:.0f} collectives "
+            f"{s['waiting_ms']:.1f} + other {s['other_ms']:.1f}")
+
+
 def run(cfg, sizes: RolloutSizes = None) -> dict:
     """cfg: bench.BenchConfig (config: the group rows' tiny_configs name; repeats, threads, only, out)."""
     sizes = sizes or RolloutSizes()
@@ -318,12 +390,12 @@ def run(cfg, sizes: RolloutSizes = None) -> dict:
     workdir = tempfile.mkdtemp(prefix="nanor1v-bench-rollout-")
     meta = dict(machine(), threads=cfg.threads, command="python " + " ".join(sys.argv), group_config=cfg.config, repeats=cfg.repeats, sizes=asdict(sizes),
                 load_average_before=os.getloadavg())
-    rows = []
+    rows, split = [], None
     try:
         if "decode" in parts:
             ckpt = write_tiny_checkpoint(os.path.join(workdir, "decode", "ckpt"), sizes.decode_config,
                                          max_shard_bytes=2**30)
-            rows += two_rank_rows(ckpt, sizes, cfg.repeats, cfg.threads)
+            rows, split = decode_table_rows(ckpt, sizes, cfg.repeats, cfg.threads)
             print(table(rows), flush=True)
         if "group" in parts:
             torch.set_num_threads(cfg.threads)
@@ -333,12 +405,15 @@ def run(cfg, sizes: RolloutSizes = None) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
     meta["load_average_after"] = os.getloadavg()
     print(f"\n{meta['date']} | {meta['cpu']} ({meta['cores']} cores) | torch {meta['torch']} | decode: 2 gloo ranks x 1 "
-          f"thread, {sizes.decode_config}; one process: {cfg.threads} threads; group: {cfg.config} | median of "
+          f"thread, {sizes.decode_config}; one process: {cfg.threads} thread(s); group: {cfg.config} | median of "
           f"{cfg.repeats} | load average {meta['load_average_before'][0]:.1f} -> {meta['load_average_after'][0]:.1f}\n")
     print(table(rows))
+    for line in (split_line(split) if split else "", work_line(rows)):
+        print("\n" + line if line else "", end="")
+    print()
     out = cfg.out or os.path.join("out", "bench_rollout.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+        json.dump(dict(meta=meta, rows=rows, split=split), f, indent=2)
     print(f"\nwritten {out}")
-    return dict(meta=meta, rows=rows)
+    return dict(meta=meta, rows=rows, split=split)
