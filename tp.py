@@ -185,7 +185,13 @@ def refresh(decoder: TPDecoder, model: SkyworkR1V) -> float:
     make_decoder fills a new copy with it; the ViT is not in the decoder at all."""
     t0 = time.perf_counter()
     params = dict(decoder.named_parameters())
-    for name, p in resharded_parameters(model.language_model):
+    # reshard the root FSDP unit (it holds lm_head and stays unsharded after a no-grad forward such as generate):
+    # resharding language_model alone would leave lm_head a plain gathered Parameter, not a DTensor
+    prefix = "language_model."
+    for name, p in resharded_parameters(model):
+        if not name.startswith(prefix):
+            continue
+        name = name[len(prefix):]
         if name == "lm_head.weight" and model.config.llm.tie_word_embeddings:
             continue  # listed once, as embed_tokens.weight; the copy below fills both
         local = tp_slice(name, p)

@@ -169,3 +169,91 @@ def test_bf16_moment_adamw_tracks_fp32_adamw(tiny_ckpt):
     for p, q, p0 in zip(models[0].mlp1.parameters(), models[1].mlp1.parameters(), start.parameters()):
         moved = (p - p0).abs().max()
         assert moved > 1e-4 and (p - q).abs().max() < 0.05 * moved  # same update up to bf16 rounding of moments
+
+
+# ------------------------------------------------------------------------------ issue 22: GPU-path fixes on CPU
+def offload_worker(rank, ckpt, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = setup(dtype="fp32")
+    try:
+        check_refresh_after_generate(ctx, ckpt)
+        check_offloaded_clip(ctx, ckpt)
+    finally:
+        dist.destroy_process_group()
+
+
+def check_refresh_after_generate(ctx: Context, ckpt):
+    """tp.refresh right after a no-grad generate (no backward in between): the root FSDP unit (lm_head) is still
+    unsharded then, a plain Parameter; refresh must reshard it first ('full_tensor' AttributeError before)."""
+    from tp import make_decoder
+    ref = SkyworkR1V.from_pretrained(ckpt)
+    ids, pv = batch(ref)
+    mine = slice(ctx.rank, ctx.rank + 1)
+    sharded = load(ckpt, ctx, train="all").eval()
+    want = ref.generate(ids[mine], pixel_values=pv[mine], max_new_tokens=5, eos_token_id=-1)
+    assert torch.equal(sharded.generate(ids[mine], pixel_values=pv[mine], max_new_tokens=5, eos_token_id=-1), want)
+    decoder = make_decoder(sharded, torch.float32)  # the refresh, with the root unit still gathered
+    got = sharded.generate(ids[mine], pixel_values=pv[mine], max_new_tokens=5, eos_token_id=-1, decoder=decoder)
+    assert torch.equal(got, want)
+
+
+def check_offloaded_clip(ctx: Context, ckpt):
+    """--cpu-offload: FSDP2 keeps gradients on the CPU; clip_grads reduces their norm over ranks (a CPU collective:
+    gloo here, the cpu:gloo half of the GPU process group) and returns it on the compute device asked for, so it
+    can be stacked with the CUDA loss. The norm equals one process's over the whole batch."""
+    from optim import clip_grads
+    ref = SkyworkR1V.from_pretrained(ckpt).train()
+    ids, pv = batch(ref)
+    loss_fn(ref, ids, pv).backward()
+    want = clip_grads(ref, 1e9)
+    m = load(ckpt, ctx, train="all", cpu_offload=True)
+    mine = slice(ctx.rank, ctx.rank + 1)
+    loss_fn(m, ids[mine], pv[mine]).backward()
+    assert all(p.grad.to_local().device.type == "cpu" for p in m.parameters())
+    norm = clip_grads(m, 1e9, device=ctx.device)
+    assert norm.device == ctx.device and not hasattr(norm, "full_tensor")
+    torch.testing.assert_close(norm, want, rtol=1e-4, atol=0)
+
+
+def test_refresh_after_generate_and_offloaded_clip(tiny_ckpt):
+    mp.spawn(offload_worker, args=(tiny_ckpt, free_port()), nprocs=WORLD, join=True)
+
+
+def test_clip_norm_lands_on_the_compute_device(tiny_ckpt):
+    """The norm is computed where the gradients are (CPU under --cpu-offload) and moved to `device`, the device
+    of the loss it is stacked with (sft.train_step's one sync): 'meta' stands in for a second device on CPU."""
+    from optim import clip_grads
+    m = load(tiny_ckpt, Context(torch.device("cpu")), train="connector")
+    ids, pv = batch(m)
+    loss_fn(m, ids, pv).backward()
+    assert clip_grads(m, 1.0, device=torch.device("meta")).device.type == "meta"
+
+
+def test_setup_process_group_and_allocator(monkeypatch):
+    """parallel.setup on GPUs: one process group with gloo for CPU tensors and NCCL for CUDA ones (--cpu-offload's
+    CPU gradients need a CPU collective), a timeout from $NANOR1V_TIMEOUT_MIN (default 60 min), and
+    expandable_segments in PYTORCH_CUDA_ALLOC_CONF unless the user set it. CUDA is faked, the group recorded."""
+    import datetime
+    import parallel
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
+    monkeypatch.setattr(parallel.atexit, "register", lambda f: None)
+    monkeypatch.setattr(torch, "manual_seed", lambda s: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("NANOR1V_TIMEOUT_MIN", raising=False)
+    parallel.setup()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert calls == [("cpu:gloo,cuda:nccl", datetime.timedelta(minutes=60))]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    monkeypatch.setenv("NANOR1V_TIMEOUT_MIN", "90")
+    parallel.setup()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"  # the user's value stays
+    assert calls[-1][1] == datetime.timedelta(minutes=90)
+    monkeypatch.setenv("NANOR1V_TIMEOUT_MIN", "soon")
+    with pytest.raises(ValueError, match="NANOR1V_TIMEOUT_MIN='soon'"):
+        parallel.setup()
