@@ -38,7 +38,7 @@ from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
 from parallel import all_reduce_sum, autocast, barrier, load, setup
 from rewards import format_reward
 from rollout import heldout_accuracy
-from tp import check_divisible, make_decoder
+from tp import make_decoder, tp_fits
 
 
 @dataclass
@@ -210,21 +210,12 @@ def heldout_generation(model, tok: Tokenizer, problems: list, cfg: SFTConfig, ct
     """rollout.heldout_accuracy through tp.py's tensor-parallel copy of the decoder on W > 1 ranks (decoding from
     the FSDP shards would all-gather the whole decoder for every token); the copy is made from the trained shards
     and dropped after. On one process (no copy) the model's own decoder answers."""
-    decoder = make_decoder(model, ctx.dtype) if tp_fits(model, ctx) else None
+    decoder = make_decoder(model, ctx.dtype) if tp_fits(model.config.llm, ctx.world) else None
     try:
         return heldout_accuracy(model, tok, problems, ctx, max_new_tokens=cfg.max_new_tokens,
                                 batch_size=cfg.batch_size, max_tiles=cfg.max_tiles, decoder=decoder)
     finally:
         del decoder
-
-
-def tp_fits(model, ctx) -> bool:
-    """The tensor-parallel copy needs W to divide the heads and the MLP; otherwise generate from the shards."""
-    try:
-        check_divisible(model.config.llm, ctx.world)
-    except ValueError:
-        return False
-    return True
 
 
 def starting_checkpoint(cfg: SFTConfig, ctx) -> tuple[str, bool]:

@@ -57,6 +57,16 @@ def check_divisible(cfg: LLMConfig, world: int):
                              f"or pass --no-tp to generate from the FSDP shards")
 
 
+def tp_fits(cfg: LLMConfig, world: int) -> bool:
+    """Can W ranks split this decoder (check_divisible)? Scripts that only read (entropy.py, SFT's held-out answers)
+    generate from the FSDP shards when it cannot."""
+    try:
+        check_divisible(cfg, world)
+        return True
+    except ValueError:
+        return False
+
+
 def vocab_rows(vocab: int, world: int) -> int:
     """Rows per rank of the vocabulary-parallel embedding / lm_head: FSDP's torch.chunk block, ceil(V / W)."""
     return -(-vocab // world)
