@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import parallel
 import sft
 from data import Tokenizer, build_prompt, read_jsonl, shuffled_indices
 from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
@@ -94,7 +95,7 @@ def test_padding_does_not_change_loss(tiny_ckpt, tmp_path, red_png):
 def test_train_connector_only(tiny_ckpt, tmp_path):
     train_path, eval_path = synthetic_data(str(tmp_path / "data"), 4, 2, seed=0)
     ctx = setup()
-    model = load(tiny_ckpt, ctx, "connector")
+    model = parallel.load(tiny_ckpt, ctx, "connector")  # (load, below, is this file's data reader)
     (train_set, _), (eval_set, _) = load(train_path, tiny_ckpt), load(eval_path, tiny_ckpt)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = make_optimizer(model, 1e-2)
