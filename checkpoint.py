@@ -250,24 +250,33 @@ def config_dict(config) -> dict:
 
 def save_state_dict(tensors, config: dict, out_dir: str, max_shard_bytes: int = 5 * 2**30, src_dir: str = None):
     """Write an iterable of (name, tensor) as release-format shards + index + config.json (+ tokenizer files from
-    src_dir). The directory appears complete or not at all: written to a temp dir beside it, then renamed."""
+    src_dir). Each shard is written as soon as it is full, so the process holds at most one shard (max_shard_bytes)
+    plus the tensor in hand, never the whole model (the 38B's export is 77 GB; rank 0 writes it). Shard files get
+    their final "-of-N" names once N is known (renames). The directory appears complete or not at all: written to
+    a temp dir beside it, then renamed."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    shards, current, size = [], {}, 0
+    written, current, size, total = [], {}, 0, 0  # written: [names of each shard file]
+
+    def flush():
+        path = os.path.join(tmp, f"shard-{len(written):05d}.safetensors")
+        save_file(current, path, metadata={"format": "pt"})
+        written.append(list(current))
+
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
+            flush()
             current, size = {}, 0
-        current[name], size = t.detach().cpu().contiguous(), size + nbytes
-    shards.append(current)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
+        current[name], size, total = t.detach().cpu().contiguous(), size + nbytes, total + nbytes
+    flush()
+    current = None
+    weight_map = {}
+    for i, names in enumerate(written):
+        fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.rename(os.path.join(tmp, f"shard-{i:05d}.safetensors"), os.path.join(tmp, fname))
+        weight_map.update({k: fname for k in names})
     with open(os.path.join(tmp, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -280,6 +289,24 @@ def save_state_dict(tensors, config: dict, out_dir: str, max_shard_bytes: int = 
     os.rename(tmp, out_dir)
 
 
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def file_dtype(ckpt_dir: str) -> torch.dtype | None:
+    """The dtype the checkpoint's tensors are stored in (the first floating tensor's, from its header), or None."""
+    try:
+        names = weight_map(ckpt_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    for path in sorted(set(names.values())):
+        with _open(path) as f:
+            for name in f.keys():
+                dtype = SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None
+
+
 def resharded_parameters(model):
     """named_parameters() as the sharded DTensors FSDP2 owns. After a no_grad forward (generation) the root FSDP
     unit keeps its full, unsharded tensors registered (it expects a backward), and anything holding on to those
@@ -289,17 +316,21 @@ def resharded_parameters(model):
     return model.named_parameters()
 
 
-def save_model(model, out_dir: str, max_shard_bytes: int = 5 * 2**30, src_dir: str = None):
-    """save_pretrained: the model's tensors (gathered tensor by tensor when FSDP-sharded; only rank 0 writes).
+def save_model(model, out_dir: str, max_shard_bytes: int = 5 * 2**30, src_dir: str = None, dtype=None):
+    """save_pretrained: the model's tensors in the release's dtype, gathered tensor by tensor when FSDP-sharded and
+    cast on the device before they leave it; only rank 0 writes, shard by shard (save_state_dict). dtype: that of
+    the checkpoint the model was loaded from (bf16 for the release: 77 GB for the 38B, not 153 GB of fp32 master
+    weights), bf16 without one. The exact fp32 weights of a training run live in save_checkpoint's train_state/.
     A tied matrix is written once, under its first name (the embedding), as transformers' save_pretrained does."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    src = src_dir or getattr(model, "ckpt_dir", None)
+    dtype = dtype or (file_dtype(src) if src else None) or torch.bfloat16
 
     def tensors():
         for name, p in resharded_parameters(model):
             full = p.full_tensor() if hasattr(p, "full_tensor") else p  # collective: every rank takes part
-            yield name, full.detach().cpu() if rank0 else None
+            yield name, full.detach().to(dtype).cpu() if rank0 else None
 
-    src = src_dir or getattr(model, "ckpt_dir", None)
     if rank0:  # keep the source's config.json verbatim (auto_map, template, ...) when there is one
         src_config = os.path.join(src or "", "config.json")
         config = json.load(open(src_config)) if src and os.path.isfile(src_config) else config_dict(model.config)
@@ -311,17 +342,28 @@ def save_model(model, out_dir: str, max_shard_bytes: int = 5 * 2**30, src_dir: s
         dist.barrier()
 
 
+def trainable_state(model) -> dict:
+    """{name: tensor} of the trainable parameters, as torch.distributed.checkpoint saves and loads them (FSDP2's
+    DTensors: each rank writes and reads only its own rows)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    names = {n for n, p in resharded_parameters(model) if p.requires_grad}
+    return {k: v for k, v in get_model_state_dict(model).items() if k in names}
+
+
 # ------------------------------------------------------------------------------------------- training state
 def save_checkpoint(out_dir: str, model, optimizer, step: int, extra: dict = None, tensors: dict = None):
-    """out_dir = the model in the release format + train_state/ (optimizer shards, per-rank RNG and tensors,
-    step, world size). Written under out_dir.partial, then renamed: a crash never leaves a half checkpoint."""
+    """out_dir = the model in the release format (its dtype: bf16 for the release) + train_state/: the exact fp32
+    master weights of the trainable parameters and the optimizer state, both written by every rank for its own
+    rows (torch.distributed.checkpoint: no rank gathers them), per-rank RNG and tensors, step, world size. Written
+    under out_dir.partial, then renamed: a crash never leaves a half checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     partial = out_dir.rstrip("/") + ".partial"
-    model.save_pretrained(partial)  # gathers tensor by tensor; rank 0 writes
+    model.save_pretrained(partial)  # gathers tensor by tensor; rank 0 writes shard by shard
     state = os.path.join(partial, "train_state")
+    dcp.save({"model": trainable_state(model)}, checkpoint_id=os.path.join(state, "model"))
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=os.path.join(state, "optimizer"))
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
     save_file({**{f"rng.{k}": v for k, v in rng.items()}, **(tensors or {})}, os.path.join(state, f"rank{rank}.safetensors"))
@@ -340,10 +382,13 @@ def save_checkpoint(out_dir: str, model, optimizer, step: int, extra: dict = Non
 
 
 def resume(ckpt_dir: str, model, optimizer):
-    """Restore optimizer state and RNG from save_checkpoint's train_state/ -> (step, extra, tensors).
-    The model weights come from loading ckpt_dir itself (load)."""
+    """Restore the trainable parameters' exact fp32 weights, the optimizer state and RNG from save_checkpoint's
+    train_state/ -> (step, extra, tensors). The model is loaded from ckpt_dir itself first (load); the export may
+    be bf16, so the trainable parameters are then overwritten in place with their saved fp32 values (frozen ones
+    are what the export holds, as they were loaded)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
 
     state = os.path.join(ckpt_dir, "train_state")
     meta_path = os.path.join(state, "trainer_state.json")
@@ -356,6 +401,10 @@ def resume(ckpt_dir: str, model, optimizer):
     if meta["world_size"] != world:
         raise ValueError(f"{meta_path}: saved by {meta['world_size']} rank(s), resumed with {world}; resume with "
                          f"--nproc_per_node {meta['world_size']} (per-rank RNG and data order depend on it)")
+    if os.path.isdir(os.path.join(state, "model")):  # (checkpoints written before it have fp32 exports)
+        weights = {"model": trainable_state(model)}
+        dcp.load(weights, checkpoint_id=os.path.join(state, "model"))
+        set_model_state_dict(model, weights["model"], options=StateDictOptions(strict=False))
     optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     # parameters that never had a gradient have no Adam state in the checkpoint, but the template built here has
     # (zero) state for every trainable parameter: a partial load leaves those at zero, as they were when saved

@@ -19,14 +19,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from cli import at_least, check_choices, choice, parse_config
 from data import IMG_CONTEXT, THINK_START, Tokenizer, encode_prompt, read_jsonl
 from logs import plot_curves
-from model import SkyworkR1V, token_logprobs_and_entropy
-from parallel import LayoutFlags, setup
+from model import token_logprobs_and_entropy
+from parallel import LayoutFlags, load, setup
 from rewards import accuracy_reward
 from rollout import generate_responses
+from tp import make_decoder, tp_fits
 
 # Reflection cues, matched case-sensitively on decoded text (the lower-case forms are listed on purpose: "wait" in
 # mid-sentence is as much a reflection as "Wait"). Latin cues match on word boundaries only ("Waiter" is not one).
@@ -108,10 +110,11 @@ def critical_positions(tok: Tokenizer, ids, cues=DEFAULT_CUES) -> tuple[str, lis
 # ----------------------------------------------------------------------------------------------------------------
 # Per-token entropy of a response
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 re-fills its gathered weights in place in later forwards
 def response_entropy(model, prompt_ids, pixel_values, response_ids, temperature=1.0, chunk=1024) -> list:
     """Teacher forcing: entropy (nats) of the distribution that produced each response token -> list [n].
-    Position P-1+j of prompt + response predicts response token j."""
+    Position P-1+j of prompt + response predicts response token j. Under FSDP the forward gathers each unit in
+    turn and the root unit (lm_head) stays gathered for the chunked entropy after it."""
     p, dev = len(prompt_ids), model.language_model.lm_head.weight.device
     ids = torch.tensor([prompt_ids + response_ids[:-1]], device=dev)
     pv = None if pixel_values is None else pixel_values.to(dev, model.language_model.lm_head.weight.dtype)
@@ -121,17 +124,19 @@ def response_entropy(model, prompt_ids, pixel_values, response_ids, temperature=
     return ent[0].tolist()
 
 
-def generate_response(model, tok: Tokenizer, prompt_ids, pixel_values, cfg: EntropyConfig, ctx, generator) -> list:
+def generate_response(model, tok: Tokenizer, prompt_ids, pixel_values, cfg: EntropyConfig, ctx, generator,
+                      decoder=None) -> list:
     """Sample one response -> its ids, up to and including the first stop token (rollout.generate_responses, as
     GRPO samples). <IMG_CONTEXT> stops it too, as in GRPO's rollouts: a tiny or early model can sample it, and fed
     back in teacher forcing it would ask for an image that does not exist (it stays the last token: a target only)."""
     stop_ids = [tok.eos_id, model.config.img_context_token_id]
     return generate_responses(model, [(prompt_ids, pixel_values)], ctx, pad_id=tok.pad_id, stop_ids=stop_ids,
                               batch_size=1, generator=generator, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, top_p=cfg.top_p)[0][0]
+                              temperature=cfg.temperature, top_p=cfg.top_p, decoder=decoder)[0][0]
 
 
-def score_response(model, tok: Tokenizer, rec: dict, cfg: EntropyConfig, ctx, generator) -> tuple[str, list, list]:
+def score_response(model, tok: Tokenizer, rec: dict, cfg: EntropyConfig, ctx, generator,
+                   decoder=None) -> tuple[str, list, list]:
     """One record -> (response text, entropy of each response token [n], critical positions [(token index, cue)]).
     --mode generate samples the response (thinking-mode prompt); --mode score teacher-forces rec["response"]."""
     question, images = rec["question"], rec.get("images", ())
@@ -144,7 +149,7 @@ def score_response(model, tok: Tokenizer, rec: dict, cfg: EntropyConfig, ctx, ge
                              f"{rec['response'][:80]!r}")
     else:
         prompt_ids, pv = encode_prompt(tok, model.config, question, images)
-        response_ids = generate_response(model, tok, prompt_ids, pv, cfg, ctx, generator)
+        response_ids = generate_response(model, tok, prompt_ids, pv, cfg, ctx, generator, decoder)
     ent = response_entropy(model, prompt_ids, pv, response_ids, cfg.temperature or 1.0, cfg.chunk)
     text, cues = critical_positions(tok, response_ids, cfg.cues)
     return text, ent, cues
@@ -160,14 +165,35 @@ def score_checkpoint(ckpt_dir: str, records: list, cfg: EntropyConfig, ctx) -> t
     try:
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
-        model = SkyworkR1V.from_pretrained(ckpt_dir, dtype=ctx.dtype, device=ctx.device).eval()
+        # parallel.load: one process holds the model; under torchrun FSDP2 gives each rank 1/W of it, read from
+        # the files row by row (the 38B in bf16 is 77 GB: no GPU holds it whole)
+        model = load(ckpt_dir, ctx, train="none", dtype=ctx.dtype).eval()
         tok = Tokenizer.from_dir(ckpt_dir)
     except Exception as e:  # noqa: BLE001 -- any load failure (missing dir, bad config, truncated shard) is reported
         report["error"] = f"failed to load: {type(e).__name__}: {e}"
         return report, {"all": [], "critical": []}
     generator = torch.Generator(ctx.device).manual_seed(cfg.seed)  # every checkpoint gets the same sampling stream
-    scored = [score_response(model, tok, rec, cfg, ctx, generator) for rec in records]
+    # generation through the tensor-parallel copy (tp.py; None on one process or when W does not divide the heads)
+    tp = cfg.mode == "generate" and tp_fits(model.config.llm, ctx.world)
+    decoder = make_decoder(model, ctx.dtype) if tp else None
+    scored = score_share(model, tok, records, cfg, ctx, generator, decoder)
+    del model, decoder
     return summarize(report, records, scored)
+
+
+def score_share(model, tok, records: list, cfg: EntropyConfig, ctx, generator, decoder) -> list:
+    """score_response for every record, each rank its share (records rank, rank + W, ...) -> all records' results
+    in order, on every rank. Under FSDP every forward is a collective, so every rank makes the same number of
+    calls: a rank with one record fewer scores its first record again and drops that result."""
+    if ctx.world == 1:
+        return [score_response(model, tok, rec, cfg, ctx, generator, decoder) for rec in records]
+    mine = records[ctx.rank::ctx.world]
+    slots = -(-len(records) // ctx.world)
+    scored = [score_response(model, tok, rec, cfg, ctx, generator, decoder)
+              for rec in mine + [records[0]] * (slots - len(mine))][:len(mine)]
+    shares = [None] * ctx.world
+    dist.all_gather_object(shares, scored)
+    return [shares[i % ctx.world][i // ctx.world] for i in range(len(records))]
 
 
 def summarize(report: dict, records: list, scored: list) -> tuple[dict, dict]:
@@ -254,13 +280,14 @@ def run(cfg: EntropyConfig) -> dict:
     reports, raws = [], []
     for path in expand_ckpts(cfg.ckpts):
         report, raw = score_checkpoint(path, records, cfg, ctx)
-        print(f"{path}: " + (report["error"] or f"critical H {fmt(report['critical']['mean'])} over "
-                             f"{report['n_cues']} cues, mean H {fmt(report['all']['mean'])}, "
-                             f"accuracy {fmt(report['accuracy'])}"))
+        if ctx.is_main:
+            print(f"{path}: " + (report["error"] or f"critical H {fmt(report['critical']['mean'])} over "
+                                 f"{report['n_cues']} cues, mean H {fmt(report['all']['mean'])}, "
+                                 f"accuracy {fmt(report['accuracy'])}"))
         reports.append(report)
         raws.append(raw)
     chosen, why = pick_checkpoint(reports, cfg.acc_tolerance)
-    return write_report(cfg, reports, raws, chosen, why)
+    return write_report(cfg, reports, raws, chosen, why) if ctx.is_main else None  # rank 0 writes the report
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -99,10 +99,13 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, mi
     return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def clip_grads(model, max_norm: float) -> torch.Tensor:
+def clip_grads(model, max_norm: float, device=None) -> torch.Tensor:
     """Scale all gradients so that their global norm is at most max_norm -> the norm before clipping, a 0-dim tensor
-    (no host sync: read it when logging). DTensor grads reduce across the mesh inside clip_grad_norm_."""
+    on `device` (default: where the gradients are) with no host sync: read it when logging. DTensor grads reduce
+    across the mesh inside clip_grad_norm_; under --cpu-offload they are on the CPU, so the norm is computed and
+    reduced there (the process group's gloo half) and moved to the compute device the loss is on."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return norm if device is None else norm.to(device, non_blocking=True)
 

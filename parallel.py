@@ -22,6 +22,7 @@ crosses nodes. With replicate 1 (one node, the default there) the mesh is 1-D: f
 tensor-parallel rollout copy (tp.py) lives in groups of `tp_size` consecutive ranks inside a shard group.
 """
 import atexit
+import datetime
 import math
 import os
 import time
@@ -96,9 +97,22 @@ class Context:
         return self.rank == 0
 
 
+ALLOC_CONF = "expandable_segments:True"
+TIMEOUT_ENV, TIMEOUT_MINUTES = "NANOR1V_TIMEOUT_MIN", 60
+
+
 def setup(dtype: str = None, seed: int = 0, layout: LayoutFlags = None) -> Context:
     """Pick device and backend; under torchrun (WORLD_SIZE > 1) join the process group and build the meshes of
-    `layout` (resolve(): the defaults, and a ValueError if it does not fit, before any collective)."""
+    `layout` (resolve(): the defaults, and a ValueError if it does not fit, before any collective).
+
+    On GPUs: the caching allocator gets expandable segments unless the user set PYTORCH_CUDA_ALLOC_CONF (the
+    8 GB tensor-parallel copy and the KV cache are freed and re-allocated every GRPO step between variable-length
+    training steps: fixed segments fragment, expandable ones grow in place); it is read at CUDA's first allocation,
+    so it is set before anything touches CUDA. The process group is "cpu:gloo,cuda:nccl": CUDA tensors go through
+    NCCL, CPU tensors (FSDP's --cpu-offload gradients when clipping) through gloo. Its timeout is
+    $NANOR1V_TIMEOUT_MIN minutes (default 60, NCCL's own is 10): the other ranks wait in a collective while rank 0
+    writes the release-format export (77 GB for the 38B) or reads slow shared storage before the first one."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     layout = resolve(layout, world)
     cuda = torch.cuda.is_available()
@@ -110,7 +124,7 @@ def setup(dtype: str = None, seed: int = 0, layout: LayoutFlags = None) -> Conte
         # slower steps for the tiny config on a busy 2-core machine) and torchrun starts one process per core anyway
         torch.set_num_threads(1)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout())
         atexit.register(leave)  # why a pause before leaving: leave()
     torch.manual_seed(seed + rank)  # different rollouts per rank, reproducible per run
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: torch.bfloat16 if cuda else torch.float32}[dtype]
@@ -131,6 +145,18 @@ def meshes(device_type: str, world: int, layout: Layout) -> tuple:
     return mesh, tp["tp"]
 
 
+def timeout() -> datetime.timedelta:
+    """The process group's collective timeout: $NANOR1V_TIMEOUT_MIN minutes (a positive number), default 60."""
+    value = os.environ.get(TIMEOUT_ENV, str(TIMEOUT_MINUTES))
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1
+    if not minutes > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r}: the process-group timeout must be a positive number of minutes")
+    return datetime.timedelta(minutes=minutes)
+
+
 def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
     """FSDP2 over ctx.mesh (HSDP when it is 2-D; all ranks when there is none, as in the dry run): one unit per ViT
     block, the connector, the embedding, one per decoder block, the root."""
@@ -139,7 +165,7 @@ def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
 
     mesh = ctx.mesh if ctx.mesh is not None else init_device_mesh(ctx.device.type, (ctx.world,))
     kw = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=ctx.dtype, reduce_dtype=torch.float32),
-              offload_policy=CPUOffloadPolicy() if cpu_offload else None)
+              offload_policy=CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if cpu_offload else None)
     kw = {k: v for k, v in kw.items() if v is not None}
     lm = model.language_model.model
     # a tied embedding is also lm_head's weight, which the root holds: it cannot be a unit of its own

@@ -40,6 +40,7 @@ from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
 from parallel import Context, LayoutFlags, all_reduce_sum, autocast, barrier, load, setup
 from rewards import format_reward
 from rollout import heldout_accuracy
+from tp import make_decoder, tp_fits
 
 
 @dataclass
@@ -132,7 +133,7 @@ def train_step(model, opt, examples: list, pad_id: int, cfg: SFTConfig, ctx) -> 
             loss, ent = sft_loss(model, batch, n_all / ctx.world, cfg.logprob_chunk)
         loss.backward()
         loss_sum, ent_sum = loss_sum + loss.detach().double() / ctx.world, ent_sum + ent.double()
-    grad_norm = clip_grads(model, cfg.grad_clip)
+    grad_norm = clip_grads(model, cfg.grad_clip, device=ctx.device)  # CPU under --cpu-offload: moved to the loss
     opt.step()
     opt.zero_grad(set_to_none=True)
     loss_sum, ent_sum, grad_norm = torch.stack([loss_sum, ent_sum, grad_norm.double()]).tolist()  # the one sync
@@ -217,8 +218,7 @@ def main(cfg: SFTConfig) -> dict:
     if cfg.gen_eval:  # greedy thinking-mode answers to held-out questions: has the format been learnt?
         problems = [{"question": e.question, "images": e.images, "answer": e.answer}
                     for e in eval_set if e.question is not None][:cfg.gen_eval]
-        ev = heldout_accuracy(model.eval(), tok, problems, ctx, max_new_tokens=cfg.max_new_tokens,
-                          batch_size=cfg.batch_size, max_tiles=cfg.max_tiles)
+        ev = heldout_generation(model.eval(), tok, problems, cfg, ctx)
         result.update(gen_samples=ev["samples"], format_rate=ev["format_rate"], accuracy=ev["accuracy"],
                       sample=ev["sample"])
         log.write(cfg.steps, {k: result[k] for k in ("gen_samples", "format_rate", "accuracy")})
@@ -227,6 +227,18 @@ def main(cfg: SFTConfig) -> dict:
         plot_curves(log.path, cfg.out + ".png", ["loss", "eval_loss", "entropy", "lr", "grad_norm"])
         print(json.dumps(result, indent=1))
     return result
+
+
+def heldout_generation(model, tok: Tokenizer, problems: list, cfg: SFTConfig, ctx) -> dict:
+    """rollout.heldout_accuracy through tp.py's tensor-parallel copy of the decoder on W > 1 ranks (decoding from
+    the FSDP shards would all-gather the whole decoder for every token); the copy is made from the trained shards
+    and dropped after. On one process (no copy) the model's own decoder answers."""
+    decoder = make_decoder(model, ctx.dtype) if tp_fits(model.config.llm, ctx.world) else None
+    try:
+        return heldout_accuracy(model, tok, problems, ctx, max_new_tokens=cfg.max_new_tokens,
+                                batch_size=cfg.batch_size, max_tiles=cfg.max_tiles, decoder=decoder)
+    finally:
+        del decoder
 
 
 def starting_checkpoint(cfg: SFTConfig, ctx) -> tuple[str, bool]:

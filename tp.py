@@ -67,6 +67,16 @@ def check_divisible(cfg: LLMConfig, world: int):
                              f"or --no-tp to generate from the FSDP shards")
 
 
+def tp_fits(cfg: LLMConfig, world: int) -> bool:
+    """Can W ranks split this decoder (check_divisible)? Scripts that only read (entropy.py, SFT's held-out answers)
+    generate from the FSDP shards when it cannot."""
+    try:
+        check_divisible(cfg, world)
+        return True
+    except ValueError:
+        return False
+
+
 def vocab_rows(vocab: int, world: int) -> int:
     """Rows per rank of the vocabulary-parallel embedding / lm_head: FSDP's torch.chunk block, ceil(V / W)."""
     return -(-vocab // world)
@@ -210,7 +220,13 @@ def refresh(decoder: TPDecoder, model: SkyworkR1V) -> float:
     make_decoder fills a new copy with it; the ViT is not in the decoder at all."""
     t0 = time.perf_counter()
     params = dict(decoder.named_parameters())
-    for name, p in resharded_parameters(model.language_model):
+    # reshard the root FSDP unit (it holds lm_head and stays unsharded after a no-grad forward such as generate):
+    # resharding language_model alone would leave lm_head a plain gathered Parameter, not a DTensor
+    prefix = "language_model."
+    for name, p in resharded_parameters(model):
+        if not name.startswith(prefix):
+            continue
+        name = name[len(prefix):]
         if name == "lm_head.weight" and model.config.llm.tie_word_embeddings:
             continue  # listed once, as embed_tokens.weight; the copy below fills both
         local = tp_slice(name, p, decoder.tp_rank, decoder.tp_size)

@@ -221,3 +221,53 @@ def test_sampled_image_token_ends_the_response(tiny_ckpt):
     text, ent, _ = score_response(model, tok, {"question": "How many?", "images": []}, cfg, setup(),
                                   torch.Generator().manual_seed(0))
     assert text == "<IMG_CONTEXT>" and len(ent) == 1
+
+
+def sharded_worker(rank, cfgs, port, out):
+    import torch.distributed as dist
+    import tp
+    from test_fsdp import WORLD
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    calls = []
+    real = tp.TPDecoder.decode
+    tp.TPDecoder.decode = lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw)
+    try:
+        results = [run(cfg) for cfg in cfgs]
+        torch.save({"results": results, "tp_calls": len(calls)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_one_process_numbers(tiny_ckpt, tmp_path):
+    """entropy.py under torchrun: FSDP2-sharded loading (each rank 1/W of the weights), each rank scores its share
+    of the records (3 records on 2 ranks: one rank pads), responses generated through tp.py's tensor-parallel copy
+    (every generate call: counted on TPDecoder.decode). Greedy generation and teacher forcing give one process's
+    responses and entropies (fp32, 1e-5). Fails if every rank scores every record or generation skips the copy."""
+    import dataclasses
+    import torch.multiprocessing as mp
+    from test_fsdp import WORLD, free_port
+    data = make_visual_task(str(tmp_path / "task"), 3, split="heldout")
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text("".join(json.dumps({**r, "response": "Wait, 2. Hmm, actually \\boxed{2}"}) + "\n"
+                              for r in read_jsonl(data)))
+    cfgs = [EntropyConfig(ckpts=[tiny_ckpt], data=data, out=str(tmp_path / "g" / "report.json"), max_new_tokens=6,
+                          temperature=0.0, dtype="fp32"),
+            EntropyConfig(ckpts=[tiny_ckpt], data=str(scored), out=str(tmp_path / "s" / "report.json"), mode="score",
+                          dtype="fp32")]
+    want = [run(cfg) for cfg in cfgs]
+    two = [dataclasses.replace(c, out=c.out.replace("report", "two")) for c in cfgs]
+    mp.spawn(sharded_worker, args=(two, free_port(), str(tmp_path / "r")), nprocs=WORLD, join=True)
+    ranks = [torch.load(f"{tmp_path / 'r'}.{r}", weights_only=False) for r in range(WORLD)]
+    assert ranks[1]["results"] == [None, None]  # rank 0 writes the report
+    assert all(r["tp_calls"] == 2 for r in ranks)  # 2 generate calls per rank (its record, and the padding one)
+    for got, exp in zip(ranks[0]["results"], want):
+        g, e = got["checkpoints"][0], exp["checkpoints"][0]
+        assert [(x["response"], [c for c, _ in x["cues"]]) for x in g["examples"]] == \
+            [(x["response"], [c for c, _ in x["cues"]]) for x in e["examples"]]  # same texts and cues
+        for key in ("n_responses", "n_cues", "accuracy", "per_cue"):
+            assert (g[key] == e[key]) if key != "per_cue" else g[key].keys() == e[key].keys(), key
+        for key in ("critical", "all"):
+            assert g[key]["n"] == e[key]["n"], key
+            for stat in ("mean", "p50", "p95"):
+                assert g[key][stat] == pytest.approx(e[key][stat], rel=1e-5, abs=1e-6), (key, stat)

@@ -1,5 +1,6 @@
 """FSDP2 on CPU: 2 processes, gloo. The sharded model must behave exactly like the single-process one.
 All checks run inside one spawn of 2 ranks (starting processes costs more than the checks)."""
+import json
 import os
 import socket
 
@@ -98,6 +99,8 @@ def check(ctx: Context, ckpt, out):
     opt2 = make_optimizer(reloaded, lr=1e-2)
     step, extra, _ = resume(out, reloaded, opt2)
     assert (step, extra) == (1, {"note": "x"})
+    for (name, p), q in zip(reloaded.named_parameters(), sharded.parameters()):
+        assert torch.equal(p.to_local(), q.to_local()), name  # the fp32 master weights, from train_state/model
     for a, b in zip(opt.state.values(), opt2.state.values()):
         assert torch.equal(a["exp_avg"].to_local(), b["exp_avg"].to_local())
 
@@ -169,3 +172,144 @@ def test_bf16_moment_adamw_tracks_fp32_adamw(tiny_ckpt):
     for p, q, p0 in zip(models[0].mlp1.parameters(), models[1].mlp1.parameters(), start.parameters()):
         moved = (p - p0).abs().max()
         assert moved > 1e-4 and (p - q).abs().max() < 0.05 * moved  # same update up to bf16 rounding of moments
+
+
+# ------------------------------------------------------------------------------ issue 22: GPU-path fixes on CPU
+def offload_worker(rank, ckpt, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = setup(dtype="fp32")
+    try:
+        check_refresh_after_generate(ctx, ckpt)
+        check_offloaded_clip(ctx, ckpt)
+    finally:
+        dist.destroy_process_group()
+
+
+def check_refresh_after_generate(ctx: Context, ckpt):
+    """tp.refresh right after a no-grad generate (no backward in between): the root FSDP unit (lm_head) is still
+    unsharded then, a plain Parameter; refresh must reshard it first ('full_tensor' AttributeError before)."""
+    from tp import make_decoder
+    ref = SkyworkR1V.from_pretrained(ckpt)
+    ids, pv = batch(ref)
+    mine = slice(ctx.rank, ctx.rank + 1)
+    sharded = load(ckpt, ctx, train="all").eval()
+    want = ref.generate(ids[mine], pixel_values=pv[mine], max_new_tokens=5, eos_token_id=-1)
+    assert torch.equal(sharded.generate(ids[mine], pixel_values=pv[mine], max_new_tokens=5, eos_token_id=-1), want)
+    decoder = make_decoder(sharded, torch.float32)  # the refresh, with the root unit still gathered
+    got = sharded.generate(ids[mine], pixel_values=pv[mine], max_new_tokens=5, eos_token_id=-1, decoder=decoder)
+    assert torch.equal(got, want)
+
+
+def check_offloaded_clip(ctx: Context, ckpt):
+    """--cpu-offload: FSDP2 keeps gradients on the CPU; clip_grads reduces their norm over ranks (a CPU collective:
+    gloo here, the cpu:gloo half of the GPU process group) and returns it on the compute device asked for, so it
+    can be stacked with the CUDA loss. The norm equals one process's over the whole batch."""
+    from optim import clip_grads
+    ref = SkyworkR1V.from_pretrained(ckpt).train()
+    ids, pv = batch(ref)
+    loss_fn(ref, ids, pv).backward()
+    want = clip_grads(ref, 1e9)
+    m = load(ckpt, ctx, train="all", cpu_offload=True)
+    mine = slice(ctx.rank, ctx.rank + 1)
+    loss_fn(m, ids[mine], pv[mine]).backward()
+    assert all(p.grad.to_local().device.type == "cpu" for p in m.parameters())
+    norm = clip_grads(m, 1e9, device=ctx.device)
+    assert norm.device == ctx.device and not hasattr(norm, "full_tensor")
+    torch.testing.assert_close(norm, want, rtol=1e-4, atol=0)
+
+
+def test_refresh_after_generate_and_offloaded_clip(tiny_ckpt):
+    mp.spawn(offload_worker, args=(tiny_ckpt, free_port()), nprocs=WORLD, join=True)
+
+
+def test_clip_norm_lands_on_the_compute_device(tiny_ckpt):
+    """The norm is computed where the gradients are (CPU under --cpu-offload) and moved to `device`, the device
+    of the loss it is stacked with (sft.train_step's one sync): 'meta' stands in for a second device on CPU."""
+    from optim import clip_grads
+    m = load(tiny_ckpt, Context(torch.device("cpu")), train="connector")
+    ids, pv = batch(m)
+    loss_fn(m, ids, pv).backward()
+    assert clip_grads(m, 1.0, device=torch.device("meta")).device.type == "meta"
+
+
+def test_setup_process_group_and_allocator(monkeypatch):
+    """parallel.setup on GPUs: one process group with gloo for CPU tensors and NCCL for CUDA ones (--cpu-offload's
+    CPU gradients need a CPU collective), a timeout from $NANOR1V_TIMEOUT_MIN (default 60 min), and
+    expandable_segments in PYTORCH_CUDA_ALLOC_CONF unless the user set it. CUDA is faked, the group recorded."""
+    import datetime
+    import parallel
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
+    monkeypatch.setattr(parallel.atexit, "register", lambda f: None)
+    monkeypatch.setattr(torch, "manual_seed", lambda s: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("NANOR1V_TIMEOUT_MIN", raising=False)
+    parallel.setup()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert calls == [("cpu:gloo,cuda:nccl", datetime.timedelta(minutes=60))]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    monkeypatch.setenv("NANOR1V_TIMEOUT_MIN", "90")
+    parallel.setup()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"  # the user's value stays
+    assert calls[-1][1] == datetime.timedelta(minutes=90)
+    monkeypatch.setenv("NANOR1V_TIMEOUT_MIN", "soon")
+    with pytest.raises(ValueError, match="NANOR1V_TIMEOUT_MIN='soon'"):
+        parallel.setup()
+
+
+def test_export_written_shard_by_shard(tmp_path, monkeypatch):
+    """save_state_dict writes each shard as soon as it is full: the bytes handed to it and not yet written never
+    exceed one shard plus the tensor in hand (rank 0 exporting the 38B holds 5 GB, not 77). Events are recorded
+    in order: every tensor yielded, every file written. Fails if the shards are collected first, written after."""
+    import checkpoint
+    from safetensors.torch import load_file
+    events, real_save = [], checkpoint.save_file
+    monkeypatch.setattr(checkpoint, "save_file", lambda t, *a, **kw: events.append(("write", list(t))) or
+                        real_save(t, *a, **kw))
+
+    def tensors():
+        for i in range(40):
+            t = torch.full((256,), float(i))  # 1 KiB each, 40 KiB in all
+            events.append(("yield", t.numel() * t.element_size()))
+            yield f"w{i}", t
+
+    checkpoint.save_state_dict(tensors(), {"x": 1}, str(tmp_path / "out"), max_shard_bytes=4096)
+    held = peak = 0
+    for kind, what in events:
+        held = held + what if kind == "yield" else 0
+        peak = max(peak, held)
+    assert peak <= 4096 + 1024 and sum(kind == "write" for kind, _ in events) == 10, events
+    files = sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors"))
+    assert files[0] == "model-00001-of-00010.safetensors" and len(files) == 10
+    got = {k: v for f in files for k, v in load_file(str(tmp_path / "out" / f)).items()}
+    assert all(torch.equal(got[f"w{i}"], torch.full((256,), float(i))) for i in range(40))
+
+
+def test_export_in_the_release_dtype_and_resume_exact(tiny_ckpt, tmp_path):
+    """A run that starts from a bf16 checkpoint (as the release is) exports bf16 (half the bytes of the fp32
+    master weights), and resuming from that export still restores the trained fp32 weights bit for bit (from
+    train_state/model). Fails if the export is the fp32 master copy, or if resume trusts the rounded export."""
+    from safetensors import safe_open
+    ctx = Context(torch.device("cpu"))
+    SkyworkR1V.from_pretrained(tiny_ckpt).save_pretrained(str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    m = load(str(tmp_path / "bf16"), ctx, train="connector")
+    opt = make_optimizer(m, lr=1e-2)
+    ids, pv = batch(m)
+    loss_fn(m, ids, pv).backward()
+    opt.step()  # the connector's fp32 weights now differ from any bf16 value
+    out = str(tmp_path / "step1")
+    save_checkpoint(out, m, opt, step=1)
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
+    for f in set(index.values()):
+        with safe_open(os.path.join(out, f), "pt") as g:
+            assert all(g.get_slice(k).get_dtype() == "BF16" for k in g.keys())
+    again = load(out, ctx, train="connector")
+    assert not all(torch.equal(p, q) for p, q in zip(again.mlp1.parameters(), m.mlp1.parameters()))  # rounded
+    resume(out, again, make_optimizer(again, lr=1e-2))
+    for (name, p), q in zip(again.named_parameters(), m.parameters()):
+        assert torch.equal(p, q), name
