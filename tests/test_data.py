@@ -349,7 +349,7 @@ def test_read_jsonl_resolves_images(tmp_path):
     ('{"question": "q", ', ValueError, r"d.jsonl:2: invalid JSON"),
     ('{"answer": "1"}', ValueError, r"d.jsonl:2: missing field\(s\) question"),
     ('["question"]', ValueError, r"d.jsonl:2: expected a JSON object"),
-    ('{"question": "q", "images": ["gone.png"]}', FileNotFoundError, r"d.jsonl:2: image file 'gone.png' not found"),
+    ('{"question": "q", "images": ["gone.png"]}', ValueError, r"d.jsonl:2: image file 'gone.png' not found"),
     ('{"question": "q", "images": "a.png"}', ValueError, r"d.jsonl:2: 'images' must be a list"),
 ])
 def test_read_jsonl_errors(tmp_path, bad_line, exc, pattern):

@@ -23,7 +23,7 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def load(path, ckpt, **kw):
+def load_data(path, ckpt, **kw):
     cfg = R1VConfig.from_dir(ckpt)
     return load_sft(path, Tokenizer.from_dir(ckpt), SFTConfig(**kw), cfg)
 
@@ -42,7 +42,7 @@ def test_labels_only_on_assistant_tokens(tiny_ckpt, tmp_path, red_png):
                       {"role": "assistant", "content": GOOD}, {"role": "user", "content": "And 1+2?"},
                       {"role": "assistant", "content": "1 + 2 = 3</think> \\boxed{3}"}]},  # starts inside <think>
     ])
-    (a, b), _ = load(path, tiny_ckpt)
+    (a, b), _ = load_data(path, tiny_ckpt)
     batch = make_batch([a, b], tok.pad_id, R1VConfig.from_dir(tiny_ckpt), 12, "cpu")
     ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
 
@@ -79,7 +79,7 @@ def test_padding_does_not_change_loss(tiny_ckpt, tmp_path, red_png):
         {"question": "A much longer question without an image, " * 8, "response": GOOD.replace("2", "2 " * 20)},
         {"question": "Short.", "response": GOOD},
     ])
-    exs, _ = load(path, tiny_ckpt)
+    exs, _ = load_data(path, tiny_ckpt)
     assert len({len(e.ids) for e in exs}) == 3
     tok, model = Tokenizer.from_dir(tiny_ckpt), SkyworkR1V.from_pretrained(tiny_ckpt)
     with torch.no_grad():
@@ -95,10 +95,10 @@ def test_train_connector_only(tiny_ckpt, tmp_path):
     train_path, eval_path = synthetic_data(str(tmp_path / "data"), 4, 2, seed=0)
     ctx = setup()
     model = load(tiny_ckpt, ctx, "connector")
-    (train_set, _), (eval_set, _) = load(train_path, tiny_ckpt), load(eval_path, tiny_ckpt)
+    (train_set, _), (eval_set, _) = load_data(train_path, tiny_ckpt), load_data(eval_path, tiny_ckpt)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = make_optimizer(model, 1e-2)
-    cfg = SFTConfig(steps=3, batch_size=2, warmup=0, eval_every=100)
+    cfg = SFTConfig(steps=3, batch_size=2, warmup=0, eval_every=100, out=str(tmp_path / "sft"))
     fit(cfg, ctx, model, opt, Tokenizer.from_dir(tiny_ckpt).pad_id, train_set, eval_set,
         MetricsLog(str(tmp_path / "m.jsonl")))
     for name, v in model.state_dict().items():
@@ -157,7 +157,7 @@ def test_resume_continues_exactly(tiny_ckpt, tmp_path, monkeypatch):
     ('{"question": "q", "response": ', ValueError, "invalid JSON"),
     ('{"question": "q"}', ValueError, "response"),
     ('{"question": "q", "response": 5}', ValueError, "response"),
-    ('{"images": ["nope.png"], "question": "q", "response": "R"}', FileNotFoundError, "nope.png"),
+    ('{"images": ["nope.png"], "question": "q", "response": "R"}', ValueError, "nope.png"),
     ('{"images": ["bad.png"], "question": "q", "response": "R"}', ValueError, "bad.png"),
     ('{"messages": "hi"}', ValueError, "messages"),
     ('{"messages": [{"role": "bot", "content": "R"}]}', ValueError, "role"),
@@ -168,7 +168,7 @@ def test_bad_data_names_file_and_line(tiny_ckpt, tmp_path, red_png, line, error,
     good = json.dumps({"question": "q", "response": GOOD})
     path = write_jsonl(tmp_path / "d.jsonl", [good, "", line.replace("\"R\"", json.dumps(GOOD))])
     with pytest.raises(error, match=words) as e:
-        load(path, tiny_ckpt)
+        load_data(path, tiny_ckpt)
     assert f"{path}:3" in str(e.value)
 
 
@@ -176,15 +176,15 @@ def test_untagged_responses_reported_and_skipped(tiny_ckpt, tmp_path, capsys):
     rows = [{"question": "q", "response": r} for r in
             (GOOD, "The answer is 2.", "<think>\nno box\n</think> 2", "\\boxed{2}", GOOD)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    exs, stats = load(path, tiny_ckpt)
+    exs, stats = load_data(path, tiny_ckpt)
     assert len(exs) == 2 and stats["untagged"] == 3
     assert stats["untagged_at"] == [f"{path}:{i}" for i in (2, 3, 4)]
     assert "skipped 3 sample(s)" in capsys.readouterr().out and f"{path}:2" in stats["untagged_at"]
-    exs, stats = load(path, tiny_ckpt, allow_untagged=True)
+    exs, stats = load_data(path, tiny_ckpt, allow_untagged=True)
     assert len(exs) == 5 and stats["untagged"] == 0
     write_jsonl(path, rows[1:2])
     with pytest.raises(ValueError, match="no usable samples"):
-        load(path, tiny_ckpt)
+        load_data(path, tiny_ckpt)
 
 
 def test_truncation_policy(tiny_ckpt, tmp_path, red_png):
@@ -197,7 +197,7 @@ def test_truncation_policy(tiny_ckpt, tmp_path, red_png):
         {"images": [red_png], "question": "q", "response": GOOD},       # 256 image tokens alone > 100: dropped
         {"question": "q", "response": GOOD},
     ])
-    exs, stats = load(path, tiny_ckpt, max_len=100)
+    exs, stats = load_data(path, tiny_ckpt, max_len=100)
     assert (stats["truncated"], stats["dropped"], len(exs)) == (1, 1, 2)
     assert len(exs[0].ids) == 100 and exs[0].mask[-1] == 1
 
@@ -246,7 +246,7 @@ def test_masked_loss_equals_selected_loss(tiny_ckpt, tmp_path, red_png, chunk):
         {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": GOOD},
                       {"role": "user", "content": "Again?"}, {"role": "assistant", "content": GOOD}]},
     ])
-    exs, _ = load(path, tiny_ckpt)
+    exs, _ = load_data(path, tiny_ckpt)
     model, tok = SkyworkR1V.from_pretrained(tiny_ckpt), Tokenizer.from_dir(tiny_ckpt)
     batch = make_batch(exs, tok.pad_id, model.config, 12, "cpu")
     results = []
