@@ -451,8 +451,9 @@ class Record(dict):
 
 
 def read_lines(path):
-    """-> ([(line number, text)] of the non-blank lines, [(line number, problem)]): the file is read as bytes and each line
-    decoded on its own, so a non-UTF-8 byte is reported with its line and column (and the other lines still load)."""
+    """-> ([(line number, text)] of the non-blank lines, [(line number, problem)]): the file is read as bytes and
+    each line decoded on its own, so a non-UTF-8 byte is reported with its line and column (the other lines
+    still load)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file not found: {path}")

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cli import at_least, check_choices, choice, parse_config
-from data import IMG_CONTEXT, THINK_START, Tokenizer, encode_prompt, read_jsonl
-from logs import plot_curves
-from model import SkyworkR1V, token_logprobs_and_entropy
+import cli
+from cli import UserError, at_least, check_choices, choice, parse_config
+from data import IMG_CONTEXT, THINK_START, DataError, Tokenizer, check_prompts, encode_prompt, read_jsonl
+from logs import plot_curves, trained_step
+from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from parallel import setup
 from rewards import accuracy_reward
 from rollout import generate_responses
@@ -198,9 +199,9 @@ def stats(values) -> dict:
 
 
 def checkpoint_step(path: str):
-    """Training step from a directory name like step_000200 (trailing digits), else None."""
-    m = re.search(r"(\d+)$", os.path.basename(os.path.normpath(path)))
-    return int(m.group(1)) if m else None
+    """The step the checkpoint was saved at, from its training state (logs.trained_step), else None (a release
+    checkpoint): never digits of the directory's name (`my-sft3` is not step 3)."""
+    return trained_step(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,15 +219,17 @@ def pick_checkpoint(reports: list, acc_tolerance: float = 0.02) -> tuple:
     accs = [r["accuracy"] for r in ok if r["accuracy"] is not None]
     if accs:
         best = max(accs)
+        # with every accuracy 0 the guard guards nothing: say so rather than pick quietly
+        warn = "WARNING: every checkpoint's accuracy is 0, so the pick says nothing about reasoning; " * (best == 0)
         pool = [r for r in with_cues if r["accuracy"] is not None and r["accuracy"] >= best - acc_tolerance]
         if pool:
             r = max(pool, key=crit)
-            return r, (f"highest critical-token entropy ({crit(r):.3f} nats over {r['n_cues']} cues) among the "
+            return r, (f"{warn}highest critical-token entropy ({crit(r):.3f} nats over {r['n_cues']} cues) among the "
                        f"checkpoints within {acc_tolerance:g} of the best held-out accuracy ({best:.3f}); "
                        f"its accuracy is {r['accuracy']:.3f}")
         r = max((r for r in ok if r["accuracy"] is not None), key=lambda r: r["accuracy"])
-        return r, (f"no checkpoint near the best accuracy emitted a reflection cue, so critical-token entropy is n/a: "
-                   f"picked by held-out accuracy alone ({best:.3f})")
+        return r, (f"{warn}no checkpoint near the best accuracy emitted a reflection cue, so critical-token entropy is "
+                   f"n/a: picked by held-out accuracy alone ({best:.3f})")
     if with_cues:
         r = max(with_cues, key=crit)
         return r, (f"highest critical-token entropy ({crit(r):.3f} nats over {r['n_cues']} cues); no answers were "
@@ -238,20 +241,54 @@ def pick_checkpoint(reports: list, acc_tolerance: float = 0.02) -> tuple:
 # main: score every checkpoint, pick one
 
 def expand_ckpts(patterns) -> list:
-    """Shell-style patterns -> checkpoint dirs ordered by step; an unmatched pattern stays (and reports not found)."""
-    paths = [p for pat in patterns for p in (sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]) or [pat]]
-    return sorted(dict.fromkeys(paths), key=lambda p: (checkpoint_step(p) is None, checkpoint_step(p) or 0))
+    """Shell-style patterns -> checkpoint dirs, in the order the patterns are given (`out/sft "out/grpo/step_*"`:
+    the pipeline's order; steps restart with each run), each glob's matches ordered by saved step. An unmatched
+    pattern stays (and reports not found)."""
+    def by_step(p):
+        return (checkpoint_step(p) is None, checkpoint_step(p) or 0, p)
+    paths = [p for pat in patterns for p in (sorted(glob.glob(pat), key=by_step) if glob.has_magic(pat) else [pat])
+             or [pat]]
+    return list(dict.fromkeys(paths))
+
+
+def check_inputs(cfg: EntropyConfig, paths: list) -> list:
+    """Before any weight is read: at least one of the checkpoints must be one (config.json), and every record of
+    --data must be usable (data.read_jsonl: fields, images decoded; data.check_prompts: placeholders, prompt +
+    --max-new-tokens, or + the record's response for --mode score, within the context). -> the records."""
+    usable = [p for p in paths if os.path.isfile(os.path.join(p, "config.json"))]
+    if not usable:
+        raise UserError(f"no checkpoint to score: none of {', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''} "
+                        f"is a checkpoint directory (config.json)")
+    records = read_jsonl(cfg.data, required=("question", "response") if cfg.mode == "score" else ("question",))
+    records = records[:cfg.limit] if cfg.limit else records
+    tok, config = Tokenizer.from_dir(usable[0]), R1VConfig.from_dir(usable[0])
+    if cfg.mode == "score":
+        bad = [f"{r.where}: 'response' must be a string" for r in records if not isinstance(r["response"], str)]
+        if bad:
+            raise UserError("\n".join(bad))
+        new = lambda r: len(tok.encode(r["response"])) + 1  # noqa: E731  (+ <|im_end|>)
+        problems = []
+        for r in records:  # the prompt must not open <think> twice (score_response)
+            try:
+                check_prompts([r], tok, config, 0, new, thinking=not r["response"].lstrip().startswith(THINK_START))
+            except DataError as e:
+                problems += e.problems
+        if problems:
+            raise DataError(cfg.data, problems)
+    else:
+        check_prompts(records, tok, config, 0, cfg.max_new_tokens)
+    return records
 
 
 def run(cfg: EntropyConfig) -> dict:
     """Score every checkpoint of cfg.ckpts on cfg.data, pick one, report -> the report's json content."""
     if not cfg.ckpts:
         raise ValueError("no checkpoints given (--ckpts DIR [DIR ...])")
-    records = read_jsonl(cfg.data, required=("question", "response") if cfg.mode == "score" else ("question",))
-    records = records[:cfg.limit] if cfg.limit else records
+    paths = expand_ckpts(cfg.ckpts)
+    records = check_inputs(cfg, paths)
     ctx = setup(cfg.dtype or None, cfg.seed)
     reports, raws = [], []
-    for path in expand_ckpts(cfg.ckpts):
+    for path in paths:
         report, raw = score_checkpoint(path, records, cfg, ctx)
         print(f"{path}: " + (report["error"] or f"critical H {fmt(report['critical']['mean'])} over "
                              f"{report['n_cues']} cues, mean H {fmt(report['all']['mean'])}, "
@@ -259,7 +296,10 @@ def run(cfg: EntropyConfig) -> dict:
         reports.append(report)
         raws.append(raw)
     chosen, why = pick_checkpoint(reports, cfg.acc_tolerance)
-    return write_report(cfg, reports, raws, chosen, why)
+    result = write_report(cfg, reports, raws, chosen, why)
+    if all(r["error"] is not None for r in reports):  # a report of failures only: the command failed
+        raise UserError(f"no checkpoint could be loaded (the errors are in {cfg.out})")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,4 +387,4 @@ def parse_args(argv=None) -> EntropyConfig:
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    cli.main(run, parse_args())
