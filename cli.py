@@ -19,14 +19,19 @@ def main(fn, *args, prog: str = None):
     FileNotFoundError escaping it (the checks that run before training raise those), becomes `prog: error: ...`
     on stderr, one line per line of the message (a data report has one per problem), and exit 2. Anything else
     is a bug and keeps its traceback. Under torchrun only rank 0 prints; every rank exits 2."""
-    prog = prog or os.path.basename(sys.argv[0])
     try:
         status = fn(*args)
     except (UserError, ValueError, FileNotFoundError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            sys.stderr.write("".join(f"{prog}: error: {line}\n" for line in str(e).strip().splitlines() or [""]))
+        print_error(e, prog)
         sys.exit(2)
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def print_error(e: Exception, prog: str = None):
+    """`prog: error: ...` on stderr for each line of the error's message (rank 0 only under torchrun)."""
+    prog = prog or os.path.basename(sys.argv[0])
+    if os.environ.get("RANK", "0") == "0":
+        sys.stderr.write("".join(f"{prog}: error: {line}\n" for line in str(e).strip().splitlines() or [""]))
 
 
 def choice(*values):

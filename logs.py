@@ -296,7 +296,7 @@ if __name__ == "__main__":  # python -m logs out/grpo/metrics.jsonl [--out curve
     p.add_argument("--keys", nargs="+", default=None, help="the metrics to draw (default: every numeric one)")
     args = p.parse_args()
     if not os.path.isfile(args.metrics):
-        sys.exit(f"{p.prog}: error: {args.metrics}: no such file")
+        p.exit(2, f"{p.prog}: error: {args.metrics}: no such file\n")
     out = args.out or curves_path(args.metrics)
     if plot_curves(args.metrics, out, args.keys):
         print(out)

@@ -133,9 +133,9 @@ def test_main_prompts_jsonl_one_json_line_each(tiny_ckpt, tmp_path, capsys):
                        "--max-new-tokens", 5, "--batch-size", 2, "--no-think")
     lines = [json.loads(line) for line in out.splitlines()]
     assert rc == 0 and [x["question"] for x in lines] == [r["question"] for r in records]
-    for x in lines:
-        assert set(x) == {"question", "response", "thinking", "answer"}
-        assert x["thinking"] is None and x["answer"] == x["response"].strip()  # --no-think: no <think> prefix
+    for x, r in zip(lines, records):
+        assert set(x) == set(r) | {"response", "thinking", "extracted_answer"} and x.get("images") == r.get("images")
+        assert x["thinking"] is None and x["extracted_answer"] == x["response"].strip()  # --no-think: no <think>
 
 
 def test_default_run_without_ckpt(tiny_ckpt, tmp_path, monkeypatch, capsys):
@@ -175,9 +175,9 @@ def _truncated(path):
     (lambda d: open(f"{d}/p.jsonl", "w").write('{"question": "a"}\n{"question": \n'), ["--prompts", "{d}/p.jsonl"],
      r"p\.jsonl:2: invalid JSON"),
     (lambda d: open(f"{d}/p.jsonl", "w").write('{"question": "a"}\n{"question": "<image>"}\n'),
-     ["--prompts", "{d}/p.jsonl"], r"p\.jsonl record 2: the prompt has 1 <image> placeholders but 0 images"),
+     ["--prompts", "{d}/p.jsonl"], r"p\.jsonl:2: the prompt has 1 <image> placeholders but 0 images"),
     (lambda d: open(f"{d}/p.jsonl", "w").write('{"question": 5}\n'), ["--prompts", "{d}/p.jsonl"],
-     r"p\.jsonl record 1: 'question' must be a string"),
+     r"p\.jsonl:1: 'question' must be a non-empty string"),
     (lambda d: save_image(f"{d}/a.png"), ["--image", "{d}/a.png"], r"--image needs a --prompt"),
     (None, ["--prompt", "q", "--dtype", "fp8"], r"--dtype: invalid choice: 'fp8'"),
     (None, ["--prompt", "q", "--max-new-tokens", "0"], r"--max-new-tokens must be >= 1, got 0"),
