@@ -84,13 +84,13 @@ def field_comments(cls) -> dict:
             while j in comments and lines[j].strip().startswith("#") and comments[j][0] == col:
                 parts.append(comments[j][1])
                 j += 1
-        else:  # the comment block above the field
-            parts, j = [], i - 1
-            while j >= 0 and lines[j].strip().startswith("#"):
+        else:  # the comment block above the field, at its indentation (not the previous field's continuation)
+            parts, j, indent = [], i - 1, len(line) - len(line.lstrip())
+            while j >= 0 and lines[j].strip().startswith("#") and comments[j][0] == indent:
                 parts.insert(0, comments[j][1])
                 j -= 1
         out[name] = " ".join(p for p in parts if p)
-    return out
+    return {**out, **{f.name: f.metadata["help"] for f in fields(cls) if "help" in f.metadata}}
 
 
 class Parser(argparse.ArgumentParser):
@@ -117,7 +117,7 @@ def make_parser(cls, description: str = "", preset: dict = None, preset_name: st
         shown = "required" if f.metadata.get("required") else f"default: {default!r}"
         if f.name in preset and preset[f.name] != default:
             shown += f"; {preset_name}: {preset[f.name]!r}"
-        help_text = f.metadata.get("help", helps.get(f.name, ""))
+        help_text = helps.get(f.name, "")
         kw = dict(dest=f.name, default=None, choices=f.metadata.get("choices"),
                   required=f.metadata.get("required", False),
                   help=(f"{help_text} ({shown})" if help_text else f"({shown})").replace("%", "%%"))

@@ -44,7 +44,7 @@ class EntropyConfig:
     out: str = "out/entropy/report.json"  # + report.md (the table), report_hist.png, report_steps.{jsonl,png}
     # generate: sample a response per record and score it; score: teacher-force the record's "response"
     mode: str = choice("generate", "score")
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512     # response length limit (--mode generate)
     temperature: float = 1.0      # sampling temperature and the one entropy is measured at (as GRPO's); 0 = greedy,
                                   # measured at 1.0
     top_p: float = 1.0            # < 1 samples from a truncated distribution; entropy is still of the full one
@@ -53,7 +53,7 @@ class EntropyConfig:
     dtype: str = choice("", "bf16", "fp32")  # "" = bf16 on GPU, fp32 on CPU
     seed: int = 0                 # the same sampling stream for every checkpoint, so they answer comparably
     acc_tolerance: float = 0.02   # checkpoint pick: highest critical entropy within this of the best accuracy
-    cues: tuple = DEFAULT_CUES
+    cues: tuple = DEFAULT_CUES    # the reflection words whose first token is a critical token
 
     def __post_init__(self):
         check_choices(self)

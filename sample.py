@@ -38,15 +38,15 @@ class SampleConfig:
     system: str = ""              # system prompt ("" = none, as in the release's inference)
     think: bool = True            # --no-think: do not open the assistant turn with <think>
     greedy: bool = False          # argmax instead of sampling (the repetition penalty still applies, as in HF)
-    temperature: float = 0.6
-    top_p: float = 0.95
-    repetition_penalty: float = 1.05
+    temperature: float = 0.6      # sampling temperature (the release's)
+    top_p: float = 0.95           # nucleus sampling: the smallest set of tokens with this much probability
+    repetition_penalty: float = 1.05  # logits of tokens already in the sequence divided by this (HF's rule)
     max_new_tokens: int = 1024    # the release allows 64000 for long reasoning
     max_tiles: int = 0            # 448px tiles per image (+ thumbnail); 0 = the checkpoint's max_dynamic_patch (12)
     batch_size: int = 16          # prompts per generate() call with --prompts
-    seed: int = 0
+    seed: int = 0                 # sampling stream; also picks the synthetic image without --prompt
     dtype: str = choice("", "fp32", "bf16")  # "" = bf16 on GPU, fp32 on CPU
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # one-process device (torchrun: one GPU a rank)
     tp: bool = True               # under torchrun: decode with a tensor-parallel copy of the decoder (tp.py);
                                   # --no-tp decodes from the FSDP shards (an all-gather of every layer per token)
     compile: bool = False         # torch.compile the fixed-shape decode step (CUDA graphs on a GPU)

@@ -47,7 +47,7 @@ class SFTConfig:
     ckpt: str = ""                # starting checkpoint (release format); "" = a tiny random one in out/tiny-init
     data: str = ""                # training JSONL; "" = synthetic cold-start data written to synthetic_dir
     eval_data: str = ""           # held-out JSONL; "" = the synthetic held-out split, or n_eval samples cut from --data
-    synthetic_dir: str = "out/sft-data"
+    synthetic_dir: str = "out/sft-data"  # where the synthetic data is written (without --data)
     n_train: int = 1000           # synthetic training problems
     n_eval: int = 64              # held-out samples (synthetic, or cut from --data when there is no --eval-data)
     out: str = "out/sft"          # checkpoint dir (release format + train_state/); out.metrics.jsonl, out.png beside it
@@ -62,11 +62,11 @@ class SFTConfig:
     steps: int = 300              # optimizer steps
     batch_size: int = 4           # samples per micro-batch (per rank)
     grad_accum: int = 1           # micro-batches per optimizer step
-    lr: float = 5e-3
-    warmup: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    lr: float = 5e-3              # peak learning rate, after warmup; cosine down to min_lr_ratio * lr
+    warmup: int = 20              # steps of linear warmup from 0
+    min_lr_ratio: float = 0.1     # the learning rate at the last step, as a fraction of --lr
+    weight_decay: float = 0.0     # AdamW weight decay
+    grad_clip: float = 1.0        # clip the global gradient norm to this
     grad_checkpointing: bool = False  # recompute each block in backward: activation memory flat in depth
     cpu_offload: bool = False     # FSDP2 CPU offload of parameters, gradients and optimizer state
     bf16_moments: bool = False    # Adam moments in bf16 (fp32 weights): what the 38B needs on 80 GB GPUs (plan.py)
@@ -76,8 +76,8 @@ class SFTConfig:
     print_every: int = 10         # console line every this many steps (metrics JSONL gets every step)
     save_every: int = 0           # checkpoint every this many steps (0 = only at the end)
     gen_eval: int = 64            # held-out prompts answered greedily at the end -> format rate, accuracy (0 = off)
-    max_new_tokens: int = 320
-    seed: int = 0
+    max_new_tokens: int = 320     # response length limit of the --gen-eval answers
+    seed: int = 0                 # data order, held-out split, synthetic data
 
     def __post_init__(self):
         at_least(self, 1, "steps", "batch_size", "grad_accum", "eval_every", "print_every", "max_len", "max_tiles",
