@@ -250,3 +250,37 @@ def test_torchrun_two_ranks_print_the_single_process_text(tiny_ckpt, tmp_path):
     errors = [line for line in two.stderr.splitlines() if re.search(r"error|terminate|abort|exception", line, re.I)]
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], errors[:20], two.stderr[-2000:])
     assert one.stdout.strip() and two.stdout == one.stdout
+
+
+# ---------------------------------------------------------------------------------------------- issue 23
+
+def test_prompts_output_carries_the_input_record(tiny_ckpt, tmp_path, capsys):
+    """Each output line holds the input record as written (id, images, gold answer, any other field) next to the
+    model's response and extracted answer; an input field named like an output one is kept as input_<name>."""
+    save_image(tmp_path / "a.png")
+    records = [{"id": "q-17", "images": ["a.png"], "question": "<image> how many?", "answer": "3", "source": "x"},
+               {"id": 42, "question": "2+2?", "answer": "4", "response": "a reference solution"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, "--prompts", tmp_path / "p.jsonl", "--greedy",
+                       "--max-new-tokens", 3)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and [x["id"] for x in lines] == ["q-17", 42]
+    a, b = lines
+    assert a["images"] == ["a.png"] and a["answer"] == "3" and a["source"] == "x"  # as written, gold answer kept
+    assert {"response", "thinking", "extracted_answer"} <= set(a) and a["response"].startswith("<think>")
+    assert b["input_response"] == "a reference solution" and b["response"] != "a reference solution"
+
+
+def test_every_problem_of_a_prompts_file_at_once(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(SkyworkR1V, "from_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "p.jsonl").write_bytes(b'{"question": "ok"}\n{"question": "<image>"}\n'
+                                       b'{"question": "x", "images": ["bad.png"]}\n{"question": "\xff"}\n')
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, "--prompts", tmp_path / "p.jsonl")
+    lines = err.splitlines()
+    assert rc == 2 and out == "" and len(lines) == 2, err  # fields, images and encoding first: lines 3 and 4
+    assert "p.jsonl:3: image 'bad.png'" in lines[0] and "p.jsonl:4: not UTF-8" in lines[1]
+    (tmp_path / "p.jsonl").write_text('{"question": "ok"}\n{"question": "<image>"}\n{"question": "<IMG_CONTEXT>"}\n')
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, "--prompts", tmp_path / "p.jsonl")
+    lines = err.splitlines()
+    assert rc == 2 and len(lines) == 2 and "p.jsonl:2: " in lines[0] and "p.jsonl:3: " in lines[1], err

@@ -274,3 +274,76 @@ def test_loss_traces_under_fake_tensors(tiny_ckpt, tmp_path):
         loss, ent = sft_loss(model, batch, 10.0, chunk=16)
         loss.backward()
         assert mode.is_our_fake(loss) and loss.shape == () and ent.shape == ()
+
+
+# ---------------------------------------------------------------------------------------------- your own runs (issue 23)
+
+def test_run_keeps_curves_and_answers_and_a_rerun_is_refused(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Curves are drawn at every evaluation (a run killed before its final save keeps them); the held-out answers
+    are saved as text; running again into the same --out is refused, one line, exit 2, before any weight is read,
+    with nothing changed on disk."""
+    import cli
+    out = str(tmp_path / "sft")
+    cfg = SFTConfig(ckpt=tiny_ckpt, synthetic_dir=str(tmp_path / "data"), n_train=4, n_eval=2, out=out, steps=2,
+                    batch_size=1, warmup=0, eval_every=1, gen_eval=2, max_new_tokens=4, train="connector")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(cfg)
+    assert os.path.isfile(out + ".png") and not os.path.isdir(out)  # drawn at the evaluations, before the save
+    monkeypatch.undo()
+    main(SFTConfig(**{**cfg.__dict__, "overwrite": True}))
+    answers = read_metrics(out + ".heldout_answers.jsonl")
+    assert len(answers) == 2 and all(isinstance(a["response"], str) and a["gold"] for a in answers)
+    saved = json.load(open(out + ".run_config.json"))
+    assert saved["config"]["steps"] == 2 and saved["preset"] is None
+    capsys.readouterr()
+
+    files = {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(tmp_path) for f in fs}
+    monkeypatch.setattr(sft, "load", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(main, cfg, prog="sft.py")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"sft.py: error: {out} holds a previous run")
+    assert "--resume" in err and "sft.metrics.jsonl" in err
+    assert files == {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+                     for d, _, fs in os.walk(tmp_path) for f in fs}
+
+
+def test_dropped_samples_named_by_line_with_a_hint(tiny_ckpt, tmp_path, red_png, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"question": "q", "response": GOOD},
+        {"images": [red_png], "question": "q", "response": GOOD},       # 256 image tokens alone > 100: dropped
+        {"question": "q", "response": GOOD},
+        {"images": [red_png], "question": "q2", "response": GOOD},
+    ])
+    exs, stats = load_data(path, tiny_ckpt, max_len=100)
+    out = capsys.readouterr().out
+    assert len(exs) == 2 and stats["dropped"] == 2
+    assert f"{path}:2 (" in out and f"{path}:4 (" in out and "--max-tiles" in out and "1 tiles" in out
+
+
+def test_every_problem_of_an_sft_file_at_once(tiny_ckpt, tmp_path, red_png):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"question": "q", "response": GOOD},
+        {"question": "q"},
+        {"messages": [{"role": "bot", "content": GOOD}]},
+        {"images": [red_png], "question": "<image> <image> q", "response": GOOD},
+    ])
+    with pytest.raises(ValueError) as e:
+        load_data(path, tiny_ckpt)
+    lines = str(e.value).splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == [f"{path}:{n}" for n in (2, 3, 4)], lines
+
+
+def test_held_out_share_is_said(tiny_ckpt, tmp_path, capsys):
+    from sft import load_datasets
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "response": GOOD}] * 10)
+    cfg = SFTConfig(data=path, n_eval=64)
+    train, held, _ = load_datasets(path, "", Tokenizer.from_dir(tiny_ckpt), cfg, R1VConfig.from_dir(tiny_ckpt),
+                                   setup())
+    assert (len(train), len(held)) == (5, 5)
+    assert "no --eval-data: holding out 5 of the 10 samples" in capsys.readouterr().out
