@@ -373,13 +373,18 @@ def plot_histogram(raw: dict, png_path: str, title: str = "") -> bool:
 
 def plot_over_steps(reports: list, stem: str) -> None:
     """Critical-token entropy, mean entropy and accuracy per step, through logs.plot_curves (shared plumbing)."""
-    rows = [{"step": r["step"] if r["step"] is not None else i, "critical_entropy": r["critical"]["mean"],
+    steps = [r["step"] for r in reports]
+    # saved steps restart with each run (out/sft at step 110, then GRPO's step 20, 40, ...): then the x axis is the
+    # checkpoints' order on the command line, not their steps
+    by_step = None not in steps and steps == sorted(steps)
+    rows = [{"step": r["step"] if by_step else i, "critical_entropy": r["critical"]["mean"],
              "mean_entropy": r["all"]["mean"], "accuracy": r["accuracy"]}
             for i, r in enumerate(reports) if r["error"] is None]
     rows = [{k: v for k, v in row.items() if v is not None} for row in rows]  # n/a points are left out
     with open(stem + "_steps.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in sorted(rows, key=lambda row: row["step"]))
-    plot_curves(stem + "_steps.jsonl", stem + "_steps.png", ["critical_entropy", "mean_entropy", "accuracy"])
+    plot_curves(stem + "_steps.jsonl", stem + "_steps.png", ["critical_entropy", "mean_entropy", "accuracy"],
+                xlabel="step" if by_step else "checkpoint (--ckpts order)")
 
 
 def parse_args(argv=None) -> EntropyConfig:

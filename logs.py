@@ -221,7 +221,7 @@ def smooth(values: list, weight: float = None) -> list:
     return out
 
 
-def plot_curves(jsonl_path: str, png_path: str, keys=None) -> bool:
+def plot_curves(jsonl_path: str, png_path: str, keys=None, xlabel: str = "step") -> bool:
     """One panel per metric over steps, in a grid of at most 4 columns (8 metrics: 2 x 4), so each curve stays
     wide enough to read: the raw points faint, a smoothed line over them (from 10 points on). keys=None: every
     numeric metric in the file. Safe to call at every evaluation: a killed run keeps its last curves.
@@ -251,7 +251,7 @@ def plot_curves(jsonl_path: str, png_path: str, keys=None) -> bool:
         else:
             ax.plot(steps, values, marker=".", color="C0")
         ax.set_title(key)
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         if key in ("lr", "grad_norm") and min(values) > 0 and max(values) / min(values) > 100:
             ax.set_yscale("log")
     for ax in axes.flat[len(keys):]:

@@ -51,8 +51,8 @@ def fake_run(out_dir, steps=(20, 40)):
 
 def claim(out_dir, cfg=None, **kw):
     kw = {"resume": False, "overwrite": False, **kw}
-    return prepare_run([out_dir], cfg or RunConfig(out_dir=out_dir), config_path=os.path.join(out_dir, "run_config.json"),
-                       **kw)
+    return prepare_run([out_dir], cfg or RunConfig(out_dir=out_dir),
+                       config_path=os.path.join(out_dir, "run_config.json"), **kw)
 
 
 def test_rerun_into_an_existing_run_is_refused_with_nothing_changed(tmp_path):
@@ -137,7 +137,7 @@ def test_keep_last(tmp_path):
 
 def test_truncation_rate():
     stop = [9]
-    assert truncation_rate([[1, 2, 9], [1, 2, 3], [1, 9], [4, 4, 4]], stop, 3) == 0.5  # two hit the limit unstopped
+    assert truncation_rate([[1, 2, 9], [1, 2, 3], [1, 9], [4, 4, 4], [5]], stop, 3) == 0.4  # two hit the limit
     assert truncation_rate([[1, 2, 9]], stop, 3) == 0.0  # the stop token on the last allowed position: not cut
     assert truncation_rate([], stop, 3) == 0.0
 

@@ -276,7 +276,7 @@ def test_loss_traces_under_fake_tensors(tiny_ckpt, tmp_path):
         assert mode.is_our_fake(loss) and loss.shape == () and ent.shape == ()
 
 
-# ---------------------------------------------------------------------------------------------- your own runs (issue 23)
+# ------------------------------------------------------------------------------------ your own runs (issue 23)
 
 def test_run_keeps_curves_and_answers_and_a_rerun_is_refused(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Curves are drawn at every evaluation (a run killed before its final save keeps them); the held-out answers
