@@ -78,7 +78,8 @@ def describe(path: str) -> str:
 
 
 def prepare_run(parts: list, config, *, resume: bool, overwrite: bool, config_path: str, preset: str = None,
-                step: int = None, schedule: tuple = (), lr_at=None, is_main: bool = True, prog: str = "") -> dict:
+                step: int = None, schedule: tuple = (), lr_at=None, is_main: bool = True, prog: str = "",
+                barrier=None) -> dict:
     """Claim the run's files before anything is written, and record what the run starts with. Call it after the
     flags and the data are checked, before any weight is read.
 
@@ -89,7 +90,8 @@ def prepare_run(parts: list, config, *, resume: bool, overwrite: bool, config_pa
     Resuming (step = the saved step) compares it with the saved one: every changed flag is printed, and a change
     of a `schedule` flag warns with the learning rate at the resumed step before and after (lr_at(config dict,
     step) -> lr), since e.g. a larger --steps restarts the warmup-cosine curve from a different point.
-    -> the saved config dict of the run being resumed, or None. Only is_main deletes, writes and prints."""
+    -> the saved config dict of the run being resumed, or None. Every rank checks; only is_main deletes, writes
+    and prints, after `barrier` (parallel.barrier under torchrun), so no rank mistakes the new run for an old one."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: continue the run, or delete it")
     there = [p for p in parts if os.path.isfile(p) or (os.path.isdir(p) and os.listdir(p))]
@@ -101,6 +103,8 @@ def prepare_run(parts: list, config, *, resume: bool, overwrite: bool, config_pa
     if resume and os.path.isfile(config_path):
         with open(config_path) as f:
             old = json.load(f).get("config")
+    if barrier is not None:
+        barrier()
     if is_main:
         if overwrite and there:
             for p in there:

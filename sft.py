@@ -224,7 +224,7 @@ def claim_run(cfg: SFTConfig, ctx, resuming: bool):
     prepare_run(parts, cfg, resume=cfg.resume, overwrite=cfg.overwrite, config_path=cfg.out + ".run_config.json",
                 step=trained_step(cfg.out) if resuming else None, schedule=("steps", "lr", "warmup", "min_lr_ratio"),
                 lr_at=lambda c, s: lr_at(s, c["steps"], c["lr"], c["warmup"], c["min_lr_ratio"]),
-                is_main=ctx.is_main, prog="sft.py")
+                is_main=ctx.is_main, prog="sft.py", barrier=barrier)
     barrier()
 
 

@@ -108,6 +108,23 @@ def test_resume_says_what_changes_and_warns_on_the_schedule(tmp_path, capsys):
     assert "changed" not in capsys.readouterr().out
 
 
+def test_every_rank_checks_before_rank_0_writes(tmp_path):
+    """Under torchrun (sft.py passes parallel.barrier): every rank checks the run directory, then rank 0 writes
+    run_config.json, so no rank can mistake the new run's file for a previous run. (Checked once by hand on 2 gloo
+    ranks, `torchrun --nproc_per_node 2 sft.py` twice: the rerun is refused with one line from rank 0; too slow
+    for the suite.)"""
+    out, calls = str(tmp_path / "run"), []
+
+    def barrier():
+        calls.append(os.path.exists(os.path.join(out, "run_config.json")))
+
+    claim(out, barrier=barrier)
+    assert calls == [False] and os.path.isfile(os.path.join(out, "run_config.json"))
+    calls.clear()
+    claim(str(tmp_path / "other"), barrier=barrier, is_main=False)  # other ranks check and wait, never write
+    assert calls == [False] and not os.path.exists(tmp_path / "other")
+
+
 def test_format_config_marks_what_is_not_the_default():
     text = format_config(RunConfig(steps=3), "TINY_RUN", "grpo.py")
     assert text.splitlines()[0] == "grpo.py config (preset: TINY_RUN) (* = not the default):"
