@@ -113,16 +113,14 @@ def test_every_rank_checks_before_rank_0_writes(tmp_path):
     run_config.json, so no rank can mistake the new run's file for a previous run. (Checked once by hand on 2 gloo
     ranks, `torchrun --nproc_per_node 2 sft.py` twice: the rerun is refused with one line from rank 0; too slow
     for the suite.)"""
-    out, calls = str(tmp_path / "run"), []
+    calls = []
+    for out, is_main in ((str(tmp_path / "run"), True), (str(tmp_path / "other"), False)):
+        def barrier():
+            calls.append(os.path.exists(os.path.join(out, "run_config.json")))
 
-    def barrier():
-        calls.append(os.path.exists(os.path.join(out, "run_config.json")))
-
-    claim(out, barrier=barrier)
-    assert calls == [False] and os.path.isfile(os.path.join(out, "run_config.json"))
-    calls.clear()
-    claim(str(tmp_path / "other"), barrier=barrier, is_main=False)  # other ranks check and wait, never write
-    assert calls == [False] and not os.path.exists(tmp_path / "other")
+        claim(out, barrier=barrier, is_main=is_main)
+    assert calls == [False, False] and os.path.isfile(tmp_path / "run" / "run_config.json")
+    assert not os.path.exists(tmp_path / "other")  # the other ranks check and wait, never write
 
 
 def test_format_config_marks_what_is_not_the_default():
