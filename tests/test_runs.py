@@ -192,21 +192,27 @@ def test_smooth():
     assert max(s[50:]) - min(s[50:]) < 0.3  # the alternation is smoothed out
 
 
-def test_curves_drawn_by_a_command_from_metrics_jsonl(tmp_path):
+def test_curves_drawn_by_a_command_from_metrics_jsonl(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "grpo"
     os.makedirs(out)
     log = MetricsLog(str(out / "metrics.jsonl"))
     for s in range(1, 31):
         log.write(s, {"reward": s / 30, "grad_norm": 1.0 / s, "lr": 1e-4, "step_time": 2.0, "note": "text"})
-    p = subprocess.run([sys.executable, "-m", "logs", str(out / "metrics.jsonl")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 0 and (out / "curves.png").stat().st_size > 1000, p.stderr
+    command(monkeypatch, str(out / "metrics.jsonl"))  # python -m logs out/grpo/metrics.jsonl
+    assert (out / "curves.png").stat().st_size > 1000
     assert plot_curves(str(out / "metrics.jsonl"), str(tmp_path / "sft.png"), ["reward", "missing"])
     assert logs.curves_path("out/sft.metrics.jsonl") == "out/sft.png"
-    p = subprocess.run([sys.executable, "-m", "logs", str(tmp_path / "nope.jsonl")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no such file" in p.stderr
+    with pytest.raises(SystemExit) as e:
+        command(monkeypatch, str(tmp_path / "nope.jsonl"))
+    assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+def command(monkeypatch, *argv):
+    """`python -m logs *argv`, run in this process (runpy: the module's __main__ block, as the command runs it)."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", ["logs.py", *argv])
+    runpy.run_module("logs", run_name="__main__")
 
 
 # ---------------------------------------------------------------------------------------------- grpo.py
@@ -223,7 +229,8 @@ def grpo_problem_file(tmp_path, bad_line=3):
     blob = open(tmp_path / "ok.png", "rb").read()
     (tmp_path / "cut.png").write_bytes(blob[:len(blob) // 2])
     rows = [{"images": ["ok.png"], "question": "How many?", "answer": "1"}] * 4
-    rows[bad_line - 1] = {"images": ["cut.png"], "question": "How many?", "answer": "1"}
+    if bad_line:
+        rows[bad_line - 1] = {"images": ["cut.png"], "question": "How many?", "answer": "1"}
     (tmp_path / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(tmp_path / "math.jsonl")
 
@@ -254,12 +261,12 @@ def test_grpo_rerun_into_an_existing_run_is_refused(tiny_ckpt, tmp_path, monkeyp
     import grpo
     out = str(tmp_path / "run")
     fake_run(out)
-    before = snapshot(tmp_path)
     monkeypatch.setattr(grpo, "load", lambda *a, **k: pytest.fail("weights were read"))
-    cfg = grpo.GRPOConfig(ckpt=tiny_ckpt, out_dir=out, **grpo.TINY_RUN)
+    cfg = grpo.GRPOConfig(ckpt=tiny_ckpt, out_dir=out, data=grpo_problem_file(tmp_path, None), **grpo.TINY_RUN)
+    before = snapshot(out)
     with pytest.raises(UserError, match="holds a previous run"):
         grpo.train(cfg)
-    assert snapshot(tmp_path) == before
+    assert snapshot(out) == before
 
 
 @WIRING

@@ -284,7 +284,7 @@ def test_run_keeps_curves_and_answers_and_a_rerun_is_refused(tiny_ckpt, tmp_path
     with nothing changed on disk."""
     import cli
     out = str(tmp_path / "sft")
-    cfg = SFTConfig(ckpt=tiny_ckpt, synthetic_dir=str(tmp_path / "data"), n_train=4, n_eval=2, out=out, steps=2,
+    cfg = SFTConfig(ckpt=tiny_ckpt, synthetic_dir=str(tmp_path / "data"), n_train=4, n_eval=2, out=out, steps=1,
                     batch_size=1, warmup=0, eval_every=1, gen_eval=2, max_new_tokens=4, train="connector")
 
     def killed(*args, **kwargs):
@@ -299,7 +299,7 @@ def test_run_keeps_curves_and_answers_and_a_rerun_is_refused(tiny_ckpt, tmp_path
     answers = read_metrics(out + ".heldout_answers.jsonl")
     assert len(answers) == 2 and all(isinstance(a["response"], str) and a["gold"] for a in answers)
     saved = json.load(open(out + ".run_config.json"))
-    assert saved["config"]["steps"] == 2 and saved["preset"] is None
+    assert saved["config"]["steps"] == 1 and saved["preset"] is None
     capsys.readouterr()
 
     files = {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(tmp_path) for f in fs}
