@@ -187,9 +187,11 @@ def main(cfg: SFTConfig) -> dict:
     ckpt, resuming = starting_checkpoint(cfg, ctx)
     train_path, eval_path = data_files(cfg, ctx)
     barrier()  # the main rank may have just written the tiny checkpoint and the synthetic data
-    tok = Tokenizer.from_dir(ckpt)  # the data is checked against the checkpoint's tokenizer and config, but
+    # the data is checked (against the checkpoint's tokenizer and config) and the run directory claimed before any
+    # weight is read: a bad record or a previous run in --out costs seconds, not a model load
+    tok = Tokenizer.from_dir(ckpt)
     train_set, eval_set, stats = load_datasets(train_path, eval_path, tok, cfg, R1VConfig.from_dir(ckpt), ctx)
-    claim_run(cfg, ctx, resuming)  # ... before any weight is read and before anything of the run is written
+    claim_run(cfg, ctx, resuming)
     model = load(ckpt, ctx, cfg.train, cfg.grad_checkpointing, cfg.cpu_offload)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay,
                          moments_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
