@@ -13,6 +13,8 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from cli import UserError
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -222,8 +224,30 @@ def _open_image(path):
         raise ValueError(f"{path}: refusing to decode a possible decompression bomb: {e}") from None
     except UnidentifiedImageError:
         raise ValueError(f"{path} is not an image format PIL can read") from None
-    except OSError as e:  # "image file is truncated", broken PNG chunks, ...
+    except (OSError, SyntaxError, EOFError, ValueError) as e:  # "image file is truncated", broken PNG chunks, ...
         raise ValueError(f"{path}: truncated or corrupt image data ({e})") from None
+
+
+_SIZES = {}  # (path, mtime, bytes) -> (width, height) after EXIF rotation, or the error: each file decoded once
+
+
+def image_size(path) -> tuple[int, int]:
+    """Decode an image file fully (as _open_image: truncation and bombs are errors) -> (width, height) as the
+    model will see it (EXIF-rotated). Remembered per file version, so checking a data set up front and tiling it
+    later decode each file once here."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _SIZES:
+        try:
+            _SIZES[key] = _open_image(path).size
+        except (ValueError, FileNotFoundError) as e:
+            _SIZES[key] = e
+    if isinstance(_SIZES[key], Exception):
+        raise _SIZES[key]
+    return _SIZES[key]
 
 
 def to_rgb(img):
@@ -268,6 +292,14 @@ def image_tiles(path_or_pil, config, max_tiles=0):
     limit = max_tiles or (config.max_dynamic_patch if config.dynamic_image_size else 1)
     return load_image(path_or_pil, max_tiles=limit, tile=config.force_image_size, use_thumbnail=config.use_thumbnail,
                       min_tiles=min(config.min_dynamic_patch, limit))
+
+
+def tile_count(path, config, max_tiles=0) -> int:
+    """len(image_tiles(path, config, max_tiles)) from the image's size alone: what a prompt's <IMG_CONTEXT> count
+    needs, without resizing anything (the data checks count the tiles of every image of a data set)."""
+    limit = max_tiles or (config.max_dynamic_patch if config.dynamic_image_size else 1)
+    cols, rows = tile_grid(*image_size(path), min(config.min_dynamic_patch, limit), limit, config.force_image_size)
+    return cols * rows + (config.use_thumbnail and cols * rows > 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,41 +430,147 @@ def shuffled_indices(start: int, count: int, n: int, seed: int) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets: JSONL records {"images": [paths relative to the file], "question": ..., "answer": ...}
 
-def read_jsonl(path, required=("question",)):
-    """Read a JSONL dataset; image paths ("images": [...] or "image": str) come back absolute in "images".
-    Every error names the file and line, so a bad record in a 20K-line file is found at once."""
+MAX_PROBLEMS = 20  # problems of one file listed in its report; the rest are counted
+
+
+class DataError(UserError):
+    """Every problem found in a data file, one `FILE:LINE: what is wrong` line each (up to MAX_PROBLEMS): the
+    user fixes them all in one go instead of one per run. cli.main prints it, one line per problem, exit 2."""
+
+    def __init__(self, path, problems: list, cap: int = MAX_PROBLEMS):
+        self.path, self.problems = os.fspath(path), list(problems)
+        more = len(self.problems) - cap
+        super().__init__("\n".join(self.problems[:cap] + ([f"{self.path}: ... and {more} more problem(s), "
+                                                           f"{len(self.problems)} in all"] if more > 0 else [])))
+
+
+class Record(dict):
+    """A JSONL record (a dict, "images" made absolute) that knows where it came from: `where` = "FILE:LINE" for
+    every later message about it, `source` = the object as written in the file (sample.py echoes it back)."""
+    where, source = "", None
+
+
+def read_lines(path):
+    """-> ([(line number, text)] of the non-blank lines, [(line number, problem)]): the file is read as bytes and
+    each line decoded on its own, so a non-UTF-8 byte is reported with its line and column (the other lines
+    still load)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file not found: {path}")
+    with open(path, "rb") as f:
+        raw_lines = f.read().split(b"\n")
+    lines, problems = [], []
+    for n, raw in enumerate(raw_lines, 1):
+        raw = raw.removesuffix(b"\r").removeprefix(b"\xef\xbb\xbf" if n == 1 else b"")  # CRLF files, a BOM
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            col = len(raw[:e.start].decode("utf-8", "replace")) + 1
+            problems.append((n, f"{path}:{n}: not UTF-8 text: byte 0x{raw[e.start]:02x} at column {col} "
+                                f"(save the file as UTF-8)"))
+            continue
+        if text.strip():
+            lines.append((n, text))
+    return lines, problems
+
+
+def read_jsonl(path, required=("question",), check_images=True):
+    """Read a JSONL dataset -> [Record]. Image paths ("images": [...] or "image": str) come back absolute in
+    "images", relative ones resolved against the file's directory. Everything is checked up front and every problem
+    of the file is reported at once (DataError, one `FILE:LINE: ...` each): bytes that are not UTF-8, invalid JSON
+    (with its column), a missing required field, a question that is not a non-empty string, an empty "answer" (a
+    problem no response can be rewarded for), image paths that do not exist, and (check_images) every image
+    opened and fully decoded: a truncated file or a decompression bomb fails now, not hours into a run."""
+    lines, problems = read_lines(path)
     base, records = os.path.dirname(os.path.abspath(path)), []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                records.append(_parse_record(line, f"{path}:{lineno}", base, required))
+    for n, text in lines:
+        rec, errors = _parse_record(text, base, required, check_images)
+        problems += [(n, f"{path}:{n}: {e}") for e in errors]
+        if rec is not None and not errors:
+            rec.where = f"{path}:{n}"
+            records.append(rec)
+    if problems:
+        raise DataError(path, [p for _, p in sorted(problems, key=lambda p: p[0])])
     if not records:
-        raise ValueError(f"{path}: no records")
+        raise UserError(f"{path}: no records")
     return records
 
 
-def _parse_record(line, where, base, required):
+def _parse_record(text, base, required, check_images) -> tuple:
+    """One line -> (Record or None, [problems])."""
     try:
-        rec = json.loads(line)
+        source = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        end = ", the end of the line: is a closing brace or quote missing?" if e.pos >= len(text.rstrip()) else ""
+        return None, [f"invalid JSON ({e.msg} at column {e.colno}{end})"]
+    if not isinstance(source, dict):
+        return None, [f"expected a JSON object, got {type(source).__name__}"]
+    rec, errors = Record(source), []
+    rec.source = source
     missing = [k for k in required if k not in rec]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        errors.append(f"missing field(s) {', '.join(missing)}")
+    if "question" in rec and not (isinstance(rec["question"], str) and rec["question"].strip()):
+        errors.append(f"'question' must be a non-empty string, got {rec['question']!r:.100}")
+    if "answer" in rec:
+        a = rec["answer"]
+        if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+            errors.append(f"'answer' must be a string or a number, got {a!r:.100}")
+        elif not str(a).strip():
+            errors.append("empty 'answer': no response could ever be rewarded for it")
     images = rec.pop("image", None)
     images = rec.get("images", [] if images is None else [images])
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        raise ValueError(f"{where}: 'images' must be a list of file paths, got {images!r:.200}")
+        return rec, errors + [f"'images' must be a list of file paths, got {images!r:.200}"]
     rec["images"] = [os.path.join(base, p) for p in images]  # join keeps absolute paths as they are
     for p, full in zip(images, rec["images"]):
         if not os.path.isfile(full):
-            raise FileNotFoundError(f"{where}: image file {p!r} not found (looked for {full})")
-    return rec
+            errors.append(f"image file {p!r} not found (looked for {full})")
+        elif check_images:
+            try:
+                image_size(full)
+            except ValueError as e:
+                errors.append(f"image {p!r}: {e}")
+    return rec, errors
+
+
+def context_problem(n_ids: int, n_tiles: int, new_tokens: int, config, max_tiles: int = 0,
+                    what: str = "--max-new-tokens") -> str | None:
+    """Prompt (text + image tokens) + new tokens against the model's context -> what is wrong, or None."""
+    limit = config.llm.max_position_embeddings
+    if n_ids + new_tokens <= limit:
+        return None
+    tiles_now = max_tiles or (config.max_dynamic_patch if config.dynamic_image_size else 1)
+    return (f"the prompt has {n_ids} tokens ({n_tiles * config.num_image_token} of them for {n_tiles} image tiles "
+            f"x {config.num_image_token}) + {what} {new_tokens} = {n_ids + new_tokens}, more than the model's "
+            f"context of {limit} tokens (max_position_embeddings); lower {what} or --max-tiles (now {tiles_now} "
+            f"tiles per image)")
+
+
+def check_prompts(records, tok, config, max_tiles: int = 0, max_new_tokens=0, system=None, thinking=True):
+    """The prompt of every record, as the scripts will build it -> [(prompt ids, tile count)], after checking them
+    all: <image> placeholders against the images, no literal <IMG_CONTEXT> typed in the question, and prompt +
+    max_new_tokens within the model's context (max_new_tokens may be a function of the record: entropy.py's
+    --mode score counts the record's response). Every problem -> DataError, one `FILE:LINE: ...` each."""
+    out, problems = [], []
+    for rec in records:
+        try:
+            tiles = [tile_count(p, config, max_tiles) for p in rec.get("images", ())]
+            ids = tok.encode(build_prompt(rec["question"], tiles, config.num_image_token, system, thinking))
+            if ids.count(config.img_context_token_id) != sum(tiles) * config.num_image_token:
+                raise ValueError(f"the question contains the literal text {IMG_CONTEXT}, which is reserved for "
+                                 f"image tokens")
+            new = max_new_tokens(rec) if callable(max_new_tokens) else max_new_tokens
+            problem = context_problem(len(ids), sum(tiles), new, config, max_tiles)
+            if problem:
+                raise ValueError(problem)
+        except (ValueError, FileNotFoundError) as e:
+            problems.append(f"{getattr(rec, 'where', '') or 'record'}: {e}")
+            continue
+        out.append((ids, sum(tiles)))
+    if problems:
+        raise DataError(getattr(records[0], "where", "data").rsplit(":", 1)[0], problems)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -562,7 +700,7 @@ def save_image_bytes(data: bytes, image_dir: str) -> str:
 
 def read_parquet_records(path, need=("question",), columns=None, image_dir="out/parquet-images"):
     """Parquet file or folder of question / answer / image-bytes rows -> records shaped like read_jsonl's:
-    {"question", "answer", "images": [paths], "where": "file row N", ...the other columns}. columns renames:
+    Records {"question", "answer", "images": [paths], ...the other columns}, `where` = "FILE row N". columns renames:
     {"question": "problem", "answer": "solution", "images": "image"}; by default the images are in "images" or
     "image", whichever exists (none: a text-only set)."""
     columns, records = dict(columns or {}), []
@@ -578,12 +716,12 @@ def read_parquet_records(path, need=("question",), columns=None, image_dir="out/
             raise ValueError(f"{file}: no image column {image_col!r} (columns: {', '.join(sorted(have))})")
         for i, row in enumerate(rows):
             where = f"{file} row {i}"
-            rec = {k: v for k, v in row.items() if k != image_col and not isinstance(v, (bytes, dict))}
+            rec = Record({k: v for k, v in row.items() if k != image_col and not isinstance(v, (bytes, dict))})
             for field in ("question", "answer"):
                 if columns.get(field, field) in row:
                     rec[field] = row[columns.get(field, field)]
             rec["images"] = [save_image_bytes(b, image_dir) for b in image_bytes(row.get(image_col), where)]
-            rec["where"] = where
+            rec.where = where
             records.append(rec)
     if not records:
         raise ValueError(f"{path}: no rows")
@@ -592,14 +730,9 @@ def read_parquet_records(path, need=("question",), columns=None, image_dir="out/
 
 def read_records(path, need=("question",), columns=None, image_dir="out/parquet-images"):
     """A dataset flag's value (--data, --eval-data) -> records: a .parquet file or a folder holds parquet
-    (read_parquet_records), anything else is JSONL (read_jsonl). Each record names its source in "where"
-    ("file:line" or "file row N"), so every later error can point at it."""
+    (read_parquet_records), anything else is JSONL (read_jsonl). Each record names its source in `where`
+    ("FILE:LINE" or "FILE row N"), so every later error can point at it."""
     path = os.fspath(path)
     if os.path.isdir(path) or path.endswith(".parquet"):
         return read_parquet_records(path, need, columns, image_dir)
-    records = read_jsonl(path, need)
-    with open(path, encoding="utf-8") as f:  # read_jsonl skips blank lines: recover each record's line number
-        lines = [n for n, line in enumerate(f, 1) if line.strip()]
-    for rec, line in zip(records, lines):
-        rec["where"] = f"{path}:{line}"
-    return records
+    return read_jsonl(path, need)

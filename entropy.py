@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import at_least, check_choices, choice, parse_config
-from data import IMG_CONTEXT, THINK_START, Tokenizer, encode_prompt, read_jsonl
-from logs import plot_curves
-from model import token_logprobs_and_entropy
+import cli
+from cli import UserError, at_least, check_choices, choice, parse_config
+from data import IMG_CONTEXT, THINK_START, DataError, Tokenizer, check_prompts, encode_prompt, read_jsonl
+from logs import plot_curves, trained_step
+from model import R1VConfig, token_logprobs_and_entropy
 from parallel import LayoutFlags, load, setup
 from rewards import accuracy_reward
 from rollout import generate_responses
@@ -45,7 +46,7 @@ class EntropyConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     out: str = "out/entropy/report.json"  # + report.md (the table), report_hist.png, report_steps.{jsonl,png}
     # generate: sample a response per record and score it; score: teacher-force the record's "response"
     mode: str = choice("generate", "score")
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512     # response length limit (--mode generate)
     temperature: float = 1.0      # sampling temperature and the one entropy is measured at (as GRPO's); 0 = greedy,
                                   # measured at 1.0
     top_p: float = 1.0            # < 1 samples from a truncated distribution; entropy is still of the full one
@@ -54,7 +55,7 @@ class EntropyConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     dtype: str = choice("", "bf16", "fp32")  # "" = bf16 on GPU, fp32 on CPU
     seed: int = 0                 # the same sampling stream for every checkpoint, so they answer comparably
     acc_tolerance: float = 0.02   # checkpoint pick: highest critical entropy within this of the best accuracy
-    cues: tuple = DEFAULT_CUES
+    cues: tuple = DEFAULT_CUES    # the reflection words whose first token is a critical token
 
     def __post_init__(self):
         super().__post_init__()  # the layout
@@ -225,9 +226,9 @@ def stats(values) -> dict:
 
 
 def checkpoint_step(path: str):
-    """Training step from a directory name like step_000200 (trailing digits), else None."""
-    m = re.search(r"(\d+)$", os.path.basename(os.path.normpath(path)))
-    return int(m.group(1)) if m else None
+    """The step the checkpoint was saved at, from its training state (logs.trained_step), else None (a release
+    checkpoint): never digits of the directory's name (`my-sft3` is not step 3)."""
+    return trained_step(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,15 +246,17 @@ def pick_checkpoint(reports: list, acc_tolerance: float = 0.02) -> tuple:
     accs = [r["accuracy"] for r in ok if r["accuracy"] is not None]
     if accs:
         best = max(accs)
+        # with every accuracy 0 the guard guards nothing: say so rather than pick quietly
+        warn = "WARNING: every checkpoint's accuracy is 0, so the pick says nothing about reasoning; " * (best == 0)
         pool = [r for r in with_cues if r["accuracy"] is not None and r["accuracy"] >= best - acc_tolerance]
         if pool:
             r = max(pool, key=crit)
-            return r, (f"highest critical-token entropy ({crit(r):.3f} nats over {r['n_cues']} cues) among the "
+            return r, (f"{warn}highest critical-token entropy ({crit(r):.3f} nats over {r['n_cues']} cues) among the "
                        f"checkpoints within {acc_tolerance:g} of the best held-out accuracy ({best:.3f}); "
                        f"its accuracy is {r['accuracy']:.3f}")
         r = max((r for r in ok if r["accuracy"] is not None), key=lambda r: r["accuracy"])
-        return r, (f"no checkpoint near the best accuracy emitted a reflection cue, so critical-token entropy is n/a: "
-                   f"picked by held-out accuracy alone ({best:.3f})")
+        return r, (f"{warn}no checkpoint near the best accuracy emitted a reflection cue, so critical-token entropy is "
+                   f"n/a: picked by held-out accuracy alone ({best:.3f})")
     if with_cues:
         r = max(with_cues, key=crit)
         return r, (f"highest critical-token entropy ({crit(r):.3f} nats over {r['n_cues']} cues); no answers were "
@@ -265,20 +268,54 @@ def pick_checkpoint(reports: list, acc_tolerance: float = 0.02) -> tuple:
 # main: score every checkpoint, pick one
 
 def expand_ckpts(patterns) -> list:
-    """Shell-style patterns -> checkpoint dirs ordered by step; an unmatched pattern stays (and reports not found)."""
-    paths = [p for pat in patterns for p in (sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]) or [pat]]
-    return sorted(dict.fromkeys(paths), key=lambda p: (checkpoint_step(p) is None, checkpoint_step(p) or 0))
+    """Shell-style patterns -> checkpoint dirs, in the order the patterns are given (`out/sft "out/grpo/step_*"`:
+    the pipeline's order; steps restart with each run), each glob's matches ordered by saved step. An unmatched
+    pattern stays (and reports not found)."""
+    def by_step(p):
+        return (checkpoint_step(p) is None, checkpoint_step(p) or 0, p)
+    paths = [p for pat in patterns for p in (sorted(glob.glob(pat), key=by_step) if glob.has_magic(pat) else [pat])
+             or [pat]]
+    return list(dict.fromkeys(paths))
+
+
+def check_inputs(cfg: EntropyConfig, paths: list) -> list:
+    """Before any weight is read: at least one of the checkpoints must be one (config.json), and every record of
+    --data must be usable (data.read_jsonl: fields, images decoded; data.check_prompts: placeholders, prompt +
+    --max-new-tokens, or + the record's response for --mode score, within the context). -> the records."""
+    usable = [p for p in paths if os.path.isfile(os.path.join(p, "config.json"))]
+    if not usable:
+        raise UserError(f"no checkpoint to score: none of {', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''} "
+                        f"is a checkpoint directory (config.json)")
+    records = read_jsonl(cfg.data, required=("question", "response") if cfg.mode == "score" else ("question",))
+    records = records[:cfg.limit] if cfg.limit else records
+    tok, config = Tokenizer.from_dir(usable[0]), R1VConfig.from_dir(usable[0])
+    if cfg.mode == "score":
+        bad = [f"{r.where}: 'response' must be a string" for r in records if not isinstance(r["response"], str)]
+        if bad:
+            raise UserError("\n".join(bad))
+        new = lambda r: len(tok.encode(r["response"])) + 1  # noqa: E731  (+ <|im_end|>)
+        problems = []
+        for r in records:  # the prompt must not open <think> twice (score_response)
+            try:
+                check_prompts([r], tok, config, 0, new, thinking=not r["response"].lstrip().startswith(THINK_START))
+            except DataError as e:
+                problems += e.problems
+        if problems:
+            raise DataError(cfg.data, problems)
+    else:
+        check_prompts(records, tok, config, 0, cfg.max_new_tokens)
+    return records
 
 
 def run(cfg: EntropyConfig) -> dict:
     """Score every checkpoint of cfg.ckpts on cfg.data, pick one, report -> the report's json content."""
     if not cfg.ckpts:
         raise ValueError("no checkpoints given (--ckpts DIR [DIR ...])")
-    records = read_jsonl(cfg.data, required=("question", "response") if cfg.mode == "score" else ("question",))
-    records = records[:cfg.limit] if cfg.limit else records
+    paths = expand_ckpts(cfg.ckpts)
+    records = check_inputs(cfg, paths)
     ctx = setup(cfg.dtype or None, cfg.seed, cfg)
     reports, raws = [], []
-    for path in expand_ckpts(cfg.ckpts):
+    for path in paths:
         report, raw = score_checkpoint(path, records, cfg, ctx)
         if ctx.is_main:
             print(f"{path}: " + (report["error"] or f"critical H {fmt(report['critical']['mean'])} over "
@@ -287,6 +324,10 @@ def run(cfg: EntropyConfig) -> dict:
         reports.append(report)
         raws.append(raw)
     chosen, why = pick_checkpoint(reports, cfg.acc_tolerance)
+    if all(r["error"] is not None for r in reports):  # a report of failures only: the command failed
+        if ctx.is_main:
+            write_report(cfg, reports, raws, chosen, why)
+        raise UserError(f"no checkpoint could be loaded (the errors are in {cfg.out})")
     return write_report(cfg, reports, raws, chosen, why) if ctx.is_main else None  # rank 0 writes the report
 
 
@@ -361,13 +402,18 @@ def plot_histogram(raw: dict, png_path: str, title: str = "") -> bool:
 
 def plot_over_steps(reports: list, stem: str) -> None:
     """Critical-token entropy, mean entropy and accuracy per step, through logs.plot_curves (shared plumbing)."""
-    rows = [{"step": r["step"] if r["step"] is not None else i, "critical_entropy": r["critical"]["mean"],
+    steps = [r["step"] for r in reports]
+    # saved steps restart with each run (out/sft at step 110, then GRPO's step 20, 40, ...): then the x axis is the
+    # checkpoints' order on the command line, not their steps
+    by_step = None not in steps and steps == sorted(steps)
+    rows = [{"step": r["step"] if by_step else i, "critical_entropy": r["critical"]["mean"],
              "mean_entropy": r["all"]["mean"], "accuracy": r["accuracy"]}
             for i, r in enumerate(reports) if r["error"] is None]
     rows = [{k: v for k, v in row.items() if v is not None} for row in rows]  # n/a points are left out
     with open(stem + "_steps.jsonl", "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in sorted(rows, key=lambda row: row["step"]))
-    plot_curves(stem + "_steps.jsonl", stem + "_steps.png", ["critical_entropy", "mean_entropy", "accuracy"])
+    plot_curves(stem + "_steps.jsonl", stem + "_steps.png", ["critical_entropy", "mean_entropy", "accuracy"],
+                xlabel="step" if by_step else "checkpoint (--ckpts order)")
 
 
 def parse_args(argv=None) -> EntropyConfig:
@@ -375,4 +421,4 @@ def parse_args(argv=None) -> EntropyConfig:
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    cli.main(run, parse_args())

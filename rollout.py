@@ -75,4 +75,7 @@ def heldout_accuracy(m: SkyworkR1V, tok, problems: list, ctx: Context, *, max_ne
     n, fmt, right, n_ans = all_reduce_sum([len(mine), sum(map(format_reward, texts)),
                                           sum(accuracy_reward(t, a) for t, a in answered), len(answered)])
     return {"samples": n, "format_rate": fmt / max(n, 1), "accuracy": right / n_ans if n_ans else None,
-            "sample": texts[0] if texts else ""}
+            "sample": texts[0] if texts else "",
+            "answers": [{"question": p["question"], "gold": p.get("answer"), "response": t,  # this rank's share,
+                         "correct": None if p.get("answer") is None else accuracy_reward(t, str(p["answer"]))}
+                        for p, t in zip(mine, texts)]}  # as text: logs.MetricsLog.write_rows saves them

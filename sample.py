@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, build_prompt, image_tiles, make_visual_task,
-                  left_pad, parse_response, read_jsonl)
+from data import (THINK_END, THINK_PREFIX, QUESTION, StreamDecoder, Tokenizer, build_prompt, check_prompts,
+                  context_problem, image_tiles, make_visual_task, left_pad, parse_response, read_jsonl, tile_count)
 from model import R1VConfig, SkyworkR1V
-from cli import at_least, check_choices, choice, parse_config
+from cli import at_least, check_choices, choice, parse_config, print_error
 from parallel import Context, LayoutFlags, all_gather_objects, load, resolve, setup
 from tp import check_divisible, make_decoder
 
@@ -37,19 +37,20 @@ class SampleConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     ckpt: str = ""                # release-format checkpoint dir; "" = the last out/grpo/step_*, else out/sft, else out/tiny-init
     image: list = field(default_factory=list)  # --image a.png --image b.jpg: the images of --prompt, in order
     prompt: str = ""              # "" with no --image = the synthetic task's question about a generated image
-    prompts: str = ""             # JSONL of {"images": [...], "question": ...}: batched, one JSON line out per record
+    prompts: str = ""             # JSONL of {"images": [...], "question": ...}: batched, one JSON line out per
+                                  # record: its fields as written + "response", "thinking", "extracted_answer"
     system: str = ""              # system prompt ("" = none, as in the release's inference)
     think: bool = True            # --no-think: do not open the assistant turn with <think>
     greedy: bool = False          # argmax instead of sampling (the repetition penalty still applies, as in HF)
-    temperature: float = 0.6
-    top_p: float = 0.95
-    repetition_penalty: float = 1.05
+    temperature: float = 0.6      # sampling temperature (the release's)
+    top_p: float = 0.95           # nucleus sampling: the smallest set of tokens with this much probability
+    repetition_penalty: float = 1.05  # logits of tokens already in the sequence divided by this (HF's rule)
     max_new_tokens: int = 1024    # the release allows 64000 for long reasoning
     max_tiles: int = 0            # 448px tiles per image (+ thumbnail); 0 = the checkpoint's max_dynamic_patch (12)
     batch_size: int = 16          # prompts per generate() call with --prompts
-    seed: int = 0
+    seed: int = 0                 # sampling stream; also picks the synthetic image without --prompt
     dtype: str = choice("", "fp32", "bf16")  # "" = bf16 on GPU, fp32 on CPU
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # one-process device (torchrun: one GPU a rank)
     tp: bool = True               # under torchrun: decode with a tensor-parallel copy of the decoder (tp.py);
                                   # --no-tp decodes from the FSDP shards (an all-gather of every layer per token)
     compile: bool = False         # torch.compile the fixed-shape decode step (CUDA graphs on a GPU)
@@ -69,7 +70,8 @@ class Request:
     ids: list                     # prompt token ids, image tokens included
     images: list                  # image paths, in <image> order
     n_tiles: int                  # tiles of all its images (thumbnails included)
-    where: str                    # "--prompt" or "file.jsonl record 3": what error messages point at
+    where: str                    # "--prompt" or "file.jsonl:3": what error messages point at
+    record: dict = None           # --prompts: the input record as written, echoed back with the response
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ def make_request(question, images: list, tok: Tokenizer, c: R1VConfig, cfg: Samp
     image's tiles in memory at once."""
     if not isinstance(question, str):
         raise ValueError(f"{where}: 'question' must be a string, got {question!r:.100}")
-    tiles = [len(image_tiles(p, c, cfg.max_tiles)) for p in images]
+    tiles = [tile_count(p, c, cfg.max_tiles) for p in images]  # decodes the image: a bad one fails now
     try:  # build_prompt checks that <image> placeholders and images pair up
         text = build_prompt(question, tiles, c.num_image_token, cfg.system or None, cfg.think)
     except ValueError as e:
@@ -107,24 +109,23 @@ def make_request(question, images: list, tok: Tokenizer, c: R1VConfig, cfg: Samp
     return Request(question, ids, list(images), sum(tiles), where)
 
 
-def check_context(requests: list, max_new_tokens: int, c: R1VConfig):
+def check_context(requests: list, max_new_tokens: int, c: R1VConfig, max_tiles: int = 0):
     """Prompt (text + image tokens) + new tokens must fit the context; checked before any compute."""
-    limit = c.llm.max_position_embeddings
     for r in requests:
-        if len(r.ids) + max_new_tokens > limit:
-            raise ValueError(
-                f"{r.where}: the prompt has {len(r.ids)} tokens ({r.n_tiles * c.num_image_token} of them for "
-                f"{r.n_tiles} image tiles x {c.num_image_token}) + --max-new-tokens {max_new_tokens} = "
-                f"{len(r.ids) + max_new_tokens}, more than the model's context of {limit} tokens "
-                f"(max_position_embeddings); lower --max-new-tokens or --max-tiles")
+        problem = context_problem(len(r.ids), r.n_tiles, max_new_tokens, c, max_tiles)
+        if problem:
+            raise ValueError(f"{r.where}: {problem}")
 
 
 def read_requests(cfg: SampleConfig, tok: Tokenizer, c: R1VConfig) -> list:
     if cfg.prompts:
         if cfg.prompt or cfg.image:
             raise ValueError("give either --prompts FILE or --prompt/--image, not both")
-        return [make_request(rec["question"], rec["images"], tok, c, cfg, f"{cfg.prompts} record {i}")
-                for i, rec in enumerate(read_jsonl(cfg.prompts), 1)]
+        # every record checked (fields, images decoded, placeholders, context), all problems of the file at once
+        records = read_jsonl(cfg.prompts)
+        prompts = check_prompts(records, tok, c, cfg.max_tiles, cfg.max_new_tokens, cfg.system or None, cfg.think)
+        return [Request(r["question"], ids, r["images"], n_tiles, r.where, r.source)
+                for r, (ids, n_tiles) in zip(records, prompts)]
     if cfg.prompt:
         return [make_request(cfg.prompt, cfg.image, tok, c, cfg, "--prompt")]
     if cfg.image:
@@ -187,6 +188,18 @@ def response_text(tok: Tokenizer, ids: list, cfg: SampleConfig) -> str:
     return (THINK_PREFIX if cfg.think else "") + tok.decode(ids, skip_special=True)
 
 
+OUTPUT_KEYS = ("response", "thinking", "extracted_answer")
+
+
+def output_record(r: Request, response: str) -> dict:
+    """A --prompts output line: the input record as written (id, images, gold "answer", any other field), then the
+    model's whole response, its reasoning and the answer parse_response extracts. An input field that has one of
+    those names is kept as input_<name>, so nothing is overwritten and outputs match inputs by id, not line order."""
+    thinking, answer = parse_response(response)
+    record = {("input_" + k if k in OUTPUT_KEYS else k): v for k, v in (r.record or {"question": r.question}).items()}
+    return {**record, **dict(zip(OUTPUT_KEYS, (response, thinking, answer)))}
+
+
 def report_speed(progress: Progress, t0: float, n_prompt: int):
     t, batch = progress.times, progress.rows
     if len(t) > 1:
@@ -213,7 +226,7 @@ def prepare(cfg: SampleConfig):
         print(f"no --ckpt: using {ckpt}, {what}", file=sys.stderr)
     config, tok = R1VConfig.from_dir(ckpt), Tokenizer.from_dir(ckpt)
     requests = read_requests(cfg, tok, config)
-    check_context(requests, cfg.max_new_tokens, config)
+    check_context(requests, cfg.max_new_tokens, config, cfg.max_tiles)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         # torchrun: the model sharded over the GPUs with FSDP2 (the 38B does not fit one 80 GB GPU with a KV cache),
@@ -245,7 +258,7 @@ def main(argv=None) -> int:
     try:
         model, tok, requests, decoder, ctx = prepare(cfg)
     except (FileNotFoundError, ValueError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
+        print_error(e, "sample.py")  # one line per problem (a --prompts file's report has one per record)
         return 2
     if not cfg.prompts:  # one prompt: stream it, then show the answer on its own
         progress, t0 = Progress(tok, sys.stdout), time.perf_counter()
@@ -263,10 +276,7 @@ def main(argv=None) -> int:
         chunk = requests[b:b + cfg.batch_size]
         progress, t0 = Progress(tok), time.perf_counter()
         for r, ids in zip(chunk, answer_all(model, tok, chunk, cfg, ctx, progress, decoder)):
-            response = response_text(tok, ids, cfg)
-            thinking, answer = parse_response(response)
-            print(json.dumps({"question": r.question, "response": response, "thinking": thinking, "answer": answer},
-                             ensure_ascii=False), flush=True)
+            print(json.dumps(output_record(r, response_text(tok, ids, cfg)), ensure_ascii=False), flush=True)
         report_speed(progress, t0, max(len(r.ids) for r in chunk))
     return 0
 

@@ -30,11 +30,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import cli
 from checkpoint import resume, save_checkpoint, save_state_dict
 from cli import at_least, parse_config
-from data import (THINK_PREFIX, THINK_START, Tokenizer, encode_chat, image_tiles, make_visual_task, read_jsonl,
-                  read_records, reasoning_trace, shuffled_indices, train_tokenizer)
-from logs import MetricsLog, plot_curves
+from data import (MAX_PROBLEMS, THINK_PREFIX, THINK_START, DataError, Tokenizer, encode_chat, image_tiles,
+                  make_visual_task, read_jsonl, read_records, reasoning_trace, shuffled_indices, tile_count,
+                  train_tokenizer)
+from logs import MetricsLog, plot_curves, prepare_run, trained_step
 from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
 from parallel import Context, LayoutFlags, all_reduce_sum, autocast, barrier, load, setup
@@ -49,11 +51,13 @@ class SFTConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     ckpt: str = ""                # starting checkpoint (release format); "" = a tiny random one in out/tiny-init
     data: str = ""                # training JSONL; "" = synthetic cold-start data written to synthetic_dir
     eval_data: str = ""           # held-out JSONL; "" = the synthetic held-out split, or n_eval samples cut from --data
-    synthetic_dir: str = "out/sft-data"
+    synthetic_dir: str = "out/sft-data"  # where the synthetic data is written (without --data)
     n_train: int = 1000           # synthetic training problems
     n_eval: int = 64              # held-out samples (synthetic, or cut from --data when there is no --eval-data)
     out: str = "out/sft"          # checkpoint dir (release format + train_state/); out.metrics.jsonl, out.png beside it
     resume: bool = False          # continue the run saved in --out (its train_state/), if there is one
+    overwrite: bool = False       # delete what --out holds (checkpoint, metrics, curves) first; without it or
+                                  # --resume an existing run is refused
     train: str = "all"            # all | llm | connector | vision,connector | ...: the parts that get gradients
     max_len: int = 1024           # tokens per sample, image tokens included (see truncate())
     max_tiles: int = 12           # 448px tiles per image (+ thumbnail), as in the release's inference
@@ -62,11 +66,11 @@ class SFTConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     steps: int = 300              # optimizer steps
     batch_size: int = 4           # samples per micro-batch (per rank)
     grad_accum: int = 1           # micro-batches per optimizer step
-    lr: float = 5e-3
-    warmup: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    lr: float = 5e-3              # peak learning rate, after warmup; cosine down to min_lr_ratio * lr
+    warmup: int = 20              # steps of linear warmup from 0
+    min_lr_ratio: float = 0.1     # the learning rate at the last step, as a fraction of --lr
+    weight_decay: float = 0.0     # AdamW weight decay
+    grad_clip: float = 1.0        # clip the global gradient norm to this
     grad_checkpointing: bool = False  # recompute each block in backward: activation memory flat in depth
     cpu_offload: bool = False     # FSDP2 CPU offload of parameters, gradients and optimizer state
     bf16_moments: bool = False    # Adam moments in bf16 (fp32 weights): what the 38B needs on 80 GB GPUs (plan.py)
@@ -76,8 +80,8 @@ class SFTConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     print_every: int = 10         # console line every this many steps (metrics JSONL gets every step)
     save_every: int = 0           # checkpoint every this many steps (0 = only at the end)
     gen_eval: int = 64            # held-out prompts answered greedily at the end -> format rate, accuracy (0 = off)
-    max_new_tokens: int = 320
-    seed: int = 0
+    max_new_tokens: int = 320     # response length limit of the --gen-eval answers
+    seed: int = 0                 # data order, held-out split, synthetic data
 
     def __post_init__(self):
         super().__post_init__()  # the layout
@@ -171,6 +175,8 @@ def fit(run: Run):
         if done % cfg.eval_every == 0 or done == cfg.steps:
             metrics["eval_loss"] = evaluate(model, run.eval_set, cfg, ctx, run.pad_id)
         report(done, metrics, cfg, ctx, run.log)
+        if "eval_loss" in metrics and run.log.enabled:  # redrawn at every evaluation: a killed run keeps its curves
+            plot_curves(run.log.path, cfg.out + ".png", CURVES)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             save_checkpoint(cfg.out, model, opt, done, {"config": asdict(cfg)})
 
@@ -197,20 +203,26 @@ def evaluate(model, examples: list, cfg: SFTConfig, ctx, pad_id: int) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # 3. main: load, fit, save, answer the held-out questions; then its bookkeeping
 
+CURVES = ["loss", "eval_loss", "entropy", "grad_norm", "lr", "sec"]
+
+
 def main(cfg: SFTConfig) -> dict:
     t_start = time.time()
     ctx = setup(seed=cfg.seed, layout=cfg)
     ckpt, resuming = starting_checkpoint(cfg, ctx)
     train_path, eval_path = data_files(cfg, ctx)
     barrier()  # the main rank may have just written the tiny checkpoint and the synthetic data
-    model = load(ckpt, ctx, cfg.train, cfg.grad_checkpointing, cfg.cpu_offload)
+    # the data is checked (against the checkpoint's tokenizer and config) and the run directory claimed before any
+    # weight is read: a bad record or a previous run in --out costs seconds, not a model load
     tok = Tokenizer.from_dir(ckpt)
-    train_set, eval_set, stats = load_datasets(train_path, eval_path, tok, cfg, model.config, ctx)
+    train_set, eval_set, stats = load_datasets(train_path, eval_path, tok, cfg, R1VConfig.from_dir(ckpt), ctx)
+    claim_run(cfg, ctx, resuming)
+    model = load(ckpt, ctx, cfg.train, cfg.grad_checkpointing, cfg.cpu_offload)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay,
                          moments_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
     start = resume(cfg.out, model, opt)[0] if resuming else 0
     log = MetricsLog(cfg.out + ".metrics.jsonl", enabled=ctx.is_main, resume_step=start if resuming else None)
-    log.write(start, {"data_" + k: v for k, v in stats.items() if k != "untagged_at"})
+    log.write(start, {"data_" + k: v for k, v in stats.items() if not k.endswith("_at")})
 
     fit(Run(cfg, ctx, model, opt, tok.pad_id, train_set, eval_set, log, start))
     save_checkpoint(cfg.out, model, opt, cfg.steps, {"config": asdict(cfg)})
@@ -222,9 +234,10 @@ def main(cfg: SFTConfig) -> dict:
         result.update(gen_samples=ev["samples"], format_rate=ev["format_rate"], accuracy=ev["accuracy"],
                       sample=ev["sample"])
         log.write(cfg.steps, {k: result[k] for k in ("gen_samples", "format_rate", "accuracy")})
+        MetricsLog(cfg.out + ".heldout_answers.jsonl", ctx.is_main).write_rows(cfg.steps, ev["answers"])
     result["wall_sec"] = round(time.time() - t_start, 1)
     if ctx.is_main:
-        plot_curves(log.path, cfg.out + ".png", ["loss", "eval_loss", "entropy", "lr", "grad_norm"])
+        plot_curves(log.path, cfg.out + ".png", CURVES)
         print(json.dumps(result, indent=1))
     return result
 
@@ -239,6 +252,18 @@ def heldout_generation(model, tok: Tokenizer, problems: list, cfg: SFTConfig, ct
                                 batch_size=cfg.batch_size, max_tiles=cfg.max_tiles, decoder=decoder)
     finally:
         del decoder
+
+
+def claim_run(cfg: SFTConfig, ctx, resuming: bool):
+    """The run's files are --out (the checkpoint) and the files beside it: a previous run there is refused unless
+    --resume or --overwrite (logs.prepare_run); the resolved config goes to <out>.run_config.json."""
+    parts = [cfg.out, cfg.out + ".partial"] + [cfg.out + s for s in (".metrics.jsonl", ".png", ".run_config.json",
+                                                                       ".heldout_answers.jsonl")]
+    prepare_run(parts, cfg, resume=cfg.resume, overwrite=cfg.overwrite, config_path=cfg.out + ".run_config.json",
+                step=trained_step(cfg.out) if resuming else None, schedule=("steps", "lr", "warmup", "min_lr_ratio"),
+                lr_at=lambda c, s: lr_at(s, c["steps"], c["lr"], c["warmup"], c["min_lr_ratio"]),
+                is_main=ctx.is_main, prog="sft.py", barrier=barrier)
+    barrier()
 
 
 def starting_checkpoint(cfg: SFTConfig, ctx) -> tuple[str, bool]:
@@ -305,6 +330,10 @@ def load_datasets(train_path: str, eval_path: str, tok: Tokenizer, cfg: SFTConfi
         perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         n_eval = min(cfg.n_eval, len(train_set) // 2)
         eval_set, train_set = [train_set[i] for i in perm[:n_eval]], [train_set[i] for i in perm[n_eval:]]
+        if ctx.is_main:
+            print(f"no --eval-data: holding out {n_eval} of the {n_eval + len(train_set)} samples of {train_path} "
+                  f"(--n-eval {cfg.n_eval}, at most half; they are not trained on). Give --eval-data FILE to keep "
+                  f"all of them for training")
     # keep a multiple of world: under FSDP every rank must run the same number of forwards (each all-gathers weights)
     eval_set = eval_set[:len(eval_set) // ctx.world * ctx.world]
     if ctx.is_main:
@@ -400,40 +429,58 @@ def truncate(ids: list, mask: list, max_len: int, img_context_id: int):
 
 
 def load_sft(path: str, tok: Tokenizer, cfg: SFTConfig, config: R1VConfig):
-    """JSONL -> ([Example], stats). Every image is decoded once here, so a corrupt file fails now with its
-    file:line rather than hours into the run. Untagged, truncated and dropped samples are counted in stats."""
-    records = read_records(path, need=())  # JSONL, or parquet rows; each record's "where" is its file:line / row
-    examples, stats = [], {"samples": len(records), "untagged": 0, "untagged_at": [], "truncated": 0, "dropped": 0}
+    """JSONL -> ([Example], stats). Every record and image is checked here (data.read_jsonl decodes every image),
+    so a bad one fails now with its file:line rather than hours into the run, and every problem of the file is
+    reported at once. Untagged and dropped samples are skipped (that is the documented behaviour), listed by line.
+    """
+    records = read_records(path, need=())  # JSONL, or parquet rows
+    examples, problems = [], []
+    stats = {"samples": len(records), "untagged": 0, "untagged_at": [], "truncated": 0, "dropped": 0, "dropped_at": []}
     for rec in records:
-        where = rec["where"]
-        messages = to_messages(rec, where, cfg.allow_untagged)
-        if messages is None:
-            stats["untagged"] += 1
-            stats["untagged_at"] += [where] if len(stats["untagged_at"]) < 5 else []
-            continue
         try:
-            tiles = [image_tiles(p, config, cfg.max_tiles).shape[0] for p in rec["images"]]
+            messages = to_messages(rec, rec.where, cfg.allow_untagged)
+            if messages is None:
+                stats["untagged"] += 1
+                stats["untagged_at"].append(rec.where)
+                continue
+            tiles = [tile_count(p, config, cfg.max_tiles) for p in rec["images"]]
             ids, mask = encode_chat(tok, messages, tiles, config.num_image_token)
         except (ValueError, FileNotFoundError) as e:
-            raise type(e)(f"{where}: {e}") from None
+            problems.append(str(e) if str(e).startswith(rec.where) else f"{rec.where}: {e}")
+            continue
         if not any(mask):
-            raise ValueError(f"{where}: no assistant turn, so nothing to train on")
+            problems.append(f"{rec.where}: no assistant turn, so nothing to train on")
+            continue
         cut = truncate(ids, mask, cfg.max_len, config.img_context_token_id)
         if cut is None:
             stats["dropped"] += 1
+            stats["dropped_at"].append(f"{rec.where} ({len(ids)} tokens, {sum(tiles)} tiles)")
             continue
         stats["truncated"] += len(cut[0]) < len(ids)
         ids, mask = torch.tensor(cut[0], dtype=torch.int32), torch.tensor(cut[1], dtype=torch.bool)
-        examples.append(Example(ids, mask, rec["images"], where, rec.get("question"), rec.get("answer")))
+        examples.append(Example(ids, mask, rec["images"], rec.where, rec.get("question"), rec.get("answer")))
+    if problems:
+        raise DataError(path, problems)
     if stats["untagged"]:
         print(f"{path}: skipped {stats['untagged']} sample(s) whose assistant turn lacks <think>...</think> and "
-              f"\\boxed{{}} (--allow-untagged trains on them), first at: {', '.join(stats['untagged_at'])}")
-    if stats["truncated"] or stats["dropped"]:
-        print(f"{path}: --max-len {cfg.max_len}: cut the response tail of {stats['truncated']} sample(s), dropped "
-              f"{stats['dropped']} whose prompt alone does not fit")
+              f"\\boxed{{}} (--allow-untagged trains on them): {lines(stats['untagged_at'])}")
+    if stats["truncated"]:
+        print(f"{path}: --max-len {cfg.max_len}: cut the response tail of {stats['truncated']} sample(s)")
+    if stats["dropped"]:
+        print(f"{path}: dropped {stats['dropped']} sample(s) whose prompt alone does not fit --max-len {cfg.max_len}"
+              f" (image tokens included: 256 a tile at --max-tiles {cfg.max_tiles}): {lines(stats['dropped_at'])}; "
+              f"raise --max-len or lower --max-tiles to keep them")
+    stats["untagged_at"], stats["dropped_at"] = stats["untagged_at"][:MAX_PROBLEMS], stats["dropped_at"][:MAX_PROBLEMS]
     if not examples:
-        raise ValueError(f"{path}: no usable samples ({stats})")
+        raise cli.UserError(f"{path}: no usable samples ({stats['samples']} read, {stats['untagged']} untagged, "
+                            f"{stats['dropped']} too long)")
     return examples, stats
+
+
+def lines(where: list) -> str:
+    """Up to MAX_PROBLEMS "file:line" places, then how many more."""
+    more = len(where) - MAX_PROBLEMS
+    return ", ".join(where[:MAX_PROBLEMS]) + (f" and {more} more" if more > 0 else "")
 
 
 def synthetic_data(out_dir: str, n_train: int, n_eval: int, seed: int) -> tuple[str, str]:
@@ -458,4 +505,4 @@ def parse_args(argv=None) -> SFTConfig:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.main(main, parse_args())

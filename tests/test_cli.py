@@ -101,3 +101,89 @@ def test_parse_config(capsys):
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
     with pytest.raises(ValueError, match="--mode"):  # the same rule for a config built in code
         Demo(mode="medium")
+
+
+# ---------------------------------------------------------------------------------------------- --help (issue 23)
+
+def help_blocks(script: str, capsys) -> dict:
+    """`script --help` -> {first flag name: its entry as one line of words} (argparse wraps its columns)."""
+    import re
+    module = importlib.import_module(script.removesuffix(".py"))
+    with pytest.raises(SystemExit) as e:
+        getattr(module, ENTRY[script])(["--help"])
+    assert e.value.code in (0, None)
+    entries = re.split(r"\n  (?=-)", capsys.readouterr().out.split("options:", 1)[1])
+    return {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries if entry.strip()}
+
+
+@pytest.mark.parametrize("script, flag, words", [
+    ("sft.py", "--max-len", ["tokens per sample, image tokens included", "(default: 1024)"]),
+    ("sft.py", "--overwrite", ["delete what --out holds", "(default: False)"]),
+    ("entropy.py", "--temperature", ["sampling temperature and the one entropy is measured at",
+                                     "0 = greedy, measured at 1.0"]),  # a comment continued on the next line
+    ("entropy.py", "--data", ["JSONL {\"images\", \"question\"", "(required)"]),  # the comment above the field
+    ("sample.py", "--max-tiles", ["448px tiles per image", "(default: 0)"]),
+    ("grpo.py", "--group-size", ["G responses per prompt", "(default: 8)"]),
+    ("grpo.py", "--prompts-per-step", ["over all ranks", "(default: 64; preset: 4)"]),  # the tiny run's value
+])
+def test_help_shows_each_flags_description_and_default(capsys, script, flag, words):
+    entry = help_blocks(script, capsys)[flag]
+    assert all(w in entry for w in words), entry
+
+
+def test_every_field_has_a_description():
+    """Every flag of the scripts' configs is described in --help: a new field without a comment fails here."""
+    from dataclasses import fields
+    from cli import field_comments
+    import entropy
+    import grpo
+    import sample
+    import sft
+    for cls in (sft.SFTConfig, entropy.EntropyConfig, sample.SampleConfig):
+        helps = field_comments(cls)
+        assert all(helps.get(f.name) for f in fields(cls)), [f.name for f in fields(cls) if not helps.get(f.name)]
+    assert set(field_comments(grpo.GRPOConfig)) == {f.name for f in fields(grpo.GRPOConfig)}
+
+
+@dataclass
+class Commented:
+    steps: int = 10               # optimizer steps
+    lr: float = 1e-3              # peak learning rate,
+                                  # after warmup
+    # the file to read, one record a line
+    data: str = ""
+    quiet: bool = field(default=False, metadata={"help": "say less"})  # (the metadata wins)
+
+
+def test_field_comments():
+    from cli import field_comments
+    assert field_comments(Commented) == {"steps": "optimizer steps", "lr": "peak learning rate, after warmup",
+                                         "data": "the file to read, one record a line", "quiet": "say less"}
+
+
+def test_no_prefix_matching(capsys):
+    """`--step 1` must not run as `--steps 1`: argparse's abbreviations are off."""
+    assert exit_status("sft.py", ["--step", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unrecognized arguments: --step 1" in err
+    assert parse_config(Demo, ["--names", "a", "--steps", "3"]).steps == 3
+
+
+def test_main_turns_a_users_mistake_into_one_line_per_problem(capsys):
+    from cli import UserError, main
+
+    def fails(exc):
+        raise exc
+
+    for exc, lines in ((UserError("d.jsonl:3: empty 'answer'"), 1), (FileNotFoundError("no such file: x"), 1),
+                       (UserError("d.jsonl:1: a\nd.jsonl:4: b"), 2)):
+        with pytest.raises(SystemExit) as e:
+            main(fails, exc, prog="x.py")
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == lines and all(line.startswith("x.py: error: d") or
+                                                               "no such file" in line for line in err)
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        main(fails, KeyError("bug"))
+    with pytest.raises(SystemExit) as e:
+        main(lambda: 3)
+    assert e.value.code == 3

@@ -349,7 +349,7 @@ def test_read_jsonl_resolves_images(tmp_path):
     ('{"question": "q", ', ValueError, r"d.jsonl:2: invalid JSON"),
     ('{"answer": "1"}', ValueError, r"d.jsonl:2: missing field\(s\) question"),
     ('["question"]', ValueError, r"d.jsonl:2: expected a JSON object"),
-    ('{"question": "q", "images": ["gone.png"]}', FileNotFoundError, r"d.jsonl:2: image file 'gone.png' not found"),
+    ('{"question": "q", "images": ["gone.png"]}', ValueError, r"d.jsonl:2: image file 'gone.png' not found"),
     ('{"question": "q", "images": "a.png"}', ValueError, r"d.jsonl:2: 'images' must be a list"),
 ])
 def test_read_jsonl_errors(tmp_path, bad_line, exc, pattern):
@@ -364,6 +364,107 @@ def test_read_jsonl_missing_or_empty(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match="e.jsonl: no records"):
         read_jsonl(tmp_path / "e.jsonl")
+
+
+# ---------------------------------------------------------------- data checked up front (issue 23)
+
+def _png(path, size=(64, 48)):
+    Image.new("RGB", size, "red").save(path)
+    return str(path)
+
+
+def _problems(path, required=("question", "answer")):
+    with pytest.raises(data.DataError) as e:
+        read_jsonl(path, required)
+    return str(e.value).splitlines()
+
+
+def test_non_utf8_byte_is_reported_with_file_line_and_column(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"question": "a", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n')
+    lines = _problems(p)
+    assert lines == [f"{p}:2: not UTF-8 text: byte 0xe9 at column 18 (save the file as UTF-8)"]
+
+
+def test_bom_and_crlf_are_fine(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"question": "a", "answer": "1"}\r\n{"question": "b", "answer": 2}\r\n')
+    assert [(r["question"], r.where) for r in read_jsonl(p)] == [("a", f"{p}:1"), ("b", f"{p}:2")]
+
+
+def test_invalid_json_points_at_the_real_column(tmp_path):
+    """A line missing its closing brace: the parser stops at the end of the line, not at 'column 1' of the next."""
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"question": "a", "answer": "1"\n')
+    (line,) = _problems(p)
+    assert line.startswith(f"{p}:1: invalid JSON") and "column 32" in line and "end of the line" in line
+
+
+def test_every_problem_of_a_file_in_one_report_up_to_a_cap(tmp_path):
+    good = '{"question": "q", "answer": "1"}'
+    bad = ['{"question": "q"}', '{"question": "q", "answer": ""}', '{"question": "", "answer": "1"}',
+           '{"question": "q", "answer": [1]}', '[1]']
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join([good] + bad + [good]) + "\n")
+    lines = _problems(p)
+    assert [line.split(": ", 1)[0] for line in lines] == [f"{p}:{n}" for n in range(2, 7)]
+    assert "missing field(s) answer" in lines[0] and "empty 'answer'" in lines[1]
+    assert "'question' must be a non-empty string" in lines[2] and "string or a number" in lines[3]
+    p.write_text("\n".join([bad[0]] * 25) + "\n")
+    lines = _problems(p)
+    assert len(lines) == data.MAX_PROBLEMS + 1 and lines[-1].endswith("and 5 more problem(s), 25 in all")
+
+
+def test_corrupt_image_on_line_n_is_one_line_naming_it(tmp_path):
+    """What grpo.py reads (data.read_jsonl with question and answer): every image is decoded up front."""
+    good = _png(tmp_path / "good.png")
+    _png(tmp_path / "big.png", (400, 300))
+    blob = open(tmp_path / "big.png", "rb").read()
+    (tmp_path / "cut.png").write_bytes(blob[:len(blob) // 2])  # truncated: opens fine, fails when decoded
+    rows = [{"question": "q", "answer": "1", "images": ["good.png"]}] * 3
+    rows[2] = {"question": "q", "answer": "1", "images": ["cut.png"]}
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (line,) = _problems(p)
+    assert line.startswith(f"{p}:3: image 'cut.png': ") and "truncated" in line
+    assert read_jsonl(p, check_images=False)[2]["images"] == [str(tmp_path / "cut.png")]  # only when asked not to
+    assert good
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    _png(tmp_path / "bomb.png", (100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels is now a bomb (PIL only warns up to 2x)
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"question": "q", "answer": "1", "images": ["bomb.png"]}\n')
+    (line,) = _problems(p)
+    assert line.startswith(f"{p}:1: image 'bomb.png'") and "decompression bomb" in line
+
+
+@pytest.mark.parametrize("size", [(64, 48), (900, 300), (300, 900), (2000, 1000), (448, 448), (1, 5000)])
+@pytest.mark.parametrize("max_tiles", [0, 1, 6])
+def test_tile_count_equals_image_tiles(tmp_path, tiny_ckpt, size, max_tiles):
+    from model import R1VConfig
+    config = R1VConfig.from_dir(tiny_ckpt)
+    path = _png(tmp_path / "a.png", size)
+    assert data.tile_count(path, config, max_tiles) == len(data.image_tiles(path, config, max_tiles))
+
+
+def test_check_prompts_context_names_tiles_and_max_tiles(tmp_path, tiny_ckpt):
+    from model import R1VConfig
+    config, tok = R1VConfig.from_dir(tiny_ckpt), Tokenizer.from_dir(tiny_ckpt)
+    _png(tmp_path / "wide.png", (900, 300))  # 3 tiles + thumbnail at 448 px
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"question": "q", "answer": "1", "images": ["wide.png"]}\n{"question": "q", "answer": "1"}\n'
+                 '{"question": "<image> and <image>", "answer": "1", "images": ["wide.png"]}\n')
+    recs = read_jsonl(p)
+    with pytest.raises(data.DataError) as e:
+        data.check_prompts(recs, tok, config, max_tiles=0, max_new_tokens=7500)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{p}:1: the prompt has") and lines[1].startswith(f"{p}:3: ")
+    assert "1024 of them for 4 image tiles" in lines[0] and "--max-tiles" in lines[0]
+    assert "placeholders" in lines[1]
+    ids = data.check_prompts(recs[:2], tok, config, max_tiles=1, max_new_tokens=7500)  # one tile: it fits
+    assert [n for _, n in ids] == [1, 0]
 
 
 # ---------------------------------------------------------------- synthetic task

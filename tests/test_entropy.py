@@ -271,3 +271,55 @@ def test_two_ranks_give_the_one_process_numbers(tiny_ckpt, tmp_path):
             assert g[key]["n"] == e[key]["n"], key
             for stat in ("mean", "p50", "p95"):
                 assert g[key][stat] == pytest.approx(e[key][stat], rel=1e-5, abs=1e-6), (key, stat)
+
+
+# ---------------------------------------------------------------------------------------------- issue 23
+
+def test_step_comes_from_the_saved_training_state(tmp_path):
+    from entropy import checkpoint_step, expand_ckpts
+    for name, step in (("my-sft3", 110), ("step_000020", 20), ("step_000005", 5)):
+        os.makedirs(tmp_path / name / "train_state")
+        (tmp_path / name / "train_state" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    os.makedirs(tmp_path / "release7")
+    assert checkpoint_step(str(tmp_path / "my-sft3")) == 110 and checkpoint_step(str(tmp_path / "release7")) is None
+    # the patterns' order is kept (the pipeline's: SFT, then the GRPO steps), each glob ordered by step
+    got = expand_ckpts([str(tmp_path / "my-sft3"), str(tmp_path / "step_*")])
+    assert [os.path.basename(p) for p in got] == ["my-sft3", "step_000005", "step_000020"]
+
+
+def test_no_loadable_checkpoint_exits_non_zero(tiny_ckpt, tmp_path, capsys):
+    import shutil
+    import cli
+    data = make_visual_task(str(tmp_path / "task"), 1, split="heldout")
+    cfg = EntropyConfig(ckpts=[str(tmp_path / "missing")], data=data, out=str(tmp_path / "r" / "report.json"),
+                        max_new_tokens=2)
+    with pytest.raises(SystemExit) as e:  # nothing that is a checkpoint: refused before anything is read
+        cli.main(run, cfg, prog="entropy.py")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "no checkpoint to score" in err
+    broken = tmp_path / "broken"  # a config and a tokenizer but no weights: it fails to load
+    shutil.copytree(tiny_ckpt, broken, ignore=shutil.ignore_patterns("*.safetensors*"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(run, EntropyConfig(**{**cfg.__dict__, "ckpts": [str(broken)]}), prog="entropy.py")
+    assert e.value.code == 2 and "no checkpoint could be loaded" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "r" / "report.json"))["pick"] is None  # the report says why
+
+
+def test_bad_data_is_refused_before_any_weight_is_read(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    import cli
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "d.jsonl").write_text('{"question": "q", "answer": "1"}\n{"question": "q", "images": ["bad.png"]}\n'
+                                      '{"question": "q", "answer": ""}\n')
+    monkeypatch.setattr(SkyworkR1V, "from_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(run, EntropyConfig(ckpts=[tiny_ckpt], data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "r.json")))
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 2 and "d.jsonl:2: image 'bad.png'" in err[0] and "d.jsonl:3" in err[1]
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_pick_with_every_accuracy_zero_says_so():
+    chosen, why = pick_checkpoint([_report("a", 1, 0.5, acc=0.0), _report("b", 2, 0.9, acc=0.0)])
+    assert chosen["ckpt"] == "b" and why.startswith("WARNING: every checkpoint's accuracy is 0")
+    chosen, why = pick_checkpoint([_report("a", 1, 0.5, acc=0.1), _report("b", 2, 0.9, acc=0.0)])
+    assert "WARNING" not in why

@@ -304,7 +304,7 @@ def test_read_records_reads_parquet_rows_for_training(tmp_path):
     recs = data.read_records(str(tmp_path / "train.parquet"), ("question", "answer"),
                              {"question": "problem", "answer": "solution"}, image_dir=str(tmp_path / "img"))
     where = f"{tmp_path}/train.parquet row"
-    assert [(r["question"], r["answer"], r["level"], r["where"]) for r in recs] == [
+    assert [(r["question"], r["answer"], r["level"], r.where) for r in recs] == [
         ("How many?", "2", 3, f"{where} 0"), ("And now?", "4", 1, f"{where} 1")]
     assert len(recs[0]["images"]) == 1 and recs[1]["images"] == []
     assert open(recs[0]["images"][0], "rb").read() == png(5)  # written once, named by content
@@ -313,7 +313,7 @@ def test_read_records_reads_parquet_rows_for_training(tmp_path):
         data.read_records(str(tmp_path / "train.parquet"), ("question",), image_dir=str(tmp_path / "img"))
     jsonl = tmp_path / "t.jsonl"
     jsonl.write_text('{"question": "a"}\n\n{"question": "b"}\n')
-    assert [r["where"] for r in data.read_records(str(jsonl))] == [f"{jsonl}:1", f"{jsonl}:3"]
+    assert [r.where for r in data.read_records(str(jsonl))] == [f"{jsonl}:1", f"{jsonl}:3"]
 
 
 def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):

@@ -133,9 +133,9 @@ def test_main_prompts_jsonl_one_json_line_each(tiny_ckpt, tmp_path, capsys):
                        "--max-new-tokens", 5, "--batch-size", 2, "--no-think")
     lines = [json.loads(line) for line in out.splitlines()]
     assert rc == 0 and [x["question"] for x in lines] == [r["question"] for r in records]
-    for x in lines:
-        assert set(x) == {"question", "response", "thinking", "answer"}
-        assert x["thinking"] is None and x["answer"] == x["response"].strip()  # --no-think: no <think> prefix
+    for x, r in zip(lines, records):
+        assert set(x) == set(r) | {"response", "thinking", "extracted_answer"} and x.get("images") == r.get("images")
+        assert x["thinking"] is None and x["extracted_answer"] == x["response"].strip()  # --no-think: no <think>
 
 
 def test_default_run_without_ckpt(tiny_ckpt, tmp_path, monkeypatch, capsys):
@@ -175,9 +175,9 @@ def _truncated(path):
     (lambda d: open(f"{d}/p.jsonl", "w").write('{"question": "a"}\n{"question": \n'), ["--prompts", "{d}/p.jsonl"],
      r"p\.jsonl:2: invalid JSON"),
     (lambda d: open(f"{d}/p.jsonl", "w").write('{"question": "a"}\n{"question": "<image>"}\n'),
-     ["--prompts", "{d}/p.jsonl"], r"p\.jsonl record 2: the prompt has 1 <image> placeholders but 0 images"),
+     ["--prompts", "{d}/p.jsonl"], r"p\.jsonl:2: the prompt has 1 <image> placeholders but 0 images"),
     (lambda d: open(f"{d}/p.jsonl", "w").write('{"question": 5}\n'), ["--prompts", "{d}/p.jsonl"],
-     r"p\.jsonl record 1: 'question' must be a string"),
+     r"p\.jsonl:1: 'question' must be a non-empty string"),
     (lambda d: save_image(f"{d}/a.png"), ["--image", "{d}/a.png"], r"--image needs a --prompt"),
     (None, ["--prompt", "q", "--dtype", "fp8"], r"--dtype: invalid choice: 'fp8'"),
     (None, ["--prompt", "q", "--max-new-tokens", "0"], r"--max-new-tokens must be >= 1, got 0"),
@@ -292,3 +292,37 @@ def test_torchrun_decodes_each_row_once(tiny_ckpt, tmp_path, capsys):
     mp.spawn(ranks_worker, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True)
     assert open(tmp_path / "stdout0").read() == one
     assert [json.load(open(tmp_path / f"rows{r}")) for r in range(2)] == [[2, 1], [2, 1]]
+
+
+# ---------------------------------------------------------------------------------------------- issue 23
+
+def test_prompts_output_carries_the_input_record(tiny_ckpt, tmp_path, capsys):
+    """Each output line holds the input record as written (id, images, gold answer, any other field) next to the
+    model's response and extracted answer; an input field named like an output one is kept as input_<name>."""
+    save_image(tmp_path / "a.png")
+    records = [{"id": "q-17", "images": ["a.png"], "question": "<image> how many?", "answer": "3", "source": "x"},
+               {"id": 42, "question": "2+2?", "answer": "4", "response": "a reference solution"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, "--prompts", tmp_path / "p.jsonl", "--greedy",
+                       "--max-new-tokens", 3)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and [x["id"] for x in lines] == ["q-17", 42]
+    a, b = lines
+    assert a["images"] == ["a.png"] and a["answer"] == "3" and a["source"] == "x"  # as written, gold answer kept
+    assert {"response", "thinking", "extracted_answer"} <= set(a) and a["response"].startswith("<think>")
+    assert b["input_response"] == "a reference solution" and b["response"] != "a reference solution"
+
+
+def test_every_problem_of_a_prompts_file_at_once(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(SkyworkR1V, "from_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "p.jsonl").write_bytes(b'{"question": "ok"}\n{"question": "<image>"}\n'
+                                       b'{"question": "x", "images": ["bad.png"]}\n{"question": "\xff"}\n')
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, "--prompts", tmp_path / "p.jsonl")
+    lines = err.splitlines()
+    assert rc == 2 and out == "" and len(lines) == 2, err  # fields, images and encoding first: lines 3 and 4
+    assert "p.jsonl:3: image 'bad.png'" in lines[0] and "p.jsonl:4: not UTF-8" in lines[1]
+    (tmp_path / "p.jsonl").write_text('{"question": "ok"}\n{"question": "<image>"}\n{"question": "<IMG_CONTEXT>"}\n')
+    rc, out, err = run(capsys, "--ckpt", tiny_ckpt, "--prompts", tmp_path / "p.jsonl")
+    lines = err.splitlines()
+    assert rc == 2 and len(lines) == 2 and "p.jsonl:2: " in lines[0] and "p.jsonl:3: " in lines[1], err

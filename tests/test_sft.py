@@ -6,14 +6,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import parallel
 import sft
 from data import Tokenizer, build_prompt, read_jsonl, shuffled_indices
 from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from sft import Run, SFTConfig, fit, load_sft, main, make_batch, parse_args, sft_loss, step_indices, synthetic_data, truncate
 from logs import MetricsLog, read_metrics
 from optim import make_optimizer
-from parallel import load as load_model, setup
+from parallel import load, setup
 
 GOOD = "<think>\n1 + 1 = 2\n</think>\n\nThe answer is \\boxed{2}."
 
@@ -24,7 +23,7 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def load(path, ckpt, **kw):
+def load_data(path, ckpt, **kw):
     cfg = R1VConfig.from_dir(ckpt)
     return load_sft(path, Tokenizer.from_dir(ckpt), SFTConfig(**kw), cfg)
 
@@ -43,7 +42,7 @@ def test_labels_only_on_assistant_tokens(tiny_ckpt, tmp_path, red_png):
                       {"role": "assistant", "content": GOOD}, {"role": "user", "content": "And 1+2?"},
                       {"role": "assistant", "content": "1 + 2 = 3</think> \\boxed{3}"}]},  # starts inside <think>
     ])
-    (a, b), _ = load(path, tiny_ckpt)
+    (a, b), _ = load_data(path, tiny_ckpt)
     batch = make_batch([a, b], tok.pad_id, R1VConfig.from_dir(tiny_ckpt), 12, "cpu")
     ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
 
@@ -80,7 +79,7 @@ def test_padding_does_not_change_loss(tiny_ckpt, tmp_path, red_png):
         {"question": "A much longer question without an image, " * 8, "response": GOOD.replace("2", "2 " * 20)},
         {"question": "Short.", "response": GOOD},
     ])
-    exs, _ = load(path, tiny_ckpt)
+    exs, _ = load_data(path, tiny_ckpt)
     assert len({len(e.ids) for e in exs}) == 3
     tok, model = Tokenizer.from_dir(tiny_ckpt), SkyworkR1V.from_pretrained(tiny_ckpt)
     with torch.no_grad():
@@ -95,11 +94,11 @@ def test_padding_does_not_change_loss(tiny_ckpt, tmp_path, red_png):
 def test_train_connector_only(tiny_ckpt, tmp_path):
     train_path, eval_path = synthetic_data(str(tmp_path / "data"), 4, 2, seed=0)
     ctx = setup()
-    model = load_model(tiny_ckpt, ctx, "connector")
-    (train_set, _), (eval_set, _) = load(train_path, tiny_ckpt), load(eval_path, tiny_ckpt)
+    model = load(tiny_ckpt, ctx, "connector")
+    (train_set, _), (eval_set, _) = load_data(train_path, tiny_ckpt), load_data(eval_path, tiny_ckpt)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = make_optimizer(model, 1e-2)
-    cfg = SFTConfig(steps=3, batch_size=2, warmup=0, eval_every=100)
+    cfg = SFTConfig(steps=3, batch_size=2, warmup=0, eval_every=100, out=str(tmp_path / "sft"))
     fit(Run(cfg, ctx, model, opt, Tokenizer.from_dir(tiny_ckpt).pad_id, train_set, eval_set,
             MetricsLog(str(tmp_path / "m.jsonl"))))
     for name, v in model.state_dict().items():
@@ -158,7 +157,7 @@ def test_resume_continues_exactly(tiny_ckpt, tmp_path, monkeypatch):
     ('{"question": "q", "response": ', ValueError, "invalid JSON"),
     ('{"question": "q"}', ValueError, "response"),
     ('{"question": "q", "response": 5}', ValueError, "response"),
-    ('{"images": ["nope.png"], "question": "q", "response": "R"}', FileNotFoundError, "nope.png"),
+    ('{"images": ["nope.png"], "question": "q", "response": "R"}', ValueError, "nope.png"),
     ('{"images": ["bad.png"], "question": "q", "response": "R"}', ValueError, "bad.png"),
     ('{"messages": "hi"}', ValueError, "messages"),
     ('{"messages": [{"role": "bot", "content": "R"}]}', ValueError, "role"),
@@ -169,7 +168,7 @@ def test_bad_data_names_file_and_line(tiny_ckpt, tmp_path, red_png, line, error,
     good = json.dumps({"question": "q", "response": GOOD})
     path = write_jsonl(tmp_path / "d.jsonl", [good, "", line.replace("\"R\"", json.dumps(GOOD))])
     with pytest.raises(error, match=words) as e:
-        load(path, tiny_ckpt)
+        load_data(path, tiny_ckpt)
     assert f"{path}:3" in str(e.value)
 
 
@@ -177,15 +176,15 @@ def test_untagged_responses_reported_and_skipped(tiny_ckpt, tmp_path, capsys):
     rows = [{"question": "q", "response": r} for r in
             (GOOD, "The answer is 2.", "<think>\nno box\n</think> 2", "\\boxed{2}", GOOD)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    exs, stats = load(path, tiny_ckpt)
+    exs, stats = load_data(path, tiny_ckpt)
     assert len(exs) == 2 and stats["untagged"] == 3
     assert stats["untagged_at"] == [f"{path}:{i}" for i in (2, 3, 4)]
     assert "skipped 3 sample(s)" in capsys.readouterr().out and f"{path}:2" in stats["untagged_at"]
-    exs, stats = load(path, tiny_ckpt, allow_untagged=True)
+    exs, stats = load_data(path, tiny_ckpt, allow_untagged=True)
     assert len(exs) == 5 and stats["untagged"] == 0
     write_jsonl(path, rows[1:2])
     with pytest.raises(ValueError, match="no usable samples"):
-        load(path, tiny_ckpt)
+        load_data(path, tiny_ckpt)
 
 
 def test_truncation_policy(tiny_ckpt, tmp_path, red_png):
@@ -198,7 +197,7 @@ def test_truncation_policy(tiny_ckpt, tmp_path, red_png):
         {"images": [red_png], "question": "q", "response": GOOD},       # 256 image tokens alone > 100: dropped
         {"question": "q", "response": GOOD},
     ])
-    exs, stats = load(path, tiny_ckpt, max_len=100)
+    exs, stats = load_data(path, tiny_ckpt, max_len=100)
     assert (stats["truncated"], stats["dropped"], len(exs)) == (1, 1, 2)
     assert len(exs[0].ids) == 100 and exs[0].mask[-1] == 1
 
@@ -247,7 +246,7 @@ def test_masked_loss_equals_selected_loss(tiny_ckpt, tmp_path, red_png, chunk):
         {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": GOOD},
                       {"role": "user", "content": "Again?"}, {"role": "assistant", "content": GOOD}]},
     ])
-    exs, _ = load(path, tiny_ckpt)
+    exs, _ = load_data(path, tiny_ckpt)
     model, tok = SkyworkR1V.from_pretrained(tiny_ckpt), Tokenizer.from_dir(tiny_ckpt)
     batch = make_batch(exs, tok.pad_id, model.config, 12, "cpu")
     results = []
@@ -313,3 +312,76 @@ def test_heldout_generation_goes_through_the_tp_copy(tiny_ckpt, tmp_path):
     want = sft.heldout_generation(model, tok, read_jsonl(task), SFTConfig(batch_size=2, max_new_tokens=12,
                                                                           max_tiles=1), setup(dtype="fp32"))
     assert ranks[0]["result"] == want, (ranks[0]["result"], want)
+
+
+# ------------------------------------------------------------------------------------ your own runs (issue 23)
+
+def test_run_keeps_curves_and_answers_and_a_rerun_is_refused(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Curves are drawn at every evaluation (a run killed before its final save keeps them); the held-out answers
+    are saved as text; running again into the same --out is refused, one line, exit 2, before any weight is read,
+    with nothing changed on disk."""
+    import cli
+    out = str(tmp_path / "sft")
+    cfg = SFTConfig(ckpt=tiny_ckpt, synthetic_dir=str(tmp_path / "data"), n_train=4, n_eval=2, out=out, steps=1,
+                    batch_size=1, warmup=0, eval_every=1, gen_eval=2, max_new_tokens=4, train="connector")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(cfg)
+    assert os.path.isfile(out + ".png") and not os.path.isdir(out)  # drawn at the evaluations, before the save
+    monkeypatch.undo()
+    main(SFTConfig(**{**cfg.__dict__, "overwrite": True}))
+    answers = read_metrics(out + ".heldout_answers.jsonl")
+    assert len(answers) == 2 and all(isinstance(a["response"], str) and a["gold"] for a in answers)
+    saved = json.load(open(out + ".run_config.json"))
+    assert saved["config"]["steps"] == 1 and saved["preset"] is None
+    capsys.readouterr()
+
+    files = {os.path.join(d, f): open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(tmp_path) for f in fs}
+    monkeypatch.setattr(sft, "load", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(main, cfg, prog="sft.py")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"sft.py: error: {out} holds a previous run")
+    assert "--resume" in err and "sft.metrics.jsonl" in err
+    assert files == {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+                     for d, _, fs in os.walk(tmp_path) for f in fs}
+
+
+def test_dropped_samples_named_by_line_with_a_hint(tiny_ckpt, tmp_path, red_png, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"question": "q", "response": GOOD},
+        {"images": [red_png], "question": "q", "response": GOOD},       # 256 image tokens alone > 100: dropped
+        {"question": "q", "response": GOOD},
+        {"images": [red_png], "question": "q2", "response": GOOD},
+    ])
+    exs, stats = load_data(path, tiny_ckpt, max_len=100)
+    out = capsys.readouterr().out
+    assert len(exs) == 2 and stats["dropped"] == 2
+    assert f"{path}:2 (" in out and f"{path}:4 (" in out and "--max-tiles" in out and "1 tiles" in out
+
+
+def test_every_problem_of_an_sft_file_at_once(tiny_ckpt, tmp_path, red_png):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"question": "q", "response": GOOD},
+        {"question": "q"},
+        {"messages": [{"role": "bot", "content": GOOD}]},
+        {"images": [red_png], "question": "<image> <image> q", "response": GOOD},
+    ])
+    with pytest.raises(ValueError) as e:
+        load_data(path, tiny_ckpt)
+    lines = str(e.value).splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == [f"{path}:{n}" for n in (2, 3, 4)], lines
+
+
+def test_held_out_share_is_said(tiny_ckpt, tmp_path, capsys):
+    from sft import load_datasets
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "response": GOOD}] * 10)
+    cfg = SFTConfig(data=path, n_eval=64)
+    train, held, _ = load_datasets(path, "", Tokenizer.from_dir(tiny_ckpt), cfg, R1VConfig.from_dir(tiny_ckpt),
+                                   setup())
+    assert (len(train), len(held)) == (5, 5)
+    assert "no --eval-data: holding out 5 of the 10 samples" in capsys.readouterr().out
