@@ -736,3 +736,16 @@ def read_records(path, need=("question",), columns=None, image_dir="out/parquet-
     if os.path.isdir(path) or path.endswith(".parquet"):
         return read_parquet_records(path, need, columns, image_dir)
     return read_jsonl(path, need)
+
+
+def parse_columns(spec: str) -> dict:
+    """--columns "question=problem,answer=solution,images=image" -> {"question": "problem", ...}: the parquet
+    column that holds each field the scripts read ("" = the defaults: question, answer, images or image)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        field, sep, column = part.partition("=")
+        if not sep or field.strip() not in ("question", "answer", "images", "response") or not column.strip():
+            raise ValueError(f"--columns {spec!r}: each entry is FIELD=COLUMN with FIELD one of question, answer, "
+                             f"images, response")
+        out[field.strip()] = column.strip()
+    return out

@@ -33,9 +33,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import latest_checkpoint, resume, save_checkpoint
+import cli
 from cli import at_least, choice, parse_config
-from data import Tokenizer, encode_prompt, make_visual_task, read_jsonl, shuffled_indices
-from logs import MetricsLog, plot_curves
+from data import Tokenizer, check_prompts, encode_prompt, make_visual_task, parse_columns, read_records, shuffled_indices
+from logs import FlatWatch, MetricsLog, keep_last, plot_curves, prepare_run, trained_step, truncation_rate
 from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
 from parallel import Context, LayoutFlags, autocast, barrier, load, mean_over_ranks, setup
@@ -48,15 +49,18 @@ from tp import check_divisible, make_decoder
 class GRPOConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     # model and data
     ckpt: str = "out/sft"         # starting point: the cold-start SFT model (release format)
-    data: str = ""                # training JSONL {"images": [...], "question", "answer"}; "" = synthetic visual task
-    eval_data: str = ""           # held-out JSONL; with the synthetic task, its held-out split
-    out_dir: str = "out/grpo"     # metrics.jsonl, curves.png, step_N/ (release format + train_state/)
+    data: str = ""                # training problems: JSONL {"images": [...], "question", "answer"} or parquet
+                                  # (a file or folder; --columns); "" = the synthetic visual task
+    eval_data: str = ""           # held-out problems (same formats); with the synthetic task, its held-out split
+    columns: str = ""             # parquet column names, e.g. question=problem,answer=solution,images=image
+    out_dir: str = "out/grpo"     # metrics.jsonl, curves.png, rollouts.jsonl, step_N/ (release format + train_state/)
     train: str = "connector,llm"  # parts updated; the ViT stays frozen (R1V3: freezing it hurts least; saves memory)
-    resume: bool = False          # continue from out_dir/ckpt
-    seed: int = 0
+    resume: bool = False          # continue the run in out_dir from its newest step_N
+    overwrite: bool = False       # delete a previous run in out_dir first (without it, or --resume, it is refused)
+    seed: int = 0                 # data order, sampling and minibatch order are functions of (seed, step, rank)
     synthetic_size: int = 2048    # synthetic training problems
     # rollouts
-    steps: int = 200
+    steps: int = 200              # GRPO steps (each: a rollout batch, then ppo_epochs of updates)
     prompts_per_step: int = 64    # over all ranks; each rank generates for its share
     group_size: int = 8           # G responses per prompt
     max_new_tokens: int = 6144    # prompt (~2K with 7 tiles) + response <= 8K: the 38B memory plan (plan.py)
@@ -69,15 +73,15 @@ class GRPOConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     compile: bool = False         # torch.compile the fixed-shape decode step (CUDA graphs on a GPU)
     # objective
     clip_low: float = 0.2         # ratio clipped to [1 - clip_low, 1 + clip_high] (clip-higher, DAPO)
-    clip_high: float = 0.28
+    clip_high: float = 0.28       # the upper clip, wider than the lower one (DAPO's clip-higher)
     beta: float = 0.0             # k3 KL weight; 0 = off: no reference model is built, no extra forward
     scale_adv: bool = True        # A = (r - mean) / (std + eps); False: A = r - mean (Dr. GRPO, arXiv 2503.20783)
     format_weight: float = 0.5    # reward = accuracy + format_weight * format
     # optimisation
     lr: float = 1e-6              # peers' value for 32B decoders; constant after warmup
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup_steps: int = 0         # linear warmup steps of the learning rate
+    weight_decay: float = 0.0     # AdamW's decoupled weight decay
+    grad_clip: float = 1.0        # the gradient's global norm is clipped to this
     ppo_epochs: int = 1           # optimisation passes over each rollout batch
     minibatch_size: int = 128     # sequences per optimizer step (per rank)
     micro_batch_size: int = 1     # sequences per forward/backward (gradient accumulation inside a minibatch)
@@ -91,7 +95,10 @@ class GRPOConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     # bookkeeping
     eval_every: int = 10          # held-out accuracy (greedy decoding) every this many steps, and at 0 and the end
     eval_size: int = 256          # held-out problems evaluated
-    save_every: int = 50
+    save_every: int = 50          # checkpoint every this many steps (and at the end)
+    keep_last: int = 0            # keep only the newest N step_* checkpoints (0 = all)
+    log_rollouts: int = 2         # prompts per step whose G responses go to rollouts.jsonl, as text
+    flat_patience: int = 5        # warn when every group is flat, or the gradient is 0, this many steps in a row
     preset: str = choice("r1v3", "tiny")  # where the defaults come from: r1v3 = the fields above; tiny = TINY_RUN
                                           # (`python grpo.py` without --ckpt picks tiny)
 
@@ -101,7 +108,8 @@ class GRPOConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
                  "rollout_batch_size", "ppo_epochs", "minibatch_size", "micro_batch_size", "logprob_chunk",
                  "buffer_capacity", "eval_every", "save_every", "synthetic_size")
         at_least(self, 0, "clip_low", "clip_high", "beta", "lr", "warmup_steps", "weight_decay", "eval_size",
-                 "buffer_max_age")
+                 "buffer_max_age", "keep_last", "log_rollouts")
+        parse_columns(self.columns)
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0 (log-probs are taken at it), got {self.temperature}")
         parse_train_spec(self.train)
@@ -152,20 +160,20 @@ def sample_groups(m, tok, prompts: list[Prompt], cfg: GRPOConfig, ctx, gen, deco
                               temperature=cfg.temperature)
 
 
-def score(tok, groups: list, answers: list, reward_fn: Callable) -> tuple[torch.Tensor, dict]:
+def score(tok, groups: list, answers: list, reward_fn: Callable, max_new_tokens: int) -> tuple[torch.Tensor, dict]:
     """Responses (groups of token lists) and each group's gold answer -> (rewards [N], N = prompts * G, groups
-    contiguous; stats: mean reward, accuracy, format, response length, tokens, the share of responses truncated:
-    without a closing <|im_end|>, they ran out of max_new_tokens)."""
+    contiguous; stats: mean reward, accuracy, format, response length, tokens, and the truncation rate: responses
+    cut at max_new_tokens, never answered)."""
     scores = []
     for answer, group in zip(answers, groups):
         for resp in group:
             text = tok.decode(resp, skip_special=True)
             scores.append((reward_fn(text, str(answer)), accuracy_reward(text, str(answer)), format_reward(text),
-                           len(resp), not resp or resp[-1] != tok.eos_id))
-    r, acc, fmt, length, cut = (torch.tensor(x, dtype=torch.float64) for x in zip(*scores))
+                           len(resp)))
+    r, acc, fmt, length = (torch.tensor(x, dtype=torch.float64) for x in zip(*scores))
     return r.float(), {"reward": r.mean().item(), "accuracy": acc.mean().item(), "format": fmt.mean().item(),
                        "response_len": length.mean().item(), "tokens": length.sum().item(),
-                       "truncated_frac": cut.mean().item()}
+                       "truncation_rate": truncation_rate(sum(groups, []), [tok.eos_id], max_new_tokens)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,7 +440,8 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
         prompts = encode_problems(run.problems, idxs, tok, policy, cfg, ctx)                   # the ViT, once
         decoder, t_copy = rollout_copy(run, decoder)              # tp.py: from the current shards (None: 1 process)
         groups = sample_groups(policy, tok, [prompts[i] for i in idxs], cfg, ctx, gen, decoder)          # 1
-        rewards, stats = score(tok, groups, [run.problems[i]["answer"] for i in idxs], run.reward_fn)
+        rewards, stats = score(tok, groups, [run.problems[i]["answer"] for i in idxs], run.reward_fn,
+                               cfg.max_new_tokens)
         t_rollout = time.perf_counter() - t0
         decoder = decoder if run.decoder_frozen else None         # dropped: the update's memory peak is without it
         adv, flat = group_advantages(rewards, cfg.group_size, cfg.scale_adv)                               # 2
@@ -450,6 +459,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
         metrics.update(stats, flat_frac=flat_frac, buffer_mixed=n_mixed, buffer_size=len(buffer),         # 5
                        lr=opt.param_groups[0]["lr"], rollout_time=t_rollout, refresh_time=t_copy,
                        vit_tiles=sum(p.vit.shape[0] for p in prompts.values()))
+        run.rollouts.write_rows(step, rollout_rows(run, idxs, groups, rewards))                 # as text
         end_step(run, step, metrics, t0, decoder)
     finish(run)
     return run.history
@@ -471,7 +481,10 @@ class Run:
     opt: torch.optim.Optimizer
     buffer: SampleBuffer
     reward_fn: Callable
-    log: MetricsLog = None
+    log: MetricsLog = None               # metrics.jsonl; rollouts.jsonl and heldout_answers.jsonl: text to read
+    rollouts: MetricsLog = None
+    answers: MetricsLog = None
+    watch: FlatWatch = None
     step: int = 0                        # the last step done
     history: list = field(default_factory=list)
 
@@ -485,7 +498,8 @@ class Run:
 
 
 def start(cfg: GRPOConfig, reward_fn: Callable) -> Run:
-    """Checks, set-up, data, the policy (and reference), optimizer and sample buffer; resumed state if asked."""
+    """Checks (checkpoint, data, run directory) before any weight is read, then the policy (and reference),
+    optimizer and sample buffer; resumed state if asked."""
     if not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):
         hint = " Run `python sft.py` first: GRPO starts from the cold-start SFT model." if cfg.ckpt == "out/sft" else ""
         raise FileNotFoundError(f"no checkpoint at {cfg.ckpt!r} (config.json missing).{hint}")
@@ -495,31 +509,52 @@ def start(cfg: GRPOConfig, reward_fn: Callable) -> Run:
     ckpt_dir = latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if cfg.resume and ckpt_dir is None and ctx.is_main:
         print(f"--resume: no step_* checkpoint in {cfg.out_dir}, starting from {cfg.ckpt}")
-    if cfg.tp and ctx.world > 1:  # before any weight is read
+    if cfg.tp and ctx.world > 1:
         check_divisible(R1VConfig.from_dir(cfg.ckpt).llm, ctx.layout.tp_size)
-    problems, heldout = load_problems(cfg, ctx.is_main)
+    data = load_problems(cfg, ctx.is_main) if cfg.data else None        # the user's data: checked first
+    claim_run(cfg, ctx, ckpt_dir)
+    problems, heldout = data or load_problems(cfg, ctx.is_main)         # the synthetic task is written in out_dir
     policy = load(ckpt_dir or cfg.ckpt, ctx, train=cfg.train, grad_checkpointing=cfg.grad_checkpointing)
     # the reference is only ever read: sharded like the policy, in the compute dtype (2 B/param)
     ref = load(cfg.ckpt, ctx, train="none", dtype=ctx.dtype).eval() if cfg.beta else None
     opt = make_optimizer(policy, cfg.lr, cfg.weight_decay,
                          moments_dtype=torch.bfloat16 if cfg.bf16_moments else torch.float32)
     run = Run(cfg, ctx, Tokenizer.from_dir(cfg.ckpt), problems, heldout, policy, ref, opt,
-              SampleBuffer(cfg.buffer_capacity, cfg.buffer_max_age), reward_fn)
+              SampleBuffer(cfg.buffer_capacity, cfg.buffer_max_age), reward_fn, watch=FlatWatch(cfg.flat_patience))
     if ckpt_dir:
         run.step, _, tensors = resume(ckpt_dir, policy, opt)
         run.buffer.load_state_dict({k.removeprefix("buffer."): v for k, v in tensors.items() if k.startswith("buffer.")})
-    run.log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), ctx.is_main, run.step if ckpt_dir else None)
+    run.log, run.rollouts, run.answers = (
+        MetricsLog(os.path.join(cfg.out_dir, name), ctx.is_main, run.step if ckpt_dir else None)
+        for name in ("metrics.jsonl", "rollouts.jsonl", "heldout_answers.jsonl"))
     if run.step == 0 and heldout:
-        run.history.append({"step": 0, "heldout_accuracy": evaluate(run)})
+        run.history.append({"step": 0, "heldout_accuracy": evaluate(run, 0)})
         run.log.write(0, {"heldout_accuracy": run.history[-1]["heldout_accuracy"]})
     return run
 
 
+def claim_run(cfg: GRPOConfig, ctx, ckpt_dir):
+    """out_dir holding a previous run is refused unless --resume or --overwrite (logs.prepare_run); the resolved
+    config is printed and written to out_dir/run_config.json."""
+    prepare_run([cfg.out_dir], cfg, resume=cfg.resume, overwrite=cfg.overwrite,
+                config_path=os.path.join(cfg.out_dir, "run_config.json"), preset=cfg.preset,
+                step=trained_step(ckpt_dir) if ckpt_dir else None, schedule=("steps", "lr", "warmup_steps"),
+                lr_at=lambda c, s: lr_at(s, c["steps"], c["lr"], c["warmup_steps"], min_lr_ratio=1.0),
+                is_main=ctx.is_main, prog="grpo.py", barrier=barrier)
+    barrier()
+
+
 def load_problems(cfg: GRPOConfig, is_main: bool = True) -> tuple[list[dict], list[dict]]:
-    """-> (train, held-out) problem lists. Bad records raise with the file and line (data.read_jsonl)."""
-    need = ("question", "answer")
+    """-> (train, held-out) problem lists. User data is checked whole before anything else happens: every record,
+    image and prompt (data.read_jsonl, data.check_prompts), every problem as FILE:LINE."""
     if cfg.data:
-        return read_jsonl(cfg.data, need), read_jsonl(cfg.eval_data, need) if cfg.eval_data else []
+        need, columns = ("question", "answer"), parse_columns(cfg.columns)
+        sets = [read_records(cfg.data, need, columns), read_records(cfg.eval_data, need, columns) if cfg.eval_data
+                else []]
+        tok, config = Tokenizer.from_dir(cfg.ckpt), R1VConfig.from_dir(cfg.ckpt)
+        for records in sets:
+            check_prompts(records, tok, config, cfg.max_tiles, cfg.max_new_tokens)
+        return sets[0], sets[1]
     # RL problems are new to the SFT model (seed + 1; sft.py trains on `seed`, as the paper's RL set is not its
     # cold-start set); the held-out split is the one sft.py evaluates on. Same seeds -> same files on resume.
     root = os.path.join(cfg.out_dir, "data")
@@ -527,8 +562,8 @@ def load_problems(cfg: GRPOConfig, is_main: bool = True) -> tuple[list[dict], li
         make_visual_task(root, cfg.synthetic_size, cfg.seed + 1, "train")
         make_visual_task(root, cfg.eval_size, cfg.seed, "heldout")
     barrier()
-    heldout = read_jsonl(os.path.join(root, "heldout.jsonl"), need) if cfg.eval_size else []
-    return read_jsonl(os.path.join(root, "train.jsonl"), need), heldout
+    heldout = read_records(os.path.join(root, "heldout.jsonl"), ("question", "answer")) if cfg.eval_size else []
+    return read_records(os.path.join(root, "train.jsonl"), ("question", "answer")), heldout
 
 
 def prompt_indices(step: int, n: int, k: int, seed: int) -> list[int]:
@@ -558,12 +593,27 @@ def rollout_copy(run: Run, decoder=None) -> tuple[object, float]:
     return decoder, time.perf_counter() - t0
 
 
-def evaluate(run: Run, decoder=None) -> float:
-    """Held-out accuracy with greedy decoding (rollout.heldout_accuracy), from a rollout copy of the current policy."""
+def evaluate(run: Run, step: int, decoder=None) -> float:
+    """Held-out accuracy with greedy decoding (rollout.heldout_accuracy), from a rollout copy of the current policy;
+    the answers go to heldout_answers.jsonl and the curves are redrawn (a killed run keeps them)."""
     decoder, _ = rollout_copy(run, decoder)
-    return heldout_accuracy(run.policy, run.tok, run.heldout, run.ctx, max_new_tokens=run.cfg.max_new_tokens,
-                            batch_size=run.cfg.rollout_batch_size, max_tiles=run.cfg.max_tiles, decoder=decoder,
-                            compile=run.cfg.compile)["accuracy"]
+    ev = heldout_accuracy(run.policy, run.tok, run.heldout, run.ctx, max_new_tokens=run.cfg.max_new_tokens,
+                          batch_size=run.cfg.rollout_batch_size, max_tiles=run.cfg.max_tiles, decoder=decoder,
+                          compile=run.cfg.compile)
+    run.answers.write_rows(step, ev["answers"])
+    draw_curves(run)
+    return ev["accuracy"]
+
+
+def rollout_rows(run: Run, idxs: list, groups: list, rewards: torch.Tensor) -> list[dict]:
+    """The first log_rollouts prompts of the step with their G responses as text, rewards and gold answers."""
+    G, rows = run.cfg.group_size, []
+    for k, (i, group) in enumerate(zip(idxs[:run.cfg.log_rollouts], groups)):
+        p = run.problems[i]
+        rows += [{"problem": i, "question": p["question"], "images": p.get("images", []), "answer": p["answer"],
+                  "response": run.tok.decode(r), "reward": rewards[k * G + j].item(), "tokens": len(r)}
+                 for j, r in enumerate(group)]
+    return rows
 
 
 def end_step(run: Run, step: int, metrics: dict, t0: float, decoder=None):
@@ -571,21 +621,31 @@ def end_step(run: Run, step: int, metrics: dict, t0: float, decoder=None):
     cfg = run.cfg
     metrics = mean_over_ranks(metrics)
     metrics.update(tokens_per_s=metrics["tokens"] / metrics["rollout_time"], step_time=time.perf_counter() - t0)
+    run.watch.update(step, metrics["flat_frac"], metrics.get("grad_norm"))  # warns when nothing is being learnt
     if run.heldout and (step % cfg.eval_every == 0 or step == cfg.steps):
-        metrics["heldout_accuracy"] = evaluate(run, decoder)
+        metrics["heldout_accuracy"] = evaluate(run, step, decoder)
     run.log.write(step, metrics)
     run.history.append({"step": step, **metrics})
     if step % cfg.save_every == 0 or step == cfg.steps:
         save_checkpoint(os.path.join(cfg.out_dir, f"step_{step:06d}"), run.policy, run.opt, step,
                         extra={"config": asdict(cfg)},
                         tensors={f"buffer.{k}": v for k, v in run.buffer.state_dict().items()})
+        if run.ctx.is_main:
+            keep_last(cfg.out_dir, cfg.keep_last)
+        barrier()
+
+
+CURVES = ["reward", "accuracy", "heldout_accuracy", "format", "response_len", "truncation_rate", "entropy",
+          "clip_frac", "flat_frac", "grad_norm", "lr", "step_time"]
+
+
+def draw_curves(run: Run):
+    if run.ctx.is_main:
+        plot_curves(run.log.path, os.path.join(run.cfg.out_dir, "curves.png"), CURVES)
 
 
 def finish(run: Run):
-    if run.ctx.is_main:
-        plot_curves(run.log.path, os.path.join(run.cfg.out_dir, "curves.png"),
-                    ["reward", "accuracy", "heldout_accuracy", "format", "response_len", "entropy", "clip_frac",
-                     "flat_frac"])
+    draw_curves(run)
 
 
 def parse_args(argv=None) -> GRPOConfig:
@@ -593,7 +653,7 @@ def parse_args(argv=None) -> GRPOConfig:
     def defaults(flags):
         name = flags.get("preset") or ("r1v3" if "ckpt" in flags else "tiny")
         return {"preset": name, **PRESETS.get(name, {})}
-    return parse_config(GRPOConfig, argv, __doc__.splitlines()[0], defaults=defaults)
+    return parse_config(GRPOConfig, argv, __doc__.splitlines()[0], defaults=defaults, preset_name="preset tiny")
 
 
 def describe_preset(cfg: GRPOConfig) -> str:
@@ -604,8 +664,8 @@ def describe_preset(cfg: GRPOConfig) -> str:
     return f"preset: {cfg.preset} ({', '.join(changed) or 'the recipe defaults'})"
 
 
-if __name__ == "__main__":
-    cfg = parse_args()
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
     t = time.perf_counter()
     if os.environ.get("RANK", "0") == "0":
         print(describe_preset(cfg))
@@ -615,11 +675,13 @@ if __name__ == "__main__":
         import sft
         print(f"no {cfg.ckpt}: running the cold-start SFT stage first (python sft.py --steps 110)")
         sft.main(sft.SFTConfig(out=cfg.ckpt, steps=110))
-    try:
-        history = train(cfg)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e))
+    history = train(cfg)
     if history and "heldout_accuracy" in history[-1] and os.environ.get("RANK", "0") == "0":
         first = next(h["heldout_accuracy"] for h in history if "heldout_accuracy" in h)
         print(f"held-out accuracy {first:.3f} -> {history[-1]['heldout_accuracy']:.3f} in "
               f"{time.perf_counter() - t:.0f} s; metrics and curves in {cfg.out_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.main(main, prog="grpo.py")

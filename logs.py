@@ -4,9 +4,9 @@ that is never overwritten by accident and records its config, and a watch for ru
 import glob
 import json
 import os
-import time
 import shutil
 import sys
+import time
 import warnings
 from dataclasses import MISSING, asdict, fields
 

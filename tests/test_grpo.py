@@ -309,7 +309,7 @@ def rollout_samples(m, tok, problems, idxs, cfg, ctx, seed=0):
     """grpo.train's step 1 on problems idxs -> (samples, prompts, rewards, stats)."""
     prompts = encode_problems(problems, idxs, tok, m, cfg, ctx)
     groups = sample_groups(m, tok, [prompts[i] for i in idxs], cfg, ctx, torch.Generator().manual_seed(seed))
-    rewards, stats = score(tok, groups, [problems[i]["answer"] for i in idxs], vowel_reward)
+    rewards, stats = score(tok, groups, [problems[i]["answer"] for i in idxs], vowel_reward, cfg.max_new_tokens)
     samples = [Sample(i, torch.tensor(r, dtype=torch.long)) for i, g in zip(idxs, groups) for r in g]
     return samples, prompts, rewards, stats
 
@@ -518,10 +518,30 @@ def test_on_policy_update_skips_the_old_pass_and_gives_the_same_step(tiny_ckpt, 
 
 
 def test_score_counts_truncated_responses(tiny_ckpt):
-    """A response that does not end in <|im_end|> ran out of max_new_tokens: truncated_frac counts them."""
+    """A response that reached max_new_tokens without <|im_end|> was cut: truncation_rate counts them (a short one
+    without it, or a long one ending in it, was not cut)."""
     tok = Tokenizer.from_dir(tiny_ckpt)
     ids = tok.encode("<think>\nx\n</think>\n\\boxed{3}")
     rewards, stats = score(tok, [[ids + [tok.eos_id], ids], [ids[:2], ids + [tok.eos_id]]], ["3", "4"],
-                           lambda text, answer: float(answer in text))
+                           lambda text, answer: float(answer in text), max_new_tokens=len(ids))
     assert rewards.tolist() == [1.0, 1.0, 0.0, 0.0]
-    assert stats["truncated_frac"] == 0.5 and stats["accuracy"] == 0.5
+    assert stats["truncation_rate"] == 0.25 and stats["accuracy"] == 0.5
+
+
+def test_a_run_you_can_debug(tiny_ckpt, tmp_path):
+    """rollouts.jsonl holds the step's responses as text with rewards and gold answers, heldout_answers.jsonl the
+    greedy answers; a run whose every group stays flat warns (flat_patience); --keep-last prunes old checkpoints;
+    run_config.json records the config and its preset."""
+    task = text_task(tmp_path, 2)
+    cfg = small_cfg(tiny_ckpt, tmp_path / "run", data=task, eval_data=task, steps=2, save_every=1, keep_last=1,
+                    log_rollouts=1, flat_patience=2, group_size=2, ppo_epochs=1, minibatch_size=4, micro_batch_size=4)
+    with pytest.warns(UserWarning, match="every group has been flat .* for 2 steps"):
+        train(cfg, lambda text, answer: 1.0)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "rollouts.jsonl")]
+    assert [r["step"] for r in rows] == [1, 1, 2, 2]                          # 1 prompt x G = 2 per step
+    assert all(r["answer"] == "a" and r["reward"] == 1.0 and isinstance(r["response"], str) for r in rows)
+    answers = [json.loads(line) for line in open(tmp_path / "run" / "heldout_answers.jsonl")]
+    assert sorted({a["step"] for a in answers}) == [0, 2] and all("response" in a for a in answers)
+    assert set(os.listdir(tmp_path / "run")) - {"curves.png"} == {     # (curves.png: if matplotlib is there)
+        "heldout_answers.jsonl", "metrics.jsonl", "rollouts.jsonl", "run_config.json", "step_000002"}
+    assert json.load(open(tmp_path / "run" / "run_config.json"))["config"]["keep_last"] == 1

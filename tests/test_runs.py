@@ -216,12 +216,6 @@ def command(monkeypatch, *argv):
 
 
 # ---------------------------------------------------------------------------------------------- grpo.py
-# The data check already runs through data.read_jsonl (grpo.load_problems); the tests marked WIRING need grpo.py to
-# call cli.main and logs.prepare_run (see the issue-23 report): strict xfails, so they fail loudly once wired,
-# and the marker is then removed.
-WIRING = pytest.mark.xfail(strict=True, reason="issue 23: grpo.py not yet wired to cli.main / logs.prepare_run")
-
-
 def grpo_problem_file(tmp_path, bad_line=3):
     """A GRPO data file whose line `bad_line` names a truncated image."""
     from PIL import Image
@@ -247,7 +241,6 @@ def test_grpo_corrupt_image_is_found_before_any_weight_is_read(tiny_ckpt, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-@WIRING
 def test_grpo_command_corrupt_image_is_one_line_exit_2(tiny_ckpt, tmp_path):
     data = grpo_problem_file(tmp_path)
     p = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py"), "--ckpt", tiny_ckpt, "--data", data,
@@ -256,7 +249,6 @@ def test_grpo_command_corrupt_image_is_one_line_exit_2(tiny_ckpt, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@WIRING
 def test_grpo_rerun_into_an_existing_run_is_refused(tiny_ckpt, tmp_path, monkeypatch):
     import grpo
     out = str(tmp_path / "run")
@@ -269,7 +261,6 @@ def test_grpo_rerun_into_an_existing_run_is_refused(tiny_ckpt, tmp_path, monkeyp
     assert snapshot(out) == before
 
 
-@WIRING
 def test_grpo_has_overwrite_and_keep_last_flags():
     import grpo
     cfg = grpo.parse_args(["--overwrite", "--keep-last", "2"])
