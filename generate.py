@@ -37,7 +37,7 @@ def decode(decoder, x, input_ids, attention_mask=None, *, max_new_tokens: int, e
     -> bool (default rows_done); compile: False, True (inductor) or a backend name ("aot_eager" in tests)."""
     G, t = num_return_sequences, input_ids.shape[1]
     b = input_ids.shape[0] * G
-    cache = decoder.kv_cache(b, t + max_new_tokens, keep=bool(compile))
+    cache = decoder.kv_cache(b if compile else b // G, t + max_new_tokens, keep=bool(compile))  # eager: G x later
     h, pos, pad = decoder.prefill(x, input_ids, attention_mask, cache)  # [B,T,D], [B,T], mask or None
     h, pos = h[:, -1:], pos[:, -1:]
     if G > 1:
