@@ -37,7 +37,7 @@ def decode(decoder, x, input_ids, attention_mask=None, *, max_new_tokens: int, e
     -> bool (default rows_done); compile: False, True (inductor) or a backend name ("aot_eager" in tests)."""
     G, t = num_return_sequences, input_ids.shape[1]
     b = input_ids.shape[0] * G
-    cache = decoder.kv_cache(b, t + max_new_tokens, keep=bool(compile))
+    cache = decoder.kv_cache(b if compile else b // G, t + max_new_tokens, keep=bool(compile))  # eager: G x later
     h, pos, pad = decoder.prefill(x, input_ids, attention_mask, cache)  # [B,T,D], [B,T], mask or None
     h, pos = h[:, -1:], pos[:, -1:]
     if G > 1:
@@ -49,16 +49,16 @@ def decode(decoder, x, input_ids, attention_mask=None, *, max_new_tokens: int, e
     seen = seen_tokens(input_ids, real[:b, :t], decoder.config.vocab_size) if repetition_penalty != 1.0 else None
     step = (static_step(decoder, cache, compile, pos, real, t) if compile else
             eager_step(decoder, cache, pos, None if pad is None else real, t))
-    return sample_loop(decoder, h, step, seen, eos, max_new_tokens, dict(
-        temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator),
-        stream, all_done or rows_done, check_every or CHECK_EVERY)
+    return sample_loop(decoder, h, step, seen, eos, max_new_tokens, stream=stream, all_done=all_done,
+                       check_every=check_every or CHECK_EVERY, temperature=temperature, top_p=top_p,
+                       repetition_penalty=repetition_penalty, generator=generator)
 
 
-def sample_loop(decoder, h, step, seen, eos: int, max_new_tokens: int, sampling: dict, stream, all_done,
-                check_every: int):
-    """Last states h [b,1,D] -> tokens [b, new]: sample, pad finished rows with eos, step; the host reads the
-    tokens after the first one and every check_every after that."""
-    b = h.shape[0]
+def sample_loop(decoder, h, step, seen, eos: int, max_new_tokens: int, *, stream=None, all_done=None,
+                check_every: int = CHECK_EVERY, **sampling):
+    """Last states h [b,1,D] -> tokens [b, new]: sample (`sampling`: sample()'s arguments), pad finished rows with
+    eos, step; the host reads the tokens after the first one and every check_every after that."""
+    b, all_done = h.shape[0], all_done or rows_done
     out = torch.full((b, max_new_tokens), eos, dtype=torch.long, device=h.device)
     done = torch.zeros(b, dtype=torch.bool, device=h.device)
     read = 0

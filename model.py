@@ -114,8 +114,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", None, persistent=False)
         self.register_buffer("v", None, persistent=False)
 
-    rows = property(lambda self: self.shape[1])
-    length = property(lambda self: self.shape[3])
+    rows, length = property(lambda self: self.shape[1]), property(lambda self: self.shape[3])
 
     def update(self, layer: int, start, k, v):  # k, v [B,Hkv,t,E] -> keys/values [B,Hkv,start+t|length,E]
         if self.k is None or self.k.dtype != k.dtype:
@@ -130,7 +129,12 @@ class KVCache(nn.Module):
         return self.k[layer, :b, :, :end], self.v[layer, :b, :, :end]
 
     def repeat_rows(self, n: int, rows: int, length: int):
-        """Rows b < `rows` (first `length` columns) -> rows b*n .. b*n+n-1 in place: one prompt -> n samples."""
+        """Rows b < `rows` (first `length` columns) -> rows b*n .. b*n+n-1: one prompt -> n samples. A cache of
+        `rows` rows grows into new buffers; one with room (the compiled step's) is filled in place, at its address."""
+        if self.rows == rows:
+            self.k, self.v = self.k.repeat_interleave(n, 1), self.v.repeat_interleave(n, 1)
+            self.shape = self.k.shape
+            return
         for z in (self.k, self.v):
             z[:, :rows * n, :, :length] = z[:, :rows, :, :length].repeat_interleave(n, dim=1)
 
@@ -146,9 +150,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
-        q = rearrange(self.q_proj(x), "b t (h e) -> b h t e", e=self.head_dim)
-        k = rearrange(self.k_proj(x), "b t (h e) -> b h t e", e=self.head_dim)
-        v = rearrange(self.v_proj(x), "b t (h e) -> b h t e", e=self.head_dim)
+        q, k, v = (rearrange(proj(x), "b t (h e) -> b h t e", e=self.head_dim)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
@@ -251,10 +254,8 @@ class Qwen2ForCausalLM(nn.Module):
         or None when nothing is padded. start an int: attention reads the start+1 columns written so far (real
         [B,start+1]); a tensor [1] (torch.compile, CUDA graphs: shapes never change): every cache row, the whole
         cache with the columns after `start` masked (real [rows,L])."""
-        if torch.is_tensor(start):
-            mask = ((torch.arange(cache.length, device=tok.device) <= start) & real)[:, None, None, :]  # [rows,1,1,L]
-        else:
-            mask = make_mask(real, 1, start, tok.device)
+        mask = (((torch.arange(cache.length, device=tok.device) <= start) & real)[:, None, None, :]  # [rows,1,1,L]
+                if torch.is_tensor(start) else make_mask(real, 1, start, tok.device))
         return self.model(self.model.embed_tokens(tok[:, None]), pos, mask, cache, start)
 
     def tie_weights(self):
@@ -346,7 +347,6 @@ class SkyworkR1V(nn.Module):
     def grad_checkpointing(self, on: bool):
         self.vision_model.grad_checkpointing = self.language_model.model.grad_checkpointing = on
 
-    # -- the release's checkpoint format; file handling lives in checkpoint.py (which does not import this file)
     @classmethod
     def from_pretrained(cls, ckpt_dir: str, dtype=torch.float32, device="cpu", shard=None) -> "SkyworkR1V":
         """Config -> model on meta -> (optional `shard(model)`, e.g. FSDP2) -> weights -> eval mode.
@@ -422,12 +422,12 @@ class SkyworkR1V(nn.Module):
                              f"model's context of {self.config.llm.max_position_embeddings} tokens")
         x = self.embed(input_ids, pixel_values, vit_features)  # [B,T,D]
         eos = self.config.llm.eos_token_id if eos_token_id is None else eos_token_id
-        # FSDP shards: every rank steps until every rank's rows are done (parallel.py); tp.TPDecoder picks its own
-        all_done = gen.all_ranks_done if self.sharded_vit else gen.rows_done
+        # all_done: FSDP shards step until every rank's rows are done (parallel.py); tp.TPDecoder picks its own
         new = (decoder or self.language_model).decode(
             x, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos=eos, temperature=temperature,
             top_p=top_p, repetition_penalty=repetition_penalty, stream=stream, generator=generator,
-            num_return_sequences=num_return_sequences, compile=compile, all_done=all_done)
+            num_return_sequences=num_return_sequences, compile=compile,
+            all_done=gen.all_ranks_done if self.sharded_vit else gen.rows_done)
         return torch.cat([input_ids.repeat_interleave(num_return_sequences, 0), new], dim=1)
 
 

@@ -42,7 +42,7 @@ def generate_responses(m: SkyworkR1V, prompts: list, ctx: Context, *, pad_id: in
     ids up to and including its first stop token (the first stop id is the eos generate pads with).
 
     Each generate call takes batch_size // group_size prompts (at least one): every prompt is prefilled once and
-    its group_size samples continue from copies of its KV cache (model.decode). vit_features (one tensor per
+    its group_size samples continue from copies of its KV cache (generate.decode). vit_features (one tensor per
     prompt, vit_once) replace the pixels; decoder is tp.py's tensor-parallel copy; compile: a compiled fixed-shape
     decode step. `sampling`: max_new_tokens, temperature, top_p, repetition_penalty (SkyworkR1V.generate)."""
     per_call, out = max(1, batch_size // group_size), []

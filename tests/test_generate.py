@@ -60,11 +60,16 @@ class FixedLogits:
 
     def __init__(self, logits):
         self.rows, self.config = logits, type("C", (), {"vocab_size": logits.shape[1]})
-        self.cache = type("Cache", (), {"rows": 0, "length": 0, "repeat_rows": lambda *a: None})()
+
+    class Cache:  # only its size: the stand-in attends to nothing
+        def __init__(self, rows, length):
+            self.rows, self.length = rows, length
+
+        def repeat_rows(self, n, rows, length):
+            self.rows = rows * n
 
     def kv_cache(self, rows, length, keep=False):
-        self.cache.rows, self.cache.length = rows, length
-        return self.cache
+        return self.Cache(rows, length)
 
     def prefill(self, x, input_ids, attention_mask, cache):
         return torch.zeros(x.shape[0], x.shape[1], 1), attention_mask.long().cumsum(-1) - 1, attention_mask

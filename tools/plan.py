@@ -185,7 +185,7 @@ def largest_tensor(cfg: R1VConfig, train) -> int:
 
 
 def rollout_moment(cfg: R1VConfig, gpus: int, r: Recipe, tp: bool, ab: int) -> float:
-    """Transient bytes per GPU of one generate call (rollout.generate_responses, model.decode). With the
+    """Transient bytes per GPU of one generate call (rollout.generate_responses, generate.decode). With the
     tensor-parallel copy every GPU decodes all GPUs' rows with 1/W of the KV heads: the same bytes as its own rows
     with all heads. generate() is an FSDP entry point, so the root unit stays gathered through the call; without
     the copy every decoder block is gathered for every token. One GPU: autocast's bf16 weight copies."""
