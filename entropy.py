@@ -28,7 +28,7 @@ from logs import plot_curves, trained_step
 from model import R1VConfig, token_logprobs_and_entropy
 from parallel import LayoutFlags, load, setup
 from rewards import accuracy_reward
-from rollout import generate_responses
+from rollout import Engine, generate_responses
 from tp import make_decoder, tp_fits
 
 # Reflection cues, matched case-sensitively on decoded text (the lower-case forms are listed on purpose: "wait" in
@@ -125,22 +125,21 @@ def response_entropy(model, prompt_ids, pixel_values, response_ids, temperature=
     return ent[0].tolist()
 
 
-def generate_response(model, tok: Tokenizer, prompt_ids, pixel_values, cfg: EntropyConfig, ctx, generator,
-                      decoder=None) -> list:
+def generate_response(engine: Engine, prompt_ids, pixel_values, cfg: EntropyConfig, generator) -> list:
     """Sample one response -> its ids, up to and including the first stop token (rollout.generate_responses, as
     GRPO samples). <IMG_CONTEXT> stops it too, as in GRPO's rollouts: a tiny or early model can sample it, and fed
     back in teacher forcing it would ask for an image that does not exist (it stays the last token: a target only)."""
+    model, tok = engine.model, engine.tok
     stop_ids = [tok.eos_id, model.config.img_context_token_id]
-    return generate_responses(model, [(prompt_ids, pixel_values)], ctx, pad_id=tok.pad_id, stop_ids=stop_ids,
+    return generate_responses(model, [(prompt_ids, pixel_values)], engine.ctx, pad_id=tok.pad_id, stop_ids=stop_ids,
                               batch_size=1, generator=generator, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, top_p=cfg.top_p, decoder=decoder)[0][0]
+                              temperature=cfg.temperature, top_p=cfg.top_p, decoder=engine.decoder)[0][0]
 
 
-def score_response(model, tok: Tokenizer, rec: dict, cfg: EntropyConfig, ctx, generator,
-                   decoder=None) -> tuple[str, list, list]:
+def score_response(engine: Engine, rec: dict, cfg: EntropyConfig, generator) -> tuple[str, list, list]:
     """One record -> (response text, entropy of each response token [n], critical positions [(token index, cue)]).
     --mode generate samples the response (thinking-mode prompt); --mode score teacher-forces rec["response"]."""
-    question, images = rec["question"], rec.get("images", ())
+    (model, tok, _, _), question, images = engine, rec["question"], rec.get("images", ())
     if cfg.mode == "score":
         thinking = not rec["response"].lstrip().startswith(THINK_START)  # the prompt must not open <think> twice
         prompt_ids, pv = encode_prompt(tok, model.config, question, images, thinking=thinking)
@@ -150,7 +149,7 @@ def score_response(model, tok: Tokenizer, rec: dict, cfg: EntropyConfig, ctx, ge
                              f"{rec['response'][:80]!r}")
     else:
         prompt_ids, pv = encode_prompt(tok, model.config, question, images)
-        response_ids = generate_response(model, tok, prompt_ids, pv, cfg, ctx, generator, decoder)
+        response_ids = generate_response(engine, prompt_ids, pv, cfg, generator)
     ent = response_entropy(model, prompt_ids, pv, response_ids, cfg.temperature or 1.0, cfg.chunk)
     text, cues = critical_positions(tok, response_ids, cfg.cues)
     return text, ent, cues
@@ -177,20 +176,21 @@ def score_checkpoint(ckpt_dir: str, records: list, cfg: EntropyConfig, ctx) -> t
     # generation through the tensor-parallel copy (tp.py; None on one process or when W does not divide the heads)
     tp = cfg.mode == "generate" and tp_fits(model.config.llm, ctx.world)
     decoder = make_decoder(model, ctx.dtype) if tp else None
-    scored = score_share(model, tok, records, cfg, ctx, generator, decoder)
+    scored = score_share(Engine(model, tok, ctx, decoder), records, cfg, generator)
     del model, decoder
     return summarize(report, records, scored)
 
 
-def score_share(model, tok, records: list, cfg: EntropyConfig, ctx, generator, decoder) -> list:
+def score_share(engine: Engine, records: list, cfg: EntropyConfig, generator) -> list:
     """score_response for every record, each rank its share (records rank, rank + W, ...) -> all records' results
-    in order, on every rank. Under FSDP every forward is a collective, so every rank makes the same number of
-    calls: a rank with one record fewer scores its first record again and drops that result."""
+    in order, on every rank. Every rank makes the same number of calls (the lockstep rule, parallel.py): a rank
+    with one record fewer scores its first record again and drops that result."""
+    ctx = engine.ctx
     if ctx.world == 1:
-        return [score_response(model, tok, rec, cfg, ctx, generator, decoder) for rec in records]
+        return [score_response(engine, rec, cfg, generator) for rec in records]
     mine = records[ctx.rank::ctx.world]
     slots = -(-len(records) // ctx.world)
-    scored = [score_response(model, tok, rec, cfg, ctx, generator, decoder)
+    scored = [score_response(engine, rec, cfg, generator)
               for rec in mine + [records[0]] * (slots - len(mine))][:len(mine)]
     shares = [None] * ctx.world
     dist.all_gather_object(shares, scored)

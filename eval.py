@@ -36,7 +36,7 @@ from data import IMAGE_PLACEHOLDER, THINK_END, THINK_PREFIX, Tokenizer, build_pr
 from model import R1VConfig, SkyworkR1V
 from parallel import Context, LayoutFlags, load, resolve, setup
 from rewards import answers_match, extract_boxed
-from rollout import generate_responses
+from rollout import Engine, generate_responses
 from tp import check_divisible, make_decoder
 
 random.seed(42)  # MMMU's eval_utils.py seeds at import: its fallback letters are one stream over all items, in order
@@ -266,10 +266,11 @@ def read_responses(path: str, items: dict) -> dict:
     return done
 
 
-def generate_batch(model, tok, batch: list, cfg: EvalConfig, ctx, decoder, max_new: int) -> list:
+def generate_batch(engine: Engine, batch: list, cfg: EvalConfig, max_new: int) -> list:
     """Items -> [(response text, generated tokens, finished)] in order. Under torchrun each rank encodes its share of
     the batch (at least one item, so every rank joins every collective), the tensor-parallel decoder decodes all
     ranks' rows together, and the answers are gathered back to every rank."""
+    model, tok, ctx, decoder = engine
     share = batch[ctx.rank::ctx.world] or batch[-1:]
     prompts = [encode_prompt(tok, model.config, it.text, [open_image(im, it.where) for im in it.images],
                              cfg.max_tiles, thinking=cfg.think) for it in share]
@@ -287,17 +288,17 @@ def generate_batch(model, tok, batch: list, cfg: EvalConfig, ctx, decoder, max_n
     return mine
 
 
-def generate(model, tok, items: list, lengths: dict, done: dict, cfg: EvalConfig, ctx, decoder, path: str):
+def generate(engine: Engine, items: list, lengths: dict, done: dict, cfg: EvalConfig, path: str):
     """Answer every item not in `done`, appending one line per item to `path` (rank 0) as each batch finishes."""
-    todo = [it for it in items if it.id not in done]
-    context = model.config.llm.max_position_embeddings
+    todo, ctx = [it for it in items if it.id not in done], engine.ctx
+    context = engine.model.config.llm.max_position_embeddings
     bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="item", disable=not ctx.is_main,
                file=sys.stderr, dynamic_ncols=True)
     tokens, t0 = 0, time.perf_counter()
     for b in range(0, len(todo), cfg.batch_size):
         batch = todo[b:b + cfg.batch_size]
         max_new = min(cfg.max_new_tokens, context - max(lengths[it.id] for it in batch))  # left-padded batch fits
-        answers = generate_batch(model, tok, batch, cfg, ctx, decoder, max_new)
+        answers = generate_batch(engine, batch, cfg, max_new)
         if ctx.is_main:
             with open(path, "a", encoding="utf-8") as f:
                 for it, (text, n, finished) in zip(batch, answers):
@@ -625,7 +626,7 @@ def main(argv=None) -> int:
             json.dump(cfg.generation_settings(), f, indent=2)
         if done:
             print(f"resuming: {len(done)} of {len(items)} items already in {path}", file=sys.stderr)
-    generate(model, tok, items, lengths, done, cfg, ctx, decoder, path)
+    generate(Engine(model, tok, ctx, decoder), items, lengths, done, cfg, path)
     if ctx.is_main:
         write_scores(path, cfg.out, cfg.benchmark)
     return 0

@@ -300,7 +300,7 @@ def response_logprobs(m, batch: Batch, cfg: GRPOConfig, ctx) -> tuple[torch.Tens
     as the step's ViT features, or as pixels through m's ViT (when the ViT trains: with grad). Only the R response
     columns go through the chunked lm_head."""
     P = batch.ids.shape[1] - batch.targets.shape[1]
-    # features: always a tensor (maybe of zero tiles), so under FSDP every rank takes the same path through embed
+    # features: always a tensor (maybe of zero tiles): every rank takes the same path (the lockstep rule, parallel.py)
     vit = torch.cat(batch.images).to(ctx.device) if batch.features else None
     pix = None if batch.features else cat_pixels(batch.images)
     with autocast(ctx):

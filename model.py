@@ -390,17 +390,13 @@ class SkyworkR1V(nn.Module):
                              f"({self.config.num_image_token} per tile)")
         if n_tiles == 0 and not self.sharded_vit:
             return x
-        # FSDP: each ViT block and the connector all-gather their weights in forward, a collective all ranks must
-        # join, so a rank whose prompts have no image runs them on zero tiles while the others run theirs. (Ranks
-        # agree on the path: all pass vit_features, or none does.)
+        # sharded: a rank without images runs the ViT and connector on zero tiles (the lockstep rule, parallel.py)
         if vit_features is None:
             if n_tiles == 0:
                 pixel_values = x.new_zeros(0, 3, self.config.force_image_size, self.config.force_image_size)
             vit_features = self.vision_model(pixel_values, self.config.select_layer)
         image_tokens = self.mlp1(vit_features).to(x.dtype)  # [N,256,D]
-        # row-major: tiles fill in order. With zero tiles too: the connector must be in the autograd graph on every
-        # rank, or FSDP reduces its gradient at the end of backward on the ranks without images and in order on the
-        # others, and the ranks' reduce-scatters no longer pair up
+        # row-major: tiles fill in order; with zero tiles too, so the connector's backward runs on every rank
         return x.masked_scatter(is_img[..., None], image_tokens)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, return_hidden=False, vit_features=None):

@@ -11,6 +11,12 @@ log-prob code calls outside forward, so it must stay gathered until the backward
 parameters materialised, each rank holding 1/world of the rows of every tensor, filled straight from the
 safetensors shards (checkpoint.load_weights reads just those rows): no process ever holds the whole 77 GB state dict.
 
+The lockstep rule: every FSDP forward all-gathers its unit's weights and every backward reduce-scatters its
+gradients, collectives that all ranks of the mesh must join in the same order. So every rank runs the same forwards
+and backwards, whatever its data: a rank whose prompts have no image still runs the ViT on zero tiles, a rank whose
+rows finished generating steps on until every rank's are done, ranks get equally many batches. The code points here
+where it follows the rule.
+
 Precision: parameters, gradients and AdamW moments stay fp32 ("master weights": bf16 weights lose updates of
 lr ~1e-6 relative size); `MixedPrecisionPolicy` all-gathers bf16 copies for compute and reduces gradients in fp32.
 
@@ -120,8 +126,8 @@ def setup(dtype: str = None, seed: int = 0, layout: LayoutFlags = None) -> Conte
     if cuda:
         torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:
-        # small CPU models are per-op overhead: a second intra-op thread adds a wake-up wait per op (measured 10-30x
-        # slower steps for the tiny config on a busy 2-core machine) and torchrun starts one process per core anyway
+        # small CPU models are per-op overhead: a second intra-op thread mostly waits to be woken, and torchrun
+        # starts one process per core anyway
         torch.set_num_threads(1)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timeout())
@@ -214,11 +220,9 @@ def autocast(ctx: Context):
 
 
 def leave():
-    """Leave the process group at exit (registered by setup). A pause first: gloo's worker threads release a finished
-    collective's tensors a moment after the caller sees it complete, and releasing a tensor Python made needs the
-    GIL; a thread that asks for it while the interpreter shuts down is stopped inside C++, which aborts the process
-    ("terminate called without an active exception": 1 in ~40 two-rank sample.py runs on a loaded CPU, the worker
-    in ~AsyncAllgatherWork in the core dump)."""
+    """Leave the process group at exit (registered by setup). A pause first: gloo's worker threads may still be
+    releasing a finished collective's tensors, which needs the GIL, and a thread that asks for it while the
+    interpreter shuts down aborts the process (docs/notes.md)."""
     if dist.is_initialized():
         time.sleep(0.1)
         dist.destroy_process_group()

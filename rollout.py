@@ -2,15 +2,26 @@
 
 GRPO (grpo.py) samples a group of G responses per prompt; sft.py and grpo.py answer held-out questions greedily.
 Both go through `generate_responses`: prompts are left-padded into batches of at most `batch_size` sequences,
-generated together, and cut at their first stop token. Under FSDP every rank must make the same number of
-generate calls (each forward all-gathers weights), so callers give every rank equally many prompts.
+generated together, and cut at their first stop token. Callers give every rank equally many prompts (the lockstep
+rule, parallel.py).
 """
+from typing import NamedTuple
+
 import torch
 
 from data import cut_response, encode_prompt, left_pad
 from model import SkyworkR1V
 from parallel import Context, all_reduce_sum, autocast
 from rewards import accuracy_reward, format_reward
+
+
+class Engine(NamedTuple):
+    """What answers prompts: the model, its tokenizer, the context, and tp.py's tensor-parallel copy of the decoder
+    (None on one process: the model's own decoder answers)."""
+    model: SkyworkR1V
+    tok: object
+    ctx: Context
+    decoder: object = None
 
 
 def cat_pixels(pixels: list):
@@ -49,7 +60,7 @@ def generate_responses(m: SkyworkR1V, prompts: list, ctx: Context, *, pad_id: in
     for b in range(0, len(prompts), per_call):
         chunk = prompts[b:b + per_call]
         ids, mask = left_pad([p[0] for p in chunk], pad_id)
-        # with features, always a tensor (maybe of zero tiles): every rank takes the same path through embed
+        # with features, always a tensor (maybe of zero tiles): every rank takes the same path (parallel.py)
         feats = None if vit_features is None else torch.cat(vit_features[b:b + per_call]).to(ctx.device)
         pix = None if feats is not None else cat_pixels([p[1] for p in chunk])
         with autocast(ctx):

@@ -334,7 +334,7 @@ def load_datasets(train_path: str, eval_path: str, tok: Tokenizer, cfg: SFTConfi
             print(f"no --eval-data: holding out {n_eval} of the {n_eval + len(train_set)} samples of {train_path} "
                   f"(--n-eval {cfg.n_eval}, at most half; they are not trained on). Give --eval-data FILE to keep "
                   f"all of them for training")
-    # keep a multiple of world: under FSDP every rank must run the same number of forwards (each all-gathers weights)
+    # keep a multiple of world: every rank runs the same forwards (the lockstep rule, parallel.py)
     eval_set = eval_set[:len(eval_set) // ctx.world * ctx.world]
     if ctx.is_main:
         print(f"{len(train_set)} training samples, {len(eval_set)} held out; data stats {stats}")

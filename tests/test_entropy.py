@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from data import Tokenizer, encode_prompt, make_visual_task, read_jsonl
+from rollout import Engine
 from entropy import (EntropyConfig, critical_positions, decode_with_offsets, format_table, pick_checkpoint,
                      response_entropy, run, score_checkpoint, score_response, stats)
 from model import entropy_from_logits, token_logprobs_and_entropy
@@ -218,7 +219,7 @@ def test_sampled_image_token_ends_the_response(tiny_ckpt):
         biased.bias[model.config.img_context_token_id] = 30.0  # every sampled token is the image token
     model.language_model.lm_head = biased
     cfg = EntropyConfig(ckpts=[tiny_ckpt], data="", max_new_tokens=8)
-    text, ent, _ = score_response(model, tok, {"question": "How many?", "images": []}, cfg, setup(),
+    text, ent, _ = score_response(Engine(model, tok, setup()), {"question": "How many?", "images": []}, cfg,
                                   torch.Generator().manual_seed(0))
     assert text == "<IMG_CONTEXT>" and len(ent) == 1
 
