@@ -61,11 +61,16 @@ def field_comments(cls) -> dict:
     """{field name: its description} read from the dataclass's source: the comment at the end of the field's line,
     with the comment-only lines right below it that continue it (aligned under it); a field without one takes
     the comment block right above it. field(metadata={"help": ...}) wins over both. So the dataclass stays the one
-    place a flag is described, and --help shows exactly what a reader of the code sees."""
+    place a flag is described, and --help shows exactly what a reader of the code sees. Fields a config inherits
+    (parallel.LayoutFlags) are read from their own class's source."""
+    inherited = {}
+    for base in reversed(cls.__mro__[1:]):
+        if base is not object and hasattr(base, "__dataclass_fields__"):
+            inherited.update(field_comments(base))
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):  # defined in a REPL: no source to read
-        return {}
+        return inherited
     names = {f.name for f in fields(cls)}
     lines = source.splitlines()
     comments = {}  # line index -> (column, text) of every comment
@@ -90,7 +95,7 @@ def field_comments(cls) -> dict:
                 parts.insert(0, comments[j][1])
                 j -= 1
         out[name] = " ".join(p for p in parts if p)
-    return {**out, **{f.name: f.metadata["help"] for f in fields(cls) if "help" in f.metadata}}
+    return {**inherited, **out, **{f.name: f.metadata["help"] for f in fields(cls) if "help" in f.metadata}}
 
 
 class Parser(argparse.ArgumentParser):

@@ -56,14 +56,14 @@ class EvalConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     # generation: the release's evaluation settings (VLMEvalKit config "R1V3-alpha" served by vLLM)
     max_new_tokens: int = 16384
     temperature: float = 0.0      # 0 = greedy
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    top_p: float = 1.0            # nucleus sampling (only with --temperature > 0)
+    repetition_penalty: float = 1.0  # > 1 lowers the logits of tokens already seen (CTRL)
     think: bool = True            # open the assistant turn with <think> (the release's thinking mode)
     max_tiles: int = 0            # 448px tiles per image (+ thumbnail); 0 = the checkpoint's max_dynamic_patch (12)
     batch_size: int = 8           # items per generate call (all ranks together under torchrun)
     seed: int = 0                 # the sampling generator's seed (only with --temperature > 0)
     dtype: str = choice("", "fp32", "bf16")  # "" = bf16 on GPU, fp32 on CPU
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # one process: where the model runs
     tp: bool = True               # under torchrun: decode with tp.py's tensor-parallel decoder (--no-tp: FSDP shards)
     compile: bool = False         # torch.compile the fixed-shape decode step
 

@@ -63,7 +63,7 @@ class GRPOConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     steps: int = 200              # GRPO steps (each: a rollout batch, then ppo_epochs of updates)
     prompts_per_step: int = 64    # over all ranks; each rank generates for its share
     group_size: int = 8           # G responses per prompt
-    max_new_tokens: int = 6144    # prompt (~2K with 7 tiles) + response <= 8K: the 38B memory plan (plan.py)
+    max_new_tokens: int = 6144    # prompt (~2K with 7 tiles) + response <= 8K: the 38B memory plan (tools/plan.py)
     temperature: float = 1.0      # sampling temperature; log-probs are taken at the same temperature
     max_tiles: int = 12           # dynamic tiling limit per image
     rollout_batch_size: int = 8   # sequences per generate call per rank (bounds the KV cache: 8 x 8K x 256 KiB);
@@ -86,7 +86,7 @@ class GRPOConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     minibatch_size: int = 128     # sequences per optimizer step (per rank)
     micro_batch_size: int = 1     # sequences per forward/backward (gradient accumulation inside a minibatch)
     grad_checkpointing: bool = True   # recompute each block in backward; the 38B plan needs it
-    bf16_moments: bool = True     # Adam moments in bf16 (fp32 weights): 38B GRPO fits 80 GB with it (plan.py)
+    bf16_moments: bool = True     # Adam moments in bf16 (fp32 weights): 38B GRPO fits 80 GB with it (tools/plan.py)
     logprob_chunk: int = 1024     # tokens per lm_head chunk when computing log-probs / entropy
     # selective sample buffer (R1V2)
     buffer_capacity: int = 64     # samples kept

@@ -70,7 +70,7 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
                 st["step"] += 1
                 # bias corrections 1 - b^t as 0-dim float64 tensors, not Python floats from .item(): the same
-                # values, no host sync, and a dry run on fake tensors (plan.py --trace) can trace them
+                # values, no host sync, and a dry run on fake tensors (tools/plan.py --trace) can trace them
                 t = st["step"].double()
                 bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
                 # AdamW is elementwise: each rank updates the rows it holds. Working on the local shards of FSDP's

@@ -11,7 +11,7 @@ import torch
 
 from data import cut_response, encode_prompt, left_pad
 from model import SkyworkR1V
-from parallel import Context, all_reduce_sum, autocast
+from parallel import Context, all_gather_objects, all_reduce_sum, autocast
 from rewards import accuracy_reward, format_reward
 
 
@@ -75,8 +75,9 @@ def generate_responses(m: SkyworkR1V, prompts: list, ctx: Context, *, pad_id: in
 def heldout_accuracy(m: SkyworkR1V, tok, problems: list, ctx: Context, *, max_new_tokens: int, batch_size: int = 8,
                  max_tiles: int = 0, decoder=None, compile=False) -> dict:
     """Greedy thinking-mode answers to held-out problems {"question", "images", ["answer"]} -> format rate
-    (rewards.format_reward), accuracy (rewards.accuracy_reward, over problems with an answer), one sample text.
-    Each rank answers an equal share, so up to world-1 problems at the end are left out."""
+    (rewards.format_reward), accuracy (rewards.accuracy_reward, over problems with an answer), one sample text, and
+    every answer as text, in the problems' order, on every rank (logs.MetricsLog.write_rows saves them). Each rank
+    answers an equal share, so up to world-1 problems at the end are left out."""
     mine = problems[:len(problems) - len(problems) % ctx.world][ctx.rank::ctx.world]
     prompts = [encode_prompt(tok, m.config, p["question"], p.get("images", ()), max_tiles) for p in mine]
     responses = generate_responses(m, prompts, ctx, pad_id=tok.pad_id, stop_ids=[tok.eos_id], batch_size=batch_size,
@@ -85,8 +86,10 @@ def heldout_accuracy(m: SkyworkR1V, tok, problems: list, ctx: Context, *, max_ne
     answered = [(t, str(p["answer"])) for t, p in zip(texts, mine) if p.get("answer") is not None]
     n, fmt, right, n_ans = all_reduce_sum([len(mine), sum(map(format_reward, texts)),
                                           sum(accuracy_reward(t, a) for t, a in answered), len(answered)])
+    answers = [{"question": p["question"], "gold": p.get("answer"), "response": t,
+                "correct": None if p.get("answer") is None else accuracy_reward(t, str(p["answer"]))}
+               for p, t in zip(mine, texts)]
+    shares = all_gather_objects(answers)  # problem i was rank i % W's (i // W)-th
     return {"samples": n, "format_rate": fmt / max(n, 1), "accuracy": right / n_ans if n_ans else None,
             "sample": texts[0] if texts else "",
-            "answers": [{"question": p["question"], "gold": p.get("answer"), "response": t,  # this rank's share,
-                         "correct": None if p.get("answer") is None else accuracy_reward(t, str(p["answer"]))}
-                        for p, t in zip(mine, texts)]}  # as text: logs.MetricsLog.write_rows saves them
+            "answers": [shares[i % ctx.world][i // ctx.world] for i in range(int(n))]}

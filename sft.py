@@ -73,7 +73,7 @@ class SFTConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     grad_clip: float = 1.0        # clip the global gradient norm to this
     grad_checkpointing: bool = False  # recompute each block in backward: activation memory flat in depth
     cpu_offload: bool = False     # FSDP2 CPU offload of parameters, gradients and optimizer state
-    bf16_moments: bool = False    # Adam moments in bf16 (fp32 weights): what the 38B needs on 80 GB GPUs (plan.py)
+    bf16_moments: bool = False    # Adam moments in bf16 (fp32 weights): what the 38B needs on 80 GB GPUs (tools/plan.py)
     logprob_chunk: int = 1024     # tokens per lm_head chunk in the loss (bounds the [tokens, vocab] logits)
     # evaluation and output
     eval_every: int = 50          # held-out loss every this many steps (and at the end)
@@ -106,7 +106,7 @@ def sft_loss(model, batch: dict, n_tokens: float, chunk: int = 1024) -> tuple[to
 
     Every position of the [B, T] batch goes through lm_head (chunk tokens at a time), and the positions without a
     target (prompt, image tokens, padding: label -100) are masked by multiplication, not selected: shapes never
-    depend on the data, so there is no host sync and the function traces under FakeTensorMode (plan.py's dry run)
+    depend on the data, so there is no host sync and the function traces under FakeTensorMode (tools/plan.py's dry run)
     and torch.compile. The price is lm_head on the prompt's tokens too: lm_head is ~2.5% of the 38B's matmul FLOPs
     per token, so under 1% of a step when the response is most of the sequence, as in long chain-of-thought SFT."""
     # right padding (make_batch): causal attention already hides the padding from every real token, and padded

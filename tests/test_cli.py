@@ -124,7 +124,7 @@ def help_blocks(script: str, capsys) -> dict:
     ("entropy.py", "--data", ["JSONL {\"images\", \"question\"", "(required)"]),  # the comment above the field
     ("sample.py", "--max-tiles", ["448px tiles per image", "(default: 0)"]),
     ("grpo.py", "--group-size", ["G responses per prompt", "(default: 8)"]),
-    ("grpo.py", "--prompts-per-step", ["over all ranks", "(default: 64; preset: 4)"]),  # the tiny run's value
+    ("grpo.py", "--prompts-per-step", ["over all ranks", "(default: 64; preset tiny: 4)"]),  # the tiny run's value
 ])
 def test_help_shows_each_flags_description_and_default(capsys, script, flag, words):
     entry = help_blocks(script, capsys)[flag]
@@ -139,7 +139,8 @@ def test_every_field_has_a_description():
     import grpo
     import sample
     import sft
-    for cls in (sft.SFTConfig, entropy.EntropyConfig, sample.SampleConfig):
+    import eval as ev
+    for cls in (sft.SFTConfig, entropy.EntropyConfig, sample.SampleConfig, ev.EvalConfig):
         helps = field_comments(cls)
         assert all(helps.get(f.name) for f in fields(cls)), [f.name for f in fields(cls) if not helps.get(f.name)]
     assert set(field_comments(grpo.GRPOConfig)) == {f.name for f in fields(grpo.GRPOConfig)}

@@ -211,8 +211,8 @@ def test_resume_generates_only_the_missing_items(one_process, tiny_ckpt, tmp_pat
     (out / "responses.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])  # cut while writing item 3
     asked = []
     real = ev.generate_batch
-    monkeypatch.setattr(ev, "generate_batch", lambda m, t, batch, *a: asked.append([i.id for i in batch]) or
-                        real(m, t, batch, *a))
+    monkeypatch.setattr(ev, "generate_batch", lambda engine, batch, *a: asked.append([i.id for i in batch]) or
+                        real(engine, batch, *a))
     rc, _, err = run(capsys, "--ckpt", tiny_ckpt, "--data", data_dir, "--out", out, "--max-new-tokens", 6,
                      "--batch-size", 2)
     assert rc == 0 and asked == [["validation_Math_1"]] and "dropping the unfinished last line" in err

@@ -246,6 +246,7 @@ def test_setup_process_group_and_allocator(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
     monkeypatch.setattr(parallel.atexit, "register", lambda f: None)
+    monkeypatch.setattr(parallel, "meshes", lambda *a: (None, None))
     monkeypatch.setattr(torch, "manual_seed", lambda s: None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)

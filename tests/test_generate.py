@@ -188,7 +188,7 @@ def tp_worker(rank, port, diverge):
     for p in decoder.parameters():
         p.normal_(0, 0.1)
     if diverge:  # each rank keeps its own generator instead of the shared seed: different samples
-        tp.shared_generator = lambda generator, device: generator
+        tp.shared_generator = lambda generator, device, group=None: generator
     ids, mask = left_padded([5, 3])
     x = decoder.model.embed_tokens(ids)
     g = torch.Generator().manual_seed(rank)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import model as model_py
 from checkpoint import resume, save_checkpoint
 from data import Tokenizer, left_pad
-from grpo import GRPOConfig, Prompt, optimise
+from grpo import GRPOConfig, Prompt, Sample, make_batch, optimise
 from model import SkyworkR1V
 from optim import make_optimizer
 from parallel import Context, LayoutFlags, load, resolve, setup
@@ -100,7 +100,7 @@ def grpo_batch(ckpt, m, ctx):
         with torch.no_grad():
             vit = m.vit_features((pixels if pixels is not None else torch.zeros(0, 3, 448, 448)).to(ctx.device))
         prompts[i] = Prompt(ids, pixels, vit)
-    samples = [{"problem": i, "response": torch.randint(0, 400, (5,), generator=g)} for i in range(4) for _ in range(2)]
+    samples = [Sample(i, torch.randint(0, 400, (5,), generator=g)) for i in range(4) for _ in range(2)]
     return samples, torch.linspace(-1, 1, 8), prompts, tok.pad_id
 
 
@@ -108,8 +108,8 @@ def grpo_step(ckpt, m, opt, ctx, share: slice, adv_scale=1.0) -> dict:
     """One on-policy GRPO optimizer step (grpo.optimise) on `share` of the batch, clipping active."""
     samples, adv, prompts, pad_id = grpo_batch(ckpt, m, ctx)
     cfg = GRPOConfig(ckpt=ckpt, group_size=2, ppo_epochs=1, minibatch_size=8, micro_batch_size=1, grad_clip=CLIP)
-    return optimise(m, opt, samples[share], adv[share] * adv_scale, None, None, prompts, pad_id, cfg, ctx,
-                    torch.Generator().manual_seed(1), step=1)
+    batch = make_batch(samples[share], (adv[share] * adv_scale).tolist(), prompts, pad_id, m.config.img_context_token_id)
+    return optimise(m, opt, batch, cfg, ctx, torch.Generator().manual_seed(1))
 
 
 # The step is measured as the change of the parameters, so it must be large next to their rounding: SGD with a
