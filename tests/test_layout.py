@@ -103,3 +103,15 @@ def test_long_functions_finds_them(tmp_path, monkeypatch):
     (tmp_path / "fake.py").write_text(f"def f(a, b, c, d, e, f, g, h=1):\n    pass\n\n\ndef g():\n{body}\n")
     found = long_functions("fake")
     assert found == ["fake.f: 2 lines, 7 required parameters", "fake.g: 56 lines, 0 required parameters"]
+
+
+def test_readme_reading_order_follows_the_import_graph():
+    """Each file of the README's reading order comes after every project file it imports, and every top-level file
+    is listed: the order is one a reader can follow without looking ahead."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    order = [f[:-3] for f in re.findall(r"^\| \[(\w+\.py)\]\(\w+\.py\) \| \d+ \|", readme, re.M)]
+    assert sorted(order) == MODULES, set(MODULES) ^ set(order)
+    seen = set()
+    for m in order:
+        assert imports(m) & set(MODULES) - {m} <= seen, f"{m} is listed before {imports(m) & set(MODULES) - seen}"
+        seen.add(m)

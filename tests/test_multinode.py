@@ -19,6 +19,7 @@ from model import SkyworkR1V
 from optim import make_optimizer
 from parallel import Context, LayoutFlags, load, resolve, setup
 from test_fsdp import free_port
+from test_tp import expected_slice
 from tp import make_decoder, refresh
 
 WORLD, NODE = 4, 2
@@ -66,22 +67,11 @@ def check_rollout(ctx, ref, sharded):
     return decoder
 
 
-def expected_slice(name, full_p, rank, world, rows):
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
-        return full_p.chunk(world, dim=1)[rank]
-    if "norm" in name:
-        return full_p
-    if "embed_tokens" in name or "lm_head" in name:
-        part = full_p[rank * rows:(rank + 1) * rows]
-        return torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
-    return full_p.chunk(world, dim=0)[rank]
-
-
 def check_refresh(ctx, decoder, sharded):
     assert refresh(decoder, sharded) >= 0
     tp, rows = dict(decoder.named_parameters()), decoder.model.embed_tokens.weight.shape[0]
     for name, p in sharded.language_model.named_parameters():
-        want = expected_slice(name, p.full_tensor(), decoder.tp_rank, decoder.tp_size, rows)
+        want = expected_slice(name, p.full_tensor(), decoder.tp_rank, rows, decoder.tp_size)
         assert torch.equal(tp[name], want), (ctx.rank, name)
 
 

@@ -41,16 +41,16 @@ def prompts(model, rank: int):
     return ids, mask, pixels
 
 
-def expected_slice(name: str, full: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
+def expected_slice(name: str, full: torch.Tensor, rank: int, rows: int, world: int = WORLD) -> torch.Tensor:
     """The tensor-parallel slice of a full parameter, computed from its name alone (independent of tp_slice)."""
     if name.endswith(("o_proj.weight", "down_proj.weight")):
-        return full.chunk(WORLD, dim=1)[rank]
+        return full.chunk(world, dim=1)[rank]
     if "norm" in name:
         return full
     if "embed_tokens" in name or "lm_head" in name:
         part = full[rank * rows:(rank + 1) * rows]
         return torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
-    return full.chunk(WORLD, dim=0)[rank]
+    return full.chunk(world, dim=0)[rank]
 
 
 def spawn(fn, *args, world: int = WORLD):
