@@ -32,7 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
 
 from data import left_pad
-from grpo import GRPOConfig, Prompt, grpo_loss, response_logprobs
+from grpo import GRPOConfig, Prompt, Sample, grpo_loss, make_batch, response_logprobs
 from model import R1VConfig, SkyworkR1V
 from optim import PARTS, clip_grads, freeze, make_optimizer
 from parallel import Context, autocast, shard
@@ -224,7 +224,7 @@ def dry_run_answers(decode_steps: int):
     names = ("rows_done", "all_ranks_done", "tokens_agree", "CHECK_EVERY")
     calls, saved = itertools.count(), [getattr(generate, n) for n in names] + [tp.gather_rows]
     for name in names[:3]:
-        setattr(generate, name, lambda done, new: next(calls) % 2 == 1)  # two reads a call: tokens 1, decode_steps
+        setattr(generate, name, lambda done, new, **group: next(calls) % 2 == 1)  # two reads a call: tokens 1, decode_steps
     generate.CHECK_EVERY, tp.gather_rows = decode_steps, gather_rows_alike
     try:
         yield
@@ -272,13 +272,14 @@ def rollout_step(model, decoder, ctx: Context, s: Shape, prompts: dict):
 
 
 def grpo_step(model, opt, ctx: Context, s: Shape, prompts: dict):
-    """grpo.optimise on one micro-batch: grpo.response_logprobs (the step's ViT features; lm_head on the response
-    only), grpo.grpo_loss, backward, step. Responses of lengths R, R-1, ... after prompts 0, 1, ..."""
+    """grpo.optimise on one micro-batch: grpo.make_batch, grpo.response_logprobs (the step's ViT features; lm_head
+    on the response only), grpo.grpo_loss, backward, step. Responses of lengths R, R-1, ... after prompts 0, 1, ...
+    (optimise's minibatch slicing, Batch.rows, reads lengths on the host: one micro-batch needs none of it)."""
     R = s.seq - s.prompt
-    samples = [{"problem": b % len(prompts), "response": torch.zeros(R - b, dtype=torch.long)}
-               for b in range(s.micro_batch)]
-    logp, _, mask = response_logprobs(model, samples, prompts, 0, GRPOConfig(logprob_chunk=s.chunk), ctx)
-    loss, _ = grpo_loss(logp, torch.zeros_like(logp), torch.ones(len(samples)), mask, num_tokens=float(mask.numel()))
+    samples = [Sample(b % len(prompts), torch.zeros(R - b, dtype=torch.long)) for b in range(s.micro_batch)]
+    batch = make_batch(samples, [1.0] * len(samples), prompts, 0, model.config.img_context_token_id)
+    logp, _, mask = response_logprobs(model, batch, GRPOConfig(logprob_chunk=s.chunk), ctx)
+    loss, _ = grpo_loss(logp, torch.zeros_like(logp), batch.adv, mask, num_tokens=float(mask.numel()))
     loss.backward()
     optimizer_step(model, opt)
 
