@@ -35,7 +35,7 @@ from data import left_pad
 from grpo import GRPOConfig, Prompt, Sample, grpo_loss, make_batch, response_logprobs
 from model import R1VConfig, SkyworkR1V
 from optim import PARTS, clip_grads, freeze, make_optimizer
-from parallel import Context, autocast, shard
+from parallel import Context, Layout, autocast, meshes, resolve, shard
 from rollout import vit_once
 from sft import sft_loss
 from tp import TPDecoder, refresh
@@ -156,8 +156,8 @@ def local_bytes(x) -> int:
 # ------------------------------------------------------------------------------------------------ the models
 def sharded_model(cfg: R1VConfig, ctx: Context, train: str, grad_ckpt: bool, dtype=torch.float32) -> SkyworkR1V:
     """As parallel.load builds it, minus the weights: meta model in `dtype` (fp32 master weights; a
-    frozen reference policy: the compute dtype), frozen parts, activation checkpointing, FSDP2 units. Outside
-    FakeTensorMode: parallel.shard makes the device mesh, which reads values."""
+    frozen reference policy: the compute dtype), frozen parts, activation checkpointing, FSDP2 units over ctx.mesh
+    (parallel.shard). Outside FakeTensorMode: fully_shard reads the mesh's values."""
     with torch.device("meta"):
         model = SkyworkR1V(cfg)
     model.to(dtype)
@@ -166,26 +166,32 @@ def sharded_model(cfg: R1VConfig, ctx: Context, train: str, grad_ckpt: bool, dty
     return shard(model, ctx).train()
 
 
-def meta_decoder(cfg: R1VConfig, dtype: torch.dtype, tp_size: int) -> TPDecoder:
-    """This rank's share of a `tp_size`-way tensor-parallel copy on the meta device, as tp.make_decoder builds it
-    before to_empty."""
+def meta_decoder(cfg: R1VConfig, dtype: torch.dtype, ctx: Context) -> TPDecoder:
+    """This rank's share of the tensor-parallel copy in its group (ctx.tp_mesh) on the meta device, as
+    tp.make_decoder builds it before to_empty."""
+    mesh = ctx.tp_mesh
     with torch.device("meta"):
-        return TPDecoder(cfg.llm, dist.get_rank() % tp_size, tp_size).to(dtype)
+        return TPDecoder(cfg.llm, mesh.get_local_rank(), mesh.size(), mesh.get_group()).to(dtype)
 
 
-def reference_bytes(cfg: R1VConfig, gpus: int, replicate: int = 1) -> int:
+def reference_bytes(cfg: R1VConfig, gpus: int, nodes: int = 1, hsdp: bool = True) -> int:
     """This rank's shards of GRPO's frozen reference policy (bf16, sharded like the policy; never materialised)."""
-    return local_bytes(sharded_model(cfg, trace_context(gpus, replicate), "none", False, torch.bfloat16))
+    return local_bytes(sharded_model(cfg, trace_context(gpus, nodes, hsdp), "none", False, torch.bfloat16))
 
 
-def trace_context(gpus: int, replicate: int = 1, fake: bool = True) -> Context:
-    """This rank's Context in a (fake, unless fake=False) group of replicate x gpus ranks, with the GPU's settings.
-    replicate > 1 (HSDP: shard over `gpus`, replicate across) waits for parallel.py's 2-D mesh."""
-    if replicate > 1:
-        raise NotImplementedError(f"a trace over {replicate} replicas needs parallel.py's HSDP mesh")
+def trace_context(gpus: int, nodes: int = 1, hsdp: bool = True, fake: bool = True) -> Context:
+    """This rank's Context in a (fake, unless fake=False: a group already joined) group of nodes x gpus ranks,
+    with the GPU's settings and parallel.py's meshes, as parallel.setup builds them under torchrun with
+    LOCAL_WORLD_SIZE = gpus: HSDP (--replicate nodes: a 2-D (replicate, shard) mesh, sharded inside a node) or full
+    FSDP (--replicate 1: sharded over every rank); the tensor-parallel group is one node's `gpus` ranks either way.
+    The meshes are built here, outside FakeTensorMode (making them reads values)."""
+    world = gpus * nodes
     if fake:
-        fake_group(gpus * replicate)
-    return Context(torch.device("cpu"), rank=dist.get_rank(), world=gpus * replicate, dtype=torch.bfloat16)
+        fake_group(world)
+    layout = resolve(Layout(replicate=nodes if hsdp else 1, tp_size=gpus), world, local_world=gpus)
+    mesh, tp_mesh = meshes("cpu", world, layout)
+    return Context(torch.device("cpu"), rank=dist.get_rank(), world=world, dtype=torch.bfloat16, layout=layout,
+                   mesh=mesh, tp_mesh=tp_mesh)
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -295,7 +301,7 @@ def warm_up_shape(cfg: R1VConfig, s: Shape) -> Shape:
 # ---------------------------------------------------------------------------------------------- one recipe
 def trace_recipe(cfg: R1VConfig, gpus: int, train: str, grpo: bool, s: Shape = Shape(), grad_ckpt: bool = True,
                  bf16_moments: bool = True, tp: bool = True, fake: bool = True, decode_steps: int = 2,
-                 replicate: int = 1) -> dict:
+                 nodes: int = 1, hsdp: bool = True) -> dict:
     """{phase: PeakTracker.result()} for one recipe: `train` the parts trained (optim.freeze's spec), `grpo` for
     GRPO's two phases, "rollout" (ViT once, one generate call) then "train" (one update), as grpo.train runs them;
     else one "train" step (sft.py). Each tracked phase follows an untracked warm-up step: Adam's state exists
@@ -303,11 +309,11 @@ def trace_recipe(cfg: R1VConfig, gpus: int, train: str, grpo: bool, s: Shape = S
     makes full-size tensors) would be counted. The tensor-parallel copy (tp) exists in the rollout phase only,
     as in grpo.train (release_rollout_copy before the update, rebuilt after it).
     fake=False runs the same on real tensors in an initialised process group (the test against gloo).
-    replicate: nodes of `gpus` ranks (trace_context); the tensor-parallel copy spans one node's `gpus`."""
-    ctx = trace_context(gpus, replicate, fake)
+    nodes of `gpus` ranks, HSDP or full FSDP (trace_context); the tensor-parallel copy spans one node's `gpus`."""
+    ctx = trace_context(gpus, nodes, hsdp, fake)
     model = sharded_model(cfg, ctx, train, grad_ckpt)
     # tp.make_decoder in two halves: the meta copy here, outside FakeTensorMode; to_empty + refresh inside it
-    decoder = meta_decoder(cfg, ctx.dtype, gpus) if grpo and tp else None
+    decoder = meta_decoder(cfg, ctx.dtype, ctx) if grpo and tp else None
     out = {}
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():  # (to_empty reads the meta model)
         model.to_empty(device="cpu")
