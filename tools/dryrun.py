@@ -1,14 +1,17 @@
 """A dry run of the real training code at full scale, without GPUs: fake tensors on a fake process group.
 
     python -m tools.plan --trace               # the 38B on 8 fake GPUs, every recipe, next to plan.py's formula
+    python -m tools.plan --trace --nodes 2     # 2 nodes of 8 (16 fake ranks): HSDP, then full FSDP
 
 plan.py computes memory per GPU from a formula; this file runs the code instead and counts. One process plays rank
-0 of a fake `gpus`-rank group (torch's FakeStore + the "fake" backend: every collective returns tensors of the right
-shape and does nothing), so `fully_shard` really shards for 8 ranks. Under FakeTensorMode every tensor has a shape,
-a dtype and a device but no storage: the 38B's forward, backward, clipping, AdamW step and generation run in a few
-hundred MB of host memory (timings: docs/memory.md), through the same functions the scripts call
-(sft.sft_loss, grpo.response_logprobs and grpo_loss, rollout.vit_once, SkyworkR1V.generate with tp.py's decoder,
-optim.clip_grads and the optimizers, tp.refresh). FSDPMemTracker (torch.distributed._tools, which torchtitan uses
+0 of a fake group of nodes x gpus ranks (torch's FakeStore + the "fake" backend: every collective returns tensors
+of the right shape and does nothing), with parallel.py's meshes over it (parallel.meshes: one node's ranks per
+shard group under HSDP, all of them under full FSDP; a tensor-parallel group per node), so `fully_shard` really
+shards for 8, 16 or 32 ranks. Under FakeTensorMode every tensor has a shape, a dtype and a device but no storage:
+the 38B's forward, backward, clipping, AdamW step and generation run in a few hundred MB of host memory (timings:
+docs/memory.md), through the same functions the scripts call (sft.sft_loss, grpo.make_batch, response_logprobs and
+grpo_loss, rollout.vit_once, SkyworkR1V.generate with tp.py's decoder, optim.clip_grads and the optimizers,
+tp.refresh). FSDPMemTracker (torch.distributed._tools, which torchtitan uses
 for its memory estimation) watches every op and keeps the live tensor bytes by category; the peak is what a GPU
 would hold at that moment.
 
@@ -230,7 +233,8 @@ def dry_run_answers(decode_steps: int):
     names = ("rows_done", "all_ranks_done", "tokens_agree", "CHECK_EVERY")
     calls, saved = itertools.count(), [getattr(generate, n) for n in names] + [tp.gather_rows]
     for name in names[:3]:
-        setattr(generate, name, lambda done, new, **group: next(calls) % 2 == 1)  # two reads a call: tokens 1, decode_steps
+        # two reads a call: tokens 1, decode_steps (tokens_agree also gets the tensor-parallel group)
+        setattr(generate, name, lambda done, new, **group: next(calls) % 2 == 1)
     generate.CHECK_EVERY, tp.gather_rows = decode_steps, gather_rows_alike
     try:
         yield
@@ -252,7 +256,8 @@ def optimizer_step(model, opt):
 def sft_step(model, opt, ctx: Context, s: Shape):
     """sft.train_step on one micro-batch: sft.sft_loss (lm_head over every position, chunked), backward, step."""
     ids, mask, pixels = image_prompt(model.config, s.micro_batch, s.seq, s.tiles, pad=1)
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": ids.masked_fill(mask == 0, -100)}
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+             "labels": ids.masked_fill(mask == 0, -100)}
     with autocast(ctx):
         loss, _ = sft_loss(model, batch, float(s.micro_batch * s.seq), s.chunk)
     loss.backward()

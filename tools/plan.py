@@ -4,6 +4,7 @@
     python -m tools.plan --trace                                           # the real code on fake tensors, next to it
     python -m tools.plan --config tiny_configs/internvl3-2b.json --gpus 1  # one GPU: no FSDP
     python -m tools.plan --nodes 2                                         # 2 nodes of 8: HSDP and full FSDP
+    python -m tools.plan --trace --nodes 2                                 # both traced on 16 fake ranks
 
 The formula. Persistent state, sharded over W GPUs (FSDP2 splits every tensor by rows):
     weights  4 B x all parameters            (fp32 master copies; bf16 weights lose lr~1e-6 updates)
@@ -25,8 +26,8 @@ On top of it, each phase peaks at one moment, and the plan is the largest of the
 The per-block activation counts are the tensors autograd saves in model.py / vision.py blocks (block_bytes).
 
 The trace (`--trace`, dryrun.py) runs one step of each recipe through the scripts' own functions on fake tensors
-over a fake W-rank process group and counts live bytes by category; the table prints both and which moment set the
-peak. What neither sees: the CUDA context, NCCL buffers, allocator fragmentation: leave ~10 GB of an 80 GB GPU.
+over a fake process group of --nodes x W ranks and counts live bytes by category; the table prints both and which
+moment set the peak. What neither sees: the CUDA context, NCCL buffers, allocator fragmentation: leave ~10 GB of an 80 GB GPU.
 """
 import dataclasses
 import json
@@ -307,7 +308,8 @@ def trace(cfg: R1VConfig, gpus: int, s=None, grad_ckpt: bool = True, bf16_moment
         cfg = dataclasses.replace(cfg, img_context_token_id=cfg.llm.vocab_size - 1)
     traced, rows = {}, []
     steps = {(r.train, bool(r.rollout_tokens)) for r in rs}
-    with tqdm(total=sum(1 + grpo for _, grpo in steps), desc=f"trace on {gpus * nodes} fake ranks", unit="phase") as bar:
+    with tqdm(total=sum(1 + grpo for _, grpo in steps), desc=f"trace on {gpus * nodes} fake ranks",
+              unit="phase") as bar:
         for r in rs:
             key = (r.train, bool(r.rollout_tokens))
             if key not in traced:
