@@ -26,8 +26,9 @@ On top of it, each phase peaks at one moment, and the plan is the largest of the
 The per-block activation counts are the tensors autograd saves in model.py / vision.py blocks (block_bytes).
 
 The trace (`--trace`, dryrun.py) runs one step of each recipe through the scripts' own functions on fake tensors
-over a fake process group of --nodes x W ranks and counts live bytes by category; the table prints both and which
-moment set the peak. What neither sees: the CUDA context, NCCL buffers, allocator fragmentation: leave ~10 GB of an 80 GB GPU.
+over a fake process group of --nodes x W ranks and counts live bytes by category; the table prints both and
+which moment set the peak. What neither sees: the CUDA context, NCCL buffers, allocator fragmentation: leave ~10 GB
+of an 80 GB GPU.
 """
 import dataclasses
 import json
