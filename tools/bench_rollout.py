@@ -47,7 +47,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from PIL import Image
 
 from data import Tokenizer, encode_prompt
-from grpo import GRPOConfig, Prompt, batch_logprobs, old_logprobs, optimise
+from grpo import GRPOConfig, Prompt, Sample, batch_logprobs, make_batch, old_logprobs, optimise
 from model import SkyworkR1V, token_logprobs_and_entropy
 from optim import make_optimizer
 from parallel import Context, load, setup
@@ -309,12 +309,11 @@ def grpo_step(m, opt, rollout_fn, ids, pixels, cfg, ctx, features: bool) -> tupl
     Advantages are fixed random numbers: greedy rows of one group are identical, so their real advantages would be
     0, and a zero loss would still cost the same but hide a wrong gradient path."""
     responses, prompt = rollout_fn(m, ids, pixels, cfg, ctx)
-    samples = [{"problem": 0, "response": torch.tensor(r)} for r in responses]
-    old = old_logprobs(m, samples, {0: prompt}, 0, cfg, ctx) if features else \
-        batch_logprobs(m, samples, {0: prompt}, 0, cfg, ctx, features)
+    samples = [Sample(0, torch.tensor(r)) for r in responses]
     adv = torch.randn(len(samples), generator=torch.Generator().manual_seed(1))
-    metrics = optimise(m, opt, samples, adv, old, None, {0: prompt}, 0, cfg, ctx, torch.Generator().manual_seed(2),
-                       1, features)
+    batch = make_batch(samples, adv.tolist(), {0: prompt}, 0, m.config.img_context_token_id, features)
+    batch.old_logp = old_logprobs(m, batch, cfg, ctx) if features else batch_logprobs(m, batch, cfg, ctx)
+    metrics = optimise(m, opt, batch, cfg, ctx, torch.Generator().manual_seed(2))
     return responses, metrics["loss"], metrics["grad_norm"]
 
 

@@ -1,14 +1,17 @@
 """A dry run of the real training code at full scale, without GPUs: fake tensors on a fake process group.
 
     python -m tools.plan --trace               # the 38B on 8 fake GPUs, every recipe, next to plan.py's formula
+    python -m tools.plan --trace --nodes 2     # 2 nodes of 8 (16 fake ranks): HSDP, then full FSDP
 
 plan.py computes memory per GPU from a formula; this file runs the code instead and counts. One process plays rank
-0 of a fake `gpus`-rank group (torch's FakeStore + the "fake" backend: every collective returns tensors of the right
-shape and does nothing), so `fully_shard` really shards for 8 ranks. Under FakeTensorMode every tensor has a shape,
-a dtype and a device but no storage: the 38B's forward, backward, clipping, AdamW step and generation run in a few
-hundred MB of host memory (timings: docs/memory.md), through the same functions the scripts call
-(sft.sft_loss, grpo.response_logprobs and grpo_loss, rollout.vit_once, SkyworkR1V.generate with tp.py's decoder,
-optim.clip_grads and the optimizers, tp.refresh). FSDPMemTracker (torch.distributed._tools, which torchtitan uses
+0 of a fake group of nodes x gpus ranks (torch's FakeStore + the "fake" backend: every collective returns tensors
+of the right shape and does nothing), with parallel.py's meshes over it (parallel.meshes: one node's ranks per
+shard group under HSDP, all of them under full FSDP; a tensor-parallel group per node), so `fully_shard` really
+shards for 8, 16 or 32 ranks. Under FakeTensorMode every tensor has a shape, a dtype and a device but no storage:
+the 38B's forward, backward, clipping, AdamW step and generation run in a few hundred MB of host memory (timings:
+docs/memory.md), through the same functions the scripts call (sft.sft_loss, grpo.make_batch, response_logprobs and
+grpo_loss, rollout.vit_once, SkyworkR1V.generate with tp.py's decoder, optim.clip_grads and the optimizers,
+tp.refresh). FSDPMemTracker (torch.distributed._tools, which torchtitan uses
 for its memory estimation) watches every op and keeps the live tensor bytes by category; the peak is what a GPU
 would hold at that moment.
 
@@ -32,10 +35,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
 
 from data import left_pad
-from grpo import GRPOConfig, Prompt, grpo_loss, response_logprobs
+from grpo import GRPOConfig, Prompt, Sample, grpo_loss, make_batch, response_logprobs
 from model import R1VConfig, SkyworkR1V
 from optim import PARTS, clip_grads, freeze, make_optimizer
-from parallel import Context, autocast, shard
+from parallel import Context, Layout, autocast, meshes, resolve, shard
 from rollout import vit_once
 from sft import sft_loss
 from tp import TPDecoder, refresh
@@ -156,8 +159,8 @@ def local_bytes(x) -> int:
 # ------------------------------------------------------------------------------------------------ the models
 def sharded_model(cfg: R1VConfig, ctx: Context, train: str, grad_ckpt: bool, dtype=torch.float32) -> SkyworkR1V:
     """As parallel.load builds it, minus the weights: meta model in `dtype` (fp32 master weights; a
-    frozen reference policy: the compute dtype), frozen parts, activation checkpointing, FSDP2 units. Outside
-    FakeTensorMode: parallel.shard makes the device mesh, which reads values."""
+    frozen reference policy: the compute dtype), frozen parts, activation checkpointing, FSDP2 units over ctx.mesh
+    (parallel.shard). Outside FakeTensorMode: fully_shard reads the mesh's values."""
     with torch.device("meta"):
         model = SkyworkR1V(cfg)
     model.to(dtype)
@@ -166,26 +169,32 @@ def sharded_model(cfg: R1VConfig, ctx: Context, train: str, grad_ckpt: bool, dty
     return shard(model, ctx).train()
 
 
-def meta_decoder(cfg: R1VConfig, dtype: torch.dtype, tp_size: int) -> TPDecoder:
-    """This rank's share of a `tp_size`-way tensor-parallel copy on the meta device, as tp.make_decoder builds it
-    before to_empty."""
+def meta_decoder(cfg: R1VConfig, dtype: torch.dtype, ctx: Context) -> TPDecoder:
+    """This rank's share of the tensor-parallel copy in its group (ctx.tp_mesh) on the meta device, as
+    tp.make_decoder builds it before to_empty."""
+    mesh = ctx.tp_mesh
     with torch.device("meta"):
-        return TPDecoder(cfg.llm, dist.get_rank() % tp_size, tp_size).to(dtype)
+        return TPDecoder(cfg.llm, mesh.get_local_rank(), mesh.size(), mesh.get_group()).to(dtype)
 
 
-def reference_bytes(cfg: R1VConfig, gpus: int, replicate: int = 1) -> int:
+def reference_bytes(cfg: R1VConfig, gpus: int, nodes: int = 1, hsdp: bool = True) -> int:
     """This rank's shards of GRPO's frozen reference policy (bf16, sharded like the policy; never materialised)."""
-    return local_bytes(sharded_model(cfg, trace_context(gpus, replicate), "none", False, torch.bfloat16))
+    return local_bytes(sharded_model(cfg, trace_context(gpus, nodes, hsdp), "none", False, torch.bfloat16))
 
 
-def trace_context(gpus: int, replicate: int = 1, fake: bool = True) -> Context:
-    """This rank's Context in a (fake, unless fake=False) group of replicate x gpus ranks, with the GPU's settings.
-    replicate > 1 (HSDP: shard over `gpus`, replicate across) waits for parallel.py's 2-D mesh."""
-    if replicate > 1:
-        raise NotImplementedError(f"a trace over {replicate} replicas needs parallel.py's HSDP mesh")
+def trace_context(gpus: int, nodes: int = 1, hsdp: bool = True, fake: bool = True) -> Context:
+    """This rank's Context in a (fake, unless fake=False: a group already joined) group of nodes x gpus ranks,
+    with the GPU's settings and parallel.py's meshes, as parallel.setup builds them under torchrun with
+    LOCAL_WORLD_SIZE = gpus: HSDP (--replicate nodes: a 2-D (replicate, shard) mesh, sharded inside a node) or full
+    FSDP (--replicate 1: sharded over every rank); the tensor-parallel group is one node's `gpus` ranks either way.
+    The meshes are built here, outside FakeTensorMode (making them reads values)."""
+    world = gpus * nodes
     if fake:
-        fake_group(gpus * replicate)
-    return Context(torch.device("cpu"), rank=dist.get_rank(), world=gpus * replicate, dtype=torch.bfloat16)
+        fake_group(world)
+    layout = resolve(Layout(replicate=nodes if hsdp else 1, tp_size=gpus), world, local_world=gpus)
+    mesh, tp_mesh = meshes("cpu", world, layout)
+    return Context(torch.device("cpu"), rank=dist.get_rank(), world=world, dtype=torch.bfloat16, layout=layout,
+                   mesh=mesh, tp_mesh=tp_mesh)
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -224,7 +233,8 @@ def dry_run_answers(decode_steps: int):
     names = ("rows_done", "all_ranks_done", "tokens_agree", "CHECK_EVERY")
     calls, saved = itertools.count(), [getattr(generate, n) for n in names] + [tp.gather_rows]
     for name in names[:3]:
-        setattr(generate, name, lambda done, new: next(calls) % 2 == 1)  # two reads a call: tokens 1, decode_steps
+        # two reads a call: tokens 1, decode_steps (tokens_agree also gets the tensor-parallel group)
+        setattr(generate, name, lambda done, new, **group: next(calls) % 2 == 1)
     generate.CHECK_EVERY, tp.gather_rows = decode_steps, gather_rows_alike
     try:
         yield
@@ -246,7 +256,8 @@ def optimizer_step(model, opt):
 def sft_step(model, opt, ctx: Context, s: Shape):
     """sft.train_step on one micro-batch: sft.sft_loss (lm_head over every position, chunked), backward, step."""
     ids, mask, pixels = image_prompt(model.config, s.micro_batch, s.seq, s.tiles, pad=1)
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": ids.masked_fill(mask == 0, -100)}
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+             "labels": ids.masked_fill(mask == 0, -100)}
     with autocast(ctx):
         loss, _ = sft_loss(model, batch, float(s.micro_batch * s.seq), s.chunk)
     loss.backward()
@@ -272,13 +283,14 @@ def rollout_step(model, decoder, ctx: Context, s: Shape, prompts: dict):
 
 
 def grpo_step(model, opt, ctx: Context, s: Shape, prompts: dict):
-    """grpo.optimise on one micro-batch: grpo.response_logprobs (the step's ViT features; lm_head on the response
-    only), grpo.grpo_loss, backward, step. Responses of lengths R, R-1, ... after prompts 0, 1, ..."""
+    """grpo.optimise on one micro-batch: grpo.make_batch, grpo.response_logprobs (the step's ViT features; lm_head
+    on the response only), grpo.grpo_loss, backward, step. Responses of lengths R, R-1, ... after prompts 0, 1, ...
+    (optimise's minibatch slicing, Batch.rows, reads lengths on the host: one micro-batch needs none of it)."""
     R = s.seq - s.prompt
-    samples = [{"problem": b % len(prompts), "response": torch.zeros(R - b, dtype=torch.long)}
-               for b in range(s.micro_batch)]
-    logp, _, mask = response_logprobs(model, samples, prompts, 0, GRPOConfig(logprob_chunk=s.chunk), ctx)
-    loss, _ = grpo_loss(logp, torch.zeros_like(logp), torch.ones(len(samples)), mask, num_tokens=float(mask.numel()))
+    samples = [Sample(b % len(prompts), torch.zeros(R - b, dtype=torch.long)) for b in range(s.micro_batch)]
+    batch = make_batch(samples, [1.0] * len(samples), prompts, 0, model.config.img_context_token_id)
+    logp, _, mask = response_logprobs(model, batch, GRPOConfig(logprob_chunk=s.chunk), ctx)
+    loss, _ = grpo_loss(logp, torch.zeros_like(logp), batch.adv, mask, num_tokens=float(mask.numel()))
     loss.backward()
     optimizer_step(model, opt)
 
@@ -294,7 +306,7 @@ def warm_up_shape(cfg: R1VConfig, s: Shape) -> Shape:
 # ---------------------------------------------------------------------------------------------- one recipe
 def trace_recipe(cfg: R1VConfig, gpus: int, train: str, grpo: bool, s: Shape = Shape(), grad_ckpt: bool = True,
                  bf16_moments: bool = True, tp: bool = True, fake: bool = True, decode_steps: int = 2,
-                 replicate: int = 1) -> dict:
+                 nodes: int = 1, hsdp: bool = True) -> dict:
     """{phase: PeakTracker.result()} for one recipe: `train` the parts trained (optim.freeze's spec), `grpo` for
     GRPO's two phases, "rollout" (ViT once, one generate call) then "train" (one update), as grpo.train runs them;
     else one "train" step (sft.py). Each tracked phase follows an untracked warm-up step: Adam's state exists
@@ -302,11 +314,11 @@ def trace_recipe(cfg: R1VConfig, gpus: int, train: str, grpo: bool, s: Shape = S
     makes full-size tensors) would be counted. The tensor-parallel copy (tp) exists in the rollout phase only,
     as in grpo.train (release_rollout_copy before the update, rebuilt after it).
     fake=False runs the same on real tensors in an initialised process group (the test against gloo).
-    replicate: nodes of `gpus` ranks (trace_context); the tensor-parallel copy spans one node's `gpus`."""
-    ctx = trace_context(gpus, replicate, fake)
+    nodes of `gpus` ranks, HSDP or full FSDP (trace_context); the tensor-parallel copy spans one node's `gpus`."""
+    ctx = trace_context(gpus, nodes, hsdp, fake)
     model = sharded_model(cfg, ctx, train, grad_ckpt)
     # tp.make_decoder in two halves: the meta copy here, outside FakeTensorMode; to_empty + refresh inside it
-    decoder = meta_decoder(cfg, ctx.dtype, gpus) if grpo and tp else None
+    decoder = meta_decoder(cfg, ctx.dtype, ctx) if grpo and tp else None
     out = {}
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():  # (to_empty reads the meta model)
         model.to_empty(device="cpu")

@@ -4,6 +4,7 @@
     python -m tools.plan --trace                                           # the real code on fake tensors, next to it
     python -m tools.plan --config tiny_configs/internvl3-2b.json --gpus 1  # one GPU: no FSDP
     python -m tools.plan --nodes 2                                         # 2 nodes of 8: HSDP and full FSDP
+    python -m tools.plan --trace --nodes 2                                 # both traced on 16 fake ranks
 
 The formula. Persistent state, sharded over W GPUs (FSDP2 splits every tensor by rows):
     weights  4 B x all parameters            (fp32 master copies; bf16 weights lose lr~1e-6 updates)
@@ -25,8 +26,9 @@ On top of it, each phase peaks at one moment, and the plan is the largest of the
 The per-block activation counts are the tensors autograd saves in model.py / vision.py blocks (block_bytes).
 
 The trace (`--trace`, dryrun.py) runs one step of each recipe through the scripts' own functions on fake tensors
-over a fake W-rank process group and counts live bytes by category; the table prints both and which moment set the
-peak. What neither sees: the CUDA context, NCCL buffers, allocator fragmentation: leave ~10 GB of an 80 GB GPU.
+over a fake process group of --nodes x W ranks and counts live bytes by category; the table prints both and
+which moment set the peak. What neither sees: the CUDA context, NCCL buffers, allocator fragmentation: leave ~10 GB
+of an 80 GB GPU.
 """
 import dataclasses
 import json
@@ -290,11 +292,11 @@ def tp_divides(cfg: R1VConfig, gpus: int) -> bool:
 
 
 def trace(cfg: R1VConfig, gpus: int, s=None, grad_ckpt: bool = True, bf16_moments: bool = True, tp: bool = True,
-          names=None, replicate: int = 1) -> list:
+          names=None, nodes: int = 1, hsdp: bool = True) -> list:
     """Trace every recipe (or those in `names`; dryrun.trace_recipe) -> rows {recipe, phase, traced bytes by
     column, peak, at, stages, plan, plan_at}. Recipes that train the same parts share one trace. GRPO + KL ref is
     GRPO's trace plus the reference's local shards: its forward (no grad, before the update) peaks below both.
-    replicate: nodes of `gpus` ranks under HSDP, next to the formula's HSDP column (dryrun.trace_context)."""
+    nodes of `gpus` ranks, HSDP or full FSDP (dryrun.trace_context), next to the formula of the same layout."""
     from tqdm import tqdm
 
     from tools.dryrun import Shape, reference_bytes, trace_recipe, train_spec
@@ -307,16 +309,17 @@ def trace(cfg: R1VConfig, gpus: int, s=None, grad_ckpt: bool = True, bf16_moment
         cfg = dataclasses.replace(cfg, img_context_token_id=cfg.llm.vocab_size - 1)
     traced, rows = {}, []
     steps = {(r.train, bool(r.rollout_tokens)) for r in rs}
-    with tqdm(total=sum(1 + grpo for _, grpo in steps), desc=f"trace on {gpus} fake ranks", unit="phase") as bar:
+    with tqdm(total=sum(1 + grpo for _, grpo in steps), desc=f"trace on {gpus * nodes} fake ranks",
+              unit="phase") as bar:
         for r in rs:
             key = (r.train, bool(r.rollout_tokens))
             if key not in traced:
                 bar.set_postfix_str(r.name)
                 traced[key] = trace_recipe(cfg, gpus, train_spec(r.train), key[1], s, grad_ckpt, bf16_moments, tp,
-                                           replicate=replicate)
+                                           nodes=nodes, hsdp=hsdp)
                 bar.update(len(traced[key]))
-            ref = reference_bytes(cfg, gpus, replicate) if r.reference else 0
-            p = plan(cfg, gpus, r, grad_ckpt, bf16_moments, s.chunk, tp=tp, nodes=replicate)
+            ref = reference_bytes(cfg, gpus, nodes, hsdp) if r.reference else 0
+            p = plan(cfg, gpus, r, grad_ckpt, bf16_moments, s.chunk, tp=tp, nodes=nodes, hsdp=hsdp)
             for phase, got in traced[key].items():
                 rows.append({"recipe": r.name, "phase": phase, **got, "ref": ref, "peak": got["peak"] + ref,
                              "plan": p[phase], "plan_at": "rollout" if phase == "rollout" else p["train_at"]})
@@ -352,7 +355,7 @@ def parse_args(argv=None):
     ap.add_argument("--chunk", type=int, default=1024, help="tokens per lm_head chunk of the log-probs")
     ap.add_argument("--no-tp", action="store_true", help="GRPO rollouts from the FSDP shards, no tensor-parallel copy")
     ap.add_argument("--trace", action="store_true", help="run one step of each recipe on fake tensors over a fake "
-                    "--gpus-rank group and print the traced peak per GPU next to the formula's")
+                    "group of --nodes x --gpus ranks and print the traced peak per GPU next to the formula's")
     ap.add_argument("--prompt", type=int, default=2048, help="GRPO prompt tokens of --seq (image tokens included)")
     ap.add_argument("--fp32-adam", action="store_true", help="--trace: fp32 Adam moments (default bf16)")
     ap.add_argument("--no-ckpt", action="store_true", help="--trace: no activation checkpointing")
@@ -366,8 +369,6 @@ def parse_args(argv=None):
         at_least(a, 0, "tiles")
     except ValueError as e:
         ap.error(str(e))
-    if a.trace and a.nodes > 1:
-        ap.error("--trace on several nodes needs parallel.py's HSDP mesh: trace one node (--nodes 1)")
     if a.trace and a.gpus < 2:
         ap.error("--trace shards over a fake group of --gpus >= 2 ranks (one GPU: the formula alone)")
     if not a.measure:
@@ -383,12 +384,16 @@ def parse_args(argv=None):
     return a
 
 
-def print_tables(a, head: str):
-    """The formula's table for one node, or for HSDP and full FSDP on --nodes nodes."""
-    layouts = [(True, "")] if a.nodes == 1 else [
+def layouts(a) -> list:
+    """[(hsdp, label)]: one node, or HSDP and full FSDP on --nodes nodes."""
+    return [(True, "")] if a.nodes == 1 else [
         (True, f"HSDP: sharded over each node's {a.gpus} GPUs, replicated over {a.nodes} nodes"),
         (False, f"full FSDP: sharded over all {a.nodes * a.gpus} GPUs")]
-    for hsdp, layout in layouts:
+
+
+def print_tables(a, head: str):
+    """The formula's table for one node, or for HSDP and full FSDP on --nodes nodes."""
+    for hsdp, layout in layouts(a):
         print(f"{head}{', ' + layout if layout else ''}")
         print(table(a.cfg, a.gpus, tp=not a.no_tp and tp_divides(a.cfg, a.gpus), nodes=a.nodes, hsdp=hsdp,
                     seq=a.seq, micro_batch=a.micro_batch, rollout_seqs=a.rollout_seqs, tiles=a.tiles, group=a.group,
@@ -407,17 +412,20 @@ def main(argv=None):
         return print_tables(a, head)
     from tools.dryrun import Shape
 
-    t0 = time.perf_counter()
     s = Shape(a.seq, a.prompt, a.micro_batch, a.rollout_seqs, a.group, a.step_prompts, a.tiles, a.chunk)
-    rows = trace(cfg, a.gpus, s, not a.no_ckpt, not a.fp32_adam, not a.no_tp, a.recipe)
-    seconds = time.perf_counter() - t0
-    if a.json:
-        return print(json.dumps({"config": a.config, "gpus": a.gpus, "shape": dataclasses.asdict(s),
-                                 "seconds": seconds, "rows": rows}))
     rollout = "tensor-parallel" if not a.no_tp and tp_divides(cfg, a.gpus) else "FSDP"
-    print(f"{head}, prompt {a.prompt}; traced ({'no ckpt' if a.no_ckpt else 'act-ckpt'}, "
-          f"{'fp32' if a.fp32_adam else 'bf16'} Adam, {rollout} rollout) in {seconds:.0f} s")
-    print(trace_table(rows))
+    for hsdp, layout in layouts(a):  # one process, one fake group of nodes x gpus ranks for both layouts
+        t0 = time.perf_counter()
+        rows = trace(cfg, a.gpus, s, not a.no_ckpt, not a.fp32_adam, not a.no_tp, a.recipe, a.nodes, hsdp)
+        seconds = time.perf_counter() - t0
+        if a.json:
+            print(json.dumps({"config": a.config, "gpus": a.gpus, "nodes": a.nodes, "hsdp": hsdp,
+                              "shape": dataclasses.asdict(s), "seconds": seconds, "rows": rows}))
+            continue
+        print(f"{head}, prompt {a.prompt}{', ' + layout if layout else ''}; traced "
+              f"({'no ckpt' if a.no_ckpt else 'act-ckpt'}, {'fp32' if a.fp32_adam else 'bf16'} Adam, {rollout} "
+              f"rollout) in {seconds:.0f} s")
+        print(trace_table(rows), flush=True)
 
 
 if __name__ == "__main__":
