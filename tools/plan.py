@@ -18,7 +18,8 @@ On top of it, each phase peaks at one moment, and the plan is the largest of the
                        call), plus the 1/G of it that exists while the prefilled rows are copied G times
                        (KVCache.repeat_rows), the step's ViT features, and the gathered FSDP root unit
     backward start     every block's saved input (activation checkpointing) or inside (without), the chunked
-                       log-prob's [chunk, V] fp32 temporaries or the last block's recompute, the units in flight
+                       log-prob's [chunk, V] fp32 temporaries or the last block's recompute and its gradients,
+                       lm_head's gradient, the units in flight
     decoder backward end   the decoder's backward at its first blocks: the decoder's gradients all exist, lm_head's
                        still unsharded (the root unit reduces last), one block's inside and its gradients
     optimizer step     all gradients + the step's temporaries (torch's foreach AdamW: one fp32 copy of all moments;
@@ -172,7 +173,11 @@ def train_moments(cfg: R1VConfig, gpus: int, r: Recipe, grad_ckpt: bool, bf16_mo
     # the optimizer step's temporaries: foreach AdamW (fp32 moments) makes one fp32 tensor per parameter at once;
     # LowPrecisionAdamW (bf16 moments) a few fp32 copies of one parameter's shard at a time, the largest one's
     opt_temps = 4 * n_train / W if not bf16_moments else 4 * 4 * largest_tensor(cfg, r.train) / W
-    return {"backward start": gathered + dec_saved + vit_saved + embeddings + max(block_bw, logits) + cast,
+    # FSDP, backward start: lm_head's bf16 gradient waits from the first backward op (the log-prob chunks) to the
+    # end, and the last block's gradient is reduce-scattered when its backward ends (this moment sets the peak when
+    # the sharded gradients are small: full FSDP on 4 nodes of 8)
+    return {"backward start": gathered + dec_saved + vit_saved + embeddings + (head_grad if fsdp else 0)
+            + max(block_bw + reduce, logits) + cast,
             "decoder backward end": gathered + reduce + head_grad + grads_dec + vit_saved + block_bw,
             "optimizer step": 4 * n_train / W + opt_temps}
 
