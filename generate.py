@@ -35,6 +35,8 @@ def decode(decoder, x, input_ids, attention_mask=None, *, max_new_tokens: int, e
     padding) -> new tokens [B*G, new], G = num_return_sequences, rows b*G .. b*G+G-1 answering prompt b.
     stream(tokens [B*G, n]) receives them n at a time; all_done(done [B*G], tokens since the last read [B*G, n])
     -> bool (default rows_done); compile: False, True (inductor) or a backend name ("aot_eager" in tests)."""
+    if compile and all_done is all_ranks_done:  # dynamo cannot capture FSDP2's hooks in one graph (fullgraph)
+        raise ValueError("compile: decoding from FSDP shards cannot be compiled; decode with tp.py's copy (--tp)")
     G, t = num_return_sequences, input_ids.shape[1]
     b = input_ids.shape[0] * G
     cache = decoder.kv_cache(b if compile else b // G, t + max_new_tokens, keep=bool(compile))  # eager: G x later

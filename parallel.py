@@ -60,6 +60,10 @@ class LayoutFlags:
 
     def __post_init__(self):
         layout = resolve(self)
+        torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1
+        if getattr(self, "compile", False) and not getattr(self, "tp", True) and torchrun:
+            raise ValueError("--compile with --no-tp under torchrun: decoding from FSDP shards cannot be compiled "
+                             "(dynamo cannot capture FSDP2's hooks); keep the tensor-parallel copy (--tp)")
         ckpt = getattr(self, "ckpt", "")  # a script with a rollout copy (a `tp` field) and a checkpoint: the heads
         if getattr(self, "tp", False) and isinstance(ckpt, str) and os.path.isfile(os.path.join(ckpt, "config.json")):
             from model import R1VConfig
@@ -199,8 +203,9 @@ def shard(model: SkyworkR1V, ctx: Context, cpu_offload: bool = False):
 
 def load(ckpt_dir: str, ctx: Context, train: str = "all", grad_checkpointing: bool = False,
                       cpu_offload: bool = False, dtype=torch.float32) -> SkyworkR1V:
-    """The one loading path of every script (training, inference, the frozen reference): fp32 master weights (`dtype`), frozen parts per `train`, FSDP2 when
-    world > 1 (loaded shard by shard, each rank only its rows), activation checkpointing per block if asked."""
+    """The one loading path of every script (training, inference, the frozen reference): fp32 master weights
+    (`dtype`), frozen parts per `train`, FSDP2 when world > 1 (loaded shard by shard, each rank only its rows),
+    activation checkpointing per block if asked."""
     def prepare(model):
         n = freeze(model, train)
         if ctx.is_main and n:  # (a frozen model, e.g. sample.py's or the reference policy: nothing to say)

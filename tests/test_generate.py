@@ -207,3 +207,18 @@ def test_tp_ranks_that_sample_different_tokens_raise(diverge):
     another step and leave the others in a collective until NCCL's timeout. The guard (a checksum compared at each
     host read) raises on every rank within check_every tokens instead."""
     spawn(tp_worker, diverge)
+
+
+def test_compile_from_fsdp_shards_is_refused_up_front(monkeypatch):
+    """Issue 22, item 3: dynamo cannot capture FSDP2's hooks, so --compile without the tensor-parallel copy under
+    torchrun is refused when the flags are read, and generate.decode refuses the combination before any work."""
+    import grpo
+    import generate as gen
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--compile with --no-tp under torchrun"):
+        grpo.GRPOConfig(compile=True, tp=False)
+    grpo.GRPOConfig(compile=True, tp=True)                  # the TP copy compiles
+    x, ids = torch.zeros(1, 2, 4), torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="decoding from FSDP shards cannot be compiled"):
+        gen.decode(None, x, ids, max_new_tokens=1, eos=0, compile=True, all_done=gen.all_ranks_done)
