@@ -161,7 +161,7 @@ def score_response(engine: Engine, rec: dict, cfg: EntropyConfig, generator) -> 
 def score_checkpoint(ckpt_dir: str, records: list, cfg: EntropyConfig, ctx) -> tuple[dict, dict]:
     """-> (report, raw {"all": [...], "critical": [...]}) for one checkpoint. A checkpoint that fails to load gives a
     report with "error" set instead of raising: one broken step must not stop the ranking of the others."""
-    report = {"ckpt": ckpt_dir, "step": checkpoint_step(ckpt_dir), "error": None}
+    report = {"ckpt": ckpt_dir, "step": trained_step(ckpt_dir), "error": None}
     try:
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
@@ -225,12 +225,6 @@ def stats(values) -> dict:
     return {"n": len(v), "mean": float(v.mean()), "p50": p50, "p80": p80, "p95": p95}
 
 
-def checkpoint_step(path: str):
-    """The step the checkpoint was saved at, from its training state (logs.trained_step), else None (a release
-    checkpoint): never digits of the directory's name (`my-sft3` is not step 3)."""
-    return trained_step(path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoint selection
 
@@ -272,7 +266,7 @@ def expand_ckpts(patterns) -> list:
     the pipeline's order; steps restart with each run), each glob's matches ordered by saved step. An unmatched
     pattern stays (and reports not found)."""
     def by_step(p):
-        return (checkpoint_step(p) is None, checkpoint_step(p) or 0, p)
+        return (trained_step(p) is None, trained_step(p) or 0, p)
     paths = [p for pat in patterns for p in (sorted(glob.glob(pat), key=by_step) if glob.has_magic(pat) else [pat])
              or [pat]]
     return list(dict.fromkeys(paths))

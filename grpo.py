@@ -36,7 +36,7 @@ from checkpoint import latest_checkpoint, resume, save_checkpoint
 import cli
 from cli import at_least, choice, parse_config
 from data import Tokenizer, check_prompts, encode_prompt, make_visual_task, parse_columns, read_records, shuffled_indices
-from logs import FlatWatch, MetricsLog, keep_last, plot_curves, prepare_run, trained_step, truncation_rate
+from logs import FlatWatch, MetricsLog, changed_fields, keep_last, plot_curves, prepare_run, trained_step, truncation_rate
 from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
 from parallel import Context, LayoutFlags, autocast, barrier, load, mean_over_ranks, setup
@@ -506,11 +506,11 @@ def start(cfg: GRPOConfig, reward_fn: Callable) -> Run:
     ctx = setup(seed=cfg.seed, layout=cfg)
     if cfg.prompts_per_step % ctx.world:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} must be a multiple of the world size {ctx.world}")
+    if cfg.tp and ctx.world > 1:  # (checked when the flags were read too, unless the checkpoint was made since)
+        check_divisible(R1VConfig.from_dir(cfg.ckpt).llm, ctx.layout.tp_size)
     ckpt_dir = latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if cfg.resume and ckpt_dir is None and ctx.is_main:
         print(f"--resume: no step_* checkpoint in {cfg.out_dir}, starting from {cfg.ckpt}")
-    if cfg.tp and ctx.world > 1:
-        check_divisible(R1VConfig.from_dir(cfg.ckpt).llm, ctx.layout.tp_size)
     data = load_problems(cfg, ctx.is_main) if cfg.data else None        # the user's data: checked first
     claim_run(cfg, ctx, ckpt_dir)
     problems, heldout = data or load_problems(cfg, ctx.is_main)         # the synthetic task is written in out_dir
@@ -658,9 +658,8 @@ def parse_args(argv=None) -> GRPOConfig:
 
 def describe_preset(cfg: GRPOConfig) -> str:
     """'preset: tiny (steps=40, ...)': the values in force that differ from GRPOConfig's defaults (the recipe)."""
-    default = GRPOConfig()
-    changed = [f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)
-               if f.name != "preset" and getattr(cfg, f.name) != getattr(default, f.name)]
+    differ = changed_fields(cfg) - {"preset"}
+    changed = [f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg) if f.name in differ]
     return f"preset: {cfg.preset} ({', '.join(changed) or 'the recipe defaults'})"
 
 

@@ -120,14 +120,17 @@ def prepare_run(parts: list, config, *, resume: bool, overwrite: bool, config_pa
     return old
 
 
+def changed_fields(config) -> set:
+    """Names of the fields whose value is not the dataclass default (a flag or a preset set them)."""
+    return {f.name for f in fields(config)
+            if getattr(config, f.name) != (f.default_factory() if f.default_factory is not MISSING else f.default)}
+
+
 def format_config(config, preset: str = None, prog: str = "") -> str:
     """The resolved config, a few fields a line; `*` marks a value that is not the dataclass default (a flag or
     the preset set it)."""
-    items = []
-    for f in fields(config):
-        value = getattr(config, f.name)
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        items.append(f"{f.name}={value!r}" + ("*" if value != default else ""))
+    changed = changed_fields(config)
+    items = [f"{f.name}={getattr(config, f.name)!r}" + ("*" if f.name in changed else "") for f in fields(config)]
     lines, line = [], ""
     for item in items:
         if line and len(line) + len(item) > 116:
