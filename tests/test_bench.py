@@ -122,7 +122,7 @@ def test_roofline_grpo_on_several_nodes_hsdp_vs_full_fsdp():
     and adds one cross-node all-reduce of the gradient shards per optimizer step; full FSDP's per-micro-batch
     collectives cross the network (400 Gb/s per GPU = 50 GB/s) and bound the update."""
     r = bench.roofline("r1v3-38b", context=4096)
-    c, g = r["costs"], bench.GRPOConfig()
+    c = r["costs"]
     rows = {(n["nodes"], n["sharding"]): n for n in r["nodes"]}
     assert list(rows) == [(1, "FSDP"), (2, "HSDP"), (2, "full FSDP"), (4, "HSDP"), (4, "full FSDP")]
     one = rows[1, "FSDP"]

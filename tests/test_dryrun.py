@@ -12,7 +12,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from data import left_pad
@@ -20,7 +19,7 @@ from model import R1VConfig, SkyworkR1V
 from optim import clip_grads, make_optimizer
 from tools.plan import tp_copy_bytes
 from sft import sft_loss
-from test_fsdp import free_port
+from ranks import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,17 +98,12 @@ def peaks(fake: bool) -> dict:
     return out
 
 
-def gloo_worker(rank: int, port: int, result: str):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        got = peaks(fake=False)
-        if rank == 0:
-            with open(result, "w") as f:
-                json.dump(got, f)
-    finally:
-        dist.destroy_process_group()
+def gloo_worker(rank: int, result: str):
+    dist.init_process_group("gloo")
+    got = peaks(fake=False)
+    if rank == 0:
+        with open(result, "w") as f:
+            json.dump(got, f)
 
 
 FAKE_RUN = """
@@ -133,7 +127,7 @@ def fake_run() -> dict:
 
 def test_fake_trace_matches_real_gloo_ranks_within_5_percent(fake_run, tmp_path):
     # (the fake run first, alone: gloo ranks sharing the 2 cores with it slow down several-fold)
-    mp.spawn(gloo_worker, args=(free_port(), str(tmp_path / "real.json")), nprocs=WORLD)
+    spawn(gloo_worker, str(tmp_path / "real.json"), world=WORLD)
     fake_peaks, real_peaks = fake_run["peaks"], json.loads((tmp_path / "real.json").read_text())
     assert sorted(fake_peaks) == sorted(real_peaks) == ["GRPO/rollout", "GRPO/train", "SFT/train"]
     ratios = {k: fake_peaks[k] / real_peaks[k] for k in real_peaks}

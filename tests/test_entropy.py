@@ -224,20 +224,13 @@ def test_sampled_image_token_ends_the_response(tiny_ckpt):
     assert text == "<IMG_CONTEXT>" and len(ent) == 1
 
 
-def sharded_worker(rank, cfgs, port, out):
-    import torch.distributed as dist
+def sharded_worker(rank, cfgs, out):
     import tp
-    from test_fsdp import WORLD
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     calls = []
     real = tp.TPDecoder.decode
     tp.TPDecoder.decode = lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw)
-    try:
-        results = [run(cfg) for cfg in cfgs]
-        torch.save({"results": results, "tp_calls": len(calls)}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    results = [run(cfg) for cfg in cfgs]
+    torch.save({"results": results, "tp_calls": len(calls)}, f"{out}.{rank}")
 
 
 def test_two_ranks_give_the_one_process_numbers(tiny_ckpt, tmp_path):
@@ -246,8 +239,7 @@ def test_two_ranks_give_the_one_process_numbers(tiny_ckpt, tmp_path):
     (every generate call: counted on TPDecoder.decode). Greedy generation and teacher forcing give one process's
     responses and entropies (fp32, 1e-5). Fails if every rank scores every record or generation skips the copy."""
     import dataclasses
-    import torch.multiprocessing as mp
-    from test_fsdp import WORLD, free_port
+    from ranks import WORLD, spawn
     data = make_visual_task(str(tmp_path / "task"), 3, split="heldout")
     scored = tmp_path / "scored.jsonl"
     scored.write_text("".join(json.dumps({**r, "response": "Wait, 2. Hmm, actually \\boxed{2}"}) + "\n"
@@ -258,7 +250,7 @@ def test_two_ranks_give_the_one_process_numbers(tiny_ckpt, tmp_path):
                           dtype="fp32")]
     want = [run(cfg) for cfg in cfgs]
     two = [dataclasses.replace(c, out=c.out.replace("report", "two")) for c in cfgs]
-    mp.spawn(sharded_worker, args=(two, free_port(), str(tmp_path / "r")), nprocs=WORLD, join=True)
+    spawn(sharded_worker, two, str(tmp_path / "r"))
     ranks = [torch.load(f"{tmp_path / 'r'}.{r}", weights_only=False) for r in range(WORLD)]
     assert ranks[1]["results"] == [None, None]  # rank 0 writes the report
     assert all(r["tp_calls"] == 2 for r in ranks)  # 2 generate calls per rank (its record, and the padding one)

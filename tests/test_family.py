@@ -13,9 +13,7 @@ import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-import torch.multiprocessing as mp
 
 from checkpoint import INDEX, save_state_dict
 from model import R1VConfig, SkyworkR1V, count_params
@@ -23,7 +21,8 @@ from optim import make_optimizer
 from parallel import load, setup
 from sft import write_tiny_checkpoint
 from tp import make_decoder
-from test_fsdp import batch, free_port, full, loss_fn
+from ranks import spawn
+from test_fsdp import batch, full, loss_fn
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tiny_configs")
 EMBED, LM_HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
@@ -217,14 +216,8 @@ def test_release_fields_that_change_nothing_are_accepted():
 
 
 # ------------------------------------------------------------------------------------ FSDP, tied embedding
-def tied_worker(rank, ckpt, out, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    ctx = setup(dtype="fp32")
-    try:
-        check_tied_fsdp(ctx, ckpt, out)
-    finally:
-        dist.destroy_process_group()
+def tied_worker(rank, ckpt, out):
+    check_tied_fsdp(setup(dtype="fp32"), ckpt, out)
 
 
 def check_tied_fsdp(ctx, ckpt, out):
@@ -271,5 +264,5 @@ def test_fsdp_two_ranks_keep_a_tied_embedding_one_tensor(tied):
     model (5-10 s each on a busy 2-core machine, most of this test's time). Forking is safe here because the parent
     has no process group and runs torch single-threaded (conftest), so there is no thread pool to inherit."""
     out = str(tied["root"] / "fsdp-step1")
-    mp.start_processes(tied_worker, args=(tied["once"], out, free_port()), nprocs=2, join=True, start_method="fork")
+    spawn(tied_worker, tied["once"], out, fork=True)
     shutil.rmtree(out)

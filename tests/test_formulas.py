@@ -66,7 +66,7 @@ import torch
 
 from connector import pixel_shuffle
 from entropy import critical_positions
-from generate import sample, seen_tokens
+from generate import sample
 from grpo import GRPOConfig, SampleBuffer, group_advantages, grpo_loss
 from model import apply_rope, positions, rope_cos_sin, token_logprobs_and_entropy
 from optim import LowPrecisionAdamW, lr_at

@@ -2,26 +2,17 @@
 All checks run inside one spawn of 2 ranks (starting processes costs more than the checks)."""
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from model import token_logprobs_and_entropy
 from model import SkyworkR1V
 from checkpoint import resume, save_checkpoint
 from optim import make_optimizer
 from parallel import Context, load, setup
-
-WORLD = 2
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ranks import spawn
 
 
 def batch(model, n=2, t=24):
@@ -44,14 +35,9 @@ def full(p):
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
-def worker(rank, ckpt, out, port, dtype):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def worker(rank, ckpt, out, dtype):
     ctx = setup(dtype=dtype)
-    try:
-        check(ctx, ckpt, out) if dtype == "fp32" else check_bf16(ctx, ckpt)
-    finally:
-        dist.destroy_process_group()
+    check(ctx, ckpt, out) if dtype == "fp32" else check_bf16(ctx, ckpt)
 
 
 def check(ctx: Context, ckpt, out):
@@ -140,7 +126,7 @@ def check_bf16(ctx: Context, ckpt):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_fsdp_two_ranks_match_one_process(tiny_ckpt, tmp_path, dtype):
-    mp.spawn(worker, args=(tiny_ckpt, str(tmp_path / "step1"), free_port(), dtype), nprocs=WORLD, join=True)
+    spawn(worker, tiny_ckpt, str(tmp_path / "step1"), dtype)
 
 
 def test_resume_refuses_other_world_size(tiny_ckpt, tmp_path):
@@ -176,15 +162,10 @@ def test_bf16_moment_adamw_tracks_fp32_adamw(tiny_ckpt):
 
 
 # ------------------------------------------------------------------------------ issue 22: GPU-path fixes on CPU
-def offload_worker(rank, ckpt, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def offload_worker(rank, ckpt):
     ctx = setup(dtype="fp32")
-    try:
-        check_refresh_after_generate(ctx, ckpt)
-        check_offloaded_clip(ctx, ckpt)
-    finally:
-        dist.destroy_process_group()
+    check_refresh_after_generate(ctx, ckpt)
+    check_offloaded_clip(ctx, ckpt)
 
 
 def check_refresh_after_generate(ctx: Context, ckpt):
@@ -221,7 +202,7 @@ def check_offloaded_clip(ctx: Context, ckpt):
 
 
 def test_refresh_after_generate_and_offloaded_clip(tiny_ckpt):
-    mp.spawn(offload_worker, args=(tiny_ckpt, free_port()), nprocs=WORLD, join=True)
+    spawn(offload_worker, tiny_ckpt)
 
 
 def test_clip_norm_lands_on_the_compute_device(tiny_ckpt):

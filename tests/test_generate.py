@@ -7,7 +7,8 @@ from torch._dynamo.backends.common import aot_autograd
 import tp
 from generate import decode, sample, seen_tokens
 from model import LLMConfig, Qwen2ForCausalLM
-from test_tp import join, leave, spawn
+from parallel import setup
+from ranks import spawn
 
 SMALL = LLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64, vocab_size=64, max_position_embeddings=4096)
@@ -181,8 +182,8 @@ def test_host_reads_every_few_tokens_and_exact_output(monkeypatch):
 
 
 # ------------------------------------------------------------------------------- tensor parallel divergence
-def tp_worker(rank, port, diverge):
-    join(rank, port)
+def tp_worker(rank, diverge):
+    setup(dtype="fp32")
     torch.manual_seed(0)  # the same weights on both ranks (any weights: the collectives make the logits agree)
     decoder = tp.TPDecoder(SMALL, rank, 2).eval()
     for p in decoder.parameters():
@@ -198,7 +199,6 @@ def tp_worker(rank, port, diverge):
         assert diverge and "ranks sampled different tokens" in str(e), e
     else:
         assert not diverge, "diverging ranks went on decoding"
-    leave()
 
 
 @pytest.mark.parametrize("diverge", [False, True])

@@ -8,8 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import model as model_py
 from checkpoint import resume, save_checkpoint
@@ -18,7 +16,7 @@ from grpo import GRPOConfig, Prompt, Sample, make_batch, optimise
 from model import SkyworkR1V
 from optim import make_optimizer
 from parallel import Context, LayoutFlags, load, resolve, setup
-from test_fsdp import free_port
+from ranks import spawn
 from test_tp import expected_slice
 from tp import make_decoder, refresh
 
@@ -117,7 +115,7 @@ def single_process_step(ckpt) -> tuple[dict, dict]:
 
 
 def check_step(ctx, ckpt, sharded, want: dict, want_metrics: dict):
-    """The sharded step on this rank's 2 samples == one process's step on all 8 (1e-5 relative, fp32)."""
+    """The sharded step on this rank's 2 samples == one process's step on all 8 (1e-4 relative, fp32)."""
     sharded.reshard()  # after the rollout's no-grad forward the root unit is still gathered (resharded_parameters)
     before = {n: full(p).detach().clone() for n, p in sharded.named_parameters()}
     metrics = grpo_step(ckpt, sharded, torch.optim.SGD(sharded.parameters(), lr=LR), ctx,
@@ -127,7 +125,10 @@ def check_step(ctx, ckpt, sharded, want: dict, want_metrics: dict):
     moved = 0
     for name, p in sharded.named_parameters():
         got, ref = full(p).detach() - before[name], want[name]
-        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (ctx.rank, name)
+        # 1e-4: the shards' gradients are summed in another order (reduce-scatter in the node, all-reduce across the
+        # replicas), and a LayerNorm weight's gradient sums terms that cancel: 1.1e-5 of the update measured on an
+        # AMD EPYC (a step that misses the replicas' reduction is off by tens of percent)
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), (ctx.rank, name)
         moved += bool(ref.abs().max() > 0)
     assert moved > 20  # decoder and connector moved (the ViT has no gradient: its features are the step's)
     return {n: full(p).detach().clone() for n, p in sharded.named_parameters()}
@@ -150,38 +151,32 @@ def check_resume(ctx, ckpt, out):
 
 
 # ---------------------------------------------------------------------------------------------------- the run
-def worker(rank, ckpt, out, port):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(NODE), LOCAL_RANK=str(rank % NODE),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def worker(rank, ckpt, out):
     hsdp = setup(dtype="fp32", layout=LayoutFlags(replicate=2))
-    try:
-        sharding = setup(dtype="fp32", layout=LayoutFlags(replicate=1, tp_size=2))  # full sharding over the 4
-        ref = SkyworkR1V.from_pretrained(ckpt)
-        want, want_metrics = single_process_step(ckpt)
-        assert hsdp.layout == (2, 2) and hsdp.mesh.mesh_dim_names == ("replicate", "shard")
-        assert sharding.layout == (1, 2) and sharding.mesh.mesh_dim_names == ("shard",)
-        results = {}
-        for ctx in (hsdp, sharding):
-            sharded = load(ckpt, ctx, train="all")
-            if ctx is hsdp:  # loading: each rank holds its shard group's rows; the two replicas the same ones
-                p = sharded.language_model.model.layers[0].mlp.down_proj.weight
-                s = rank % NODE
-                assert torch.equal(p.to_local(), ref.language_model.model.layers[0].mlp.down_proj.weight.chunk(NODE)[s])
-            decoder = check_rollout(ctx, ref, sharded)
-            results[ctx.layout] = check_step(ctx, ckpt, sharded, want, want_metrics)
-            check_refresh(ctx, decoder, sharded)
-        # --replicate 1 is the sharding of one node exactly: the same step as the mesh FSDP made before layouts
-        today = Context(sharding.device, rank, WORLD, torch.float32)  # no mesh: shard() builds the flat one
-        again = check_step(today, ckpt, load(ckpt, today, train="all"), want, want_metrics)
-        assert all(torch.equal(again[n], t) for n, t in results[(1, 2)].items())
-        check_resume(hsdp, ckpt, out)
-    finally:
-        dist.destroy_process_group()
+    sharding = setup(dtype="fp32", layout=LayoutFlags(replicate=1, tp_size=2))  # full sharding over the 4
+    ref = SkyworkR1V.from_pretrained(ckpt)
+    want, want_metrics = single_process_step(ckpt)
+    assert hsdp.layout == (2, 2) and hsdp.mesh.mesh_dim_names == ("replicate", "shard")
+    assert sharding.layout == (1, 2) and sharding.mesh.mesh_dim_names == ("shard",)
+    results = {}
+    for ctx in (hsdp, sharding):
+        sharded = load(ckpt, ctx, train="all")
+        if ctx is hsdp:  # loading: each rank holds its shard group's rows; the two replicas the same ones
+            p = sharded.language_model.model.layers[0].mlp.down_proj.weight
+            s = rank % NODE
+            assert torch.equal(p.to_local(), ref.language_model.model.layers[0].mlp.down_proj.weight.chunk(NODE)[s])
+        decoder = check_rollout(ctx, ref, sharded)
+        results[ctx.layout] = check_step(ctx, ckpt, sharded, want, want_metrics)
+        check_refresh(ctx, decoder, sharded)
+    # --replicate 1 is the sharding of one node exactly: the same step as the mesh FSDP made before layouts
+    today = Context(sharding.device, rank, WORLD, torch.float32)  # no mesh: shard() builds the flat one
+    again = check_step(today, ckpt, load(ckpt, today, train="all"), want, want_metrics)
+    assert all(torch.equal(again[n], t) for n, t in results[(1, 2)].items())
+    check_resume(hsdp, ckpt, out)
 
 
 def test_two_nodes_of_two(tiny_ckpt, tmp_path):
-    mp.spawn(worker, args=(tiny_ckpt, str(tmp_path / "step1"), free_port()), nprocs=WORLD, join=True)
+    spawn(worker, tiny_ckpt, str(tmp_path / "step1"), world=WORLD, node=NODE)
 
 
 # ------------------------------------------------------------------------------------------------ bad layouts

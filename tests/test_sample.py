@@ -1,4 +1,5 @@
 """Tests for sample.py: batching with left padding, streaming, the default run, and clear input errors."""
+import contextlib
 import io
 import json
 import os
@@ -256,22 +257,18 @@ def test_torchrun_prints_the_single_process_text(tiny_ckpt, tmp_path, nproc, lay
     assert one.stdout.strip() and two.stdout == one.stdout
 
 
-def ranks_worker(rank, world, port, argv, out_dir):
+def ranks_worker(rank, argv, out_dir):
     """One rank of a 2-rank sample.py job, in a spawned process: rank 0's stdout and each rank's decoded row counts
     (the rows the decode loop ran, after the tensor-parallel gather) go to files."""
     import model as model_py
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     real, rows = model_py.Qwen2ForCausalLM.decode, []
 
     def counting(self, x, *args, **kw):
         rows.append(x.shape[0])
         return real(self, x, *args, **kw)
     model_py.Qwen2ForCausalLM.decode = counting
-    with open(os.path.join(out_dir, f"stdout{rank}"), "w") as out:
-        sys.stdout = out
+    with open(os.path.join(out_dir, f"stdout{rank}"), "w") as out, contextlib.redirect_stdout(out):
         assert main(argv) == 0
-        sys.stdout.flush()
     with open(os.path.join(out_dir, f"rows{rank}"), "w") as f:
         json.dump(rows, f)
 
@@ -280,8 +277,7 @@ def test_torchrun_decodes_each_row_once(tiny_ckpt, tmp_path, capsys):
     """2 ranks, 3 prompts in batches of 2: the prompts are split over the ranks, so the tensor-parallel pair decodes
     2 rows, then 1 (each row once; before, every rank brought every prompt and 4, then 2 were decoded), and rank 0
     prints one process's lines in the input's order."""
-    import torch.multiprocessing as mp
-    from test_fsdp import free_port
+    from ranks import spawn
     save_image(tmp_path / "a.png")
     records = [{"question": "Say hi."}, {"images": ["a.png"], "question": "What is it?"}, {"question": "Count."}]
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
@@ -289,7 +285,7 @@ def test_torchrun_decodes_each_row_once(tiny_ckpt, tmp_path, capsys):
             "--batch-size", "2"]
     rc, one, _ = run(capsys, *argv)
     assert rc == 0 and len(one.splitlines()) == 3
-    mp.spawn(ranks_worker, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    spawn(ranks_worker, argv, str(tmp_path))
     assert open(tmp_path / "stdout0").read() == one
     assert [json.load(open(tmp_path / f"rows{r}")) for r in range(2)] == [[2, 1], [2, 1]]
 

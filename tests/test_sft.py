@@ -276,36 +276,28 @@ def test_loss_traces_under_fake_tensors(tiny_ckpt, tmp_path):
         assert mode.is_our_fake(loss) and loss.shape == () and ent.shape == ()
 
 
-def heldout_worker(rank, ckpt, task, port, out):
-    import torch.distributed as dist
+def heldout_worker(rank, ckpt, task, out):
     import parallel
     import tp
-    from test_fsdp import WORLD
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     ctx = setup(dtype="fp32")
-    try:
-        calls = []
-        real = tp.TPDecoder.decode
-        tp.TPDecoder.decode = lambda self, *a, **kw: calls.append(a[1].shape[0]) or real(self, *a, **kw)
-        model, tok = parallel.load(ckpt, ctx).eval(), Tokenizer.from_dir(ckpt)
-        problems = read_jsonl(task)
-        cfg = SFTConfig(batch_size=2, max_new_tokens=12, max_tiles=1)
-        got = sft.heldout_generation(model, tok, problems, cfg, ctx)
-        torch.save({"result": got, "tp_calls": calls}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    calls = []
+    real = tp.TPDecoder.decode
+    tp.TPDecoder.decode = lambda self, *a, **kw: calls.append(a[1].shape[0]) or real(self, *a, **kw)
+    model, tok = parallel.load(ckpt, ctx).eval(), Tokenizer.from_dir(ckpt)
+    problems = read_jsonl(task)
+    cfg = SFTConfig(batch_size=2, max_new_tokens=12, max_tiles=1)
+    got = sft.heldout_generation(model, tok, problems, cfg, ctx)
+    torch.save({"result": got, "tp_calls": calls}, f"{out}.{rank}")
 
 
 def test_heldout_generation_goes_through_the_tp_copy(tiny_ckpt, tmp_path):
     """SFT's held-out answers on 2 ranks are decoded by tp.py's tensor-parallel copy (each rank's prompts, every
     generate call: counted on TPDecoder.decode), not from the FSDP shards, and they are one process's answers
     (format rate, accuracy, rank 0's first text). Fails if sft.main generates without the copy."""
-    import torch.multiprocessing as mp
     from data import make_visual_task
-    from test_fsdp import WORLD, free_port
+    from ranks import WORLD, spawn
     task = make_visual_task(str(tmp_path / "task"), 4, 0, "heldout")
-    mp.spawn(heldout_worker, args=(tiny_ckpt, task, free_port(), str(tmp_path / "r")), nprocs=WORLD, join=True)
+    spawn(heldout_worker, tiny_ckpt, task, str(tmp_path / "r"))
     ranks = [torch.load(f"{tmp_path / 'r'}.{r}") for r in range(WORLD)]
     assert all(r["tp_calls"] == [2] for r in ranks)  # one generate call of 2 prompts per rank, through the copy
     model, tok = SkyworkR1V.from_pretrained(tiny_ckpt), Tokenizer.from_dir(tiny_ckpt)

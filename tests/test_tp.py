@@ -8,17 +8,16 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from data import left_pad
 from model import LLMConfig, SkyworkR1V, make_mask, positions
 from optim import make_optimizer
 from parallel import load, setup
+from ranks import WORLD, spawn
 from sft import write_tiny_checkpoint
 from test_fsdp import batch, loss_fn
 from tp import TPDecoder, gather_rows, make_decoder, refresh, shared_generator
 
-WORLD = 2
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -53,34 +52,10 @@ def expected_slice(name: str, full: torch.Tensor, rank: int, rows: int, world: i
     return full.chunk(world, dim=0)[rank]
 
 
-def spawn(fn, *args, world: int = WORLD):
-    """fn(rank, port, *args) on `world` new processes. The rendezvous store lives here, in the parent, on a port it
-    binds itself and holds until every rank has exited, as torchrun's agent does: a port found free and handed to
-    the children can be taken by another process (the suite's, or any other on a busy machine) during the seconds
-    before rank 0 binds it, and a store on rank 0 dies with rank 0 while the other ranks may still be leaving."""
-    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
-    mp.spawn(fn, args=(store.port, *args), nprocs=world, join=True)
-
-
-def join(rank: int, port: int, world: int = WORLD):
-    """In a spawned rank: the environment torchrun gives (the store held by the parent, spawn), then setup()."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      TORCHELASTIC_USE_AGENT_STORE="True")
-    torch.set_num_threads(1)
-    return setup(dtype="fp32")
-
-
-def leave():
-    """Every rank leaves together: none tears down its connections while another is still in a collective."""
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def worker(rank, port, ckpts):
-    ctx = join(rank, port)
+def worker(rank, ckpts):
+    ctx = setup(dtype="fp32")
     for ckpt in ckpts:
         check(ctx, ckpt)
-    leave()
 
 
 def check(ctx, ckpt):
