@@ -15,6 +15,7 @@ exporters keep a copy. Loading accepts both, and a stored copy must equal the em
 kept, so a different one would be silently lost). Saving stores the matrix once, under the embedding's name, as
 transformers does: save -> load gives back the same model whichever way the source stored it.
 """
+import glob
 import json
 import os
 import shutil
@@ -418,9 +419,27 @@ def resume(ckpt_dir: str, model, optimizer):
     return meta["step"], meta["extra"], tensors
 
 
+def trained_step(ckpt_dir: str):
+    """The step a checkpoint was saved at, from its training state (train_state/trainer_state.json, written by
+    checkpoint.save_checkpoint), or None (a release checkpoint, or not a checkpoint). Never the directory's name:
+    `my-sft3` is not step 3."""
+    path = os.path.join(ckpt_dir, "train_state", "trainer_state.json")
+    try:
+        with open(path) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def by_saved_step(path: str) -> tuple:
+    """Sort key of checkpoint directories: by the step each was saved at, oldest first; those without a training
+    state (a release checkpoint, an export) after them, by name."""
+    step = trained_step(path)
+    return step is None, step or 0, path
+
+
 def latest_checkpoint(out_dir: str):
-    """The newest out_dir/step_N that has a training state (each save is a release-format model + train_state/;
-    entropy.py ranks them all: `python entropy.py --ckpts out/grpo/step_*`)."""
-    steps = sorted(d for d in os.listdir(out_dir) if d.startswith("step_")) if os.path.isdir(out_dir) else []
-    steps = [d for d in steps if os.path.isdir(os.path.join(out_dir, d, "train_state"))]
-    return os.path.join(out_dir, steps[-1]) if steps else None
+    """The newest out_dir/step_* that has a training state (each save is a release-format model + train_state/;
+    entropy.py ranks them all: `python entropy.py --ckpts out/grpo/step_*`), or None."""
+    saved = [p for p in glob.glob(os.path.join(out_dir, "step_*")) if trained_step(p) is not None]
+    return max(saved, key=by_saved_step) if saved else None

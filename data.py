@@ -700,8 +700,8 @@ def save_image_bytes(data: bytes, image_dir: str) -> str:
 
 def read_parquet_records(path, need=("question",), columns=None, image_dir="out/parquet-images"):
     """Parquet file or folder of question / answer / image-bytes rows -> records shaped like read_jsonl's:
-    Records {"question", "answer", "images": [paths], ...the other columns}, `where` = "FILE row N". columns renames:
-    {"question": "problem", "answer": "solution", "images": "image"}; by default the images are in "images" or
+    Records {"question", "answer", "response", "images": [paths], ...the other columns}, `where` = "FILE row N".
+    columns renames: {"question": "problem", "answer": "solution", "images": "image"}; by default the images are in "images" or
     "image", whichever exists (none: a text-only set)."""
     columns, records = dict(columns or {}), []
     for file in parquet_files(path):
@@ -717,7 +717,7 @@ def read_parquet_records(path, need=("question",), columns=None, image_dir="out/
         for i, row in enumerate(rows):
             where = f"{file} row {i}"
             rec = Record({k: v for k, v in row.items() if k != image_col and not isinstance(v, (bytes, dict))})
-            for field in ("question", "answer"):
+            for field in ("question", "answer", "response"):
                 if columns.get(field, field) in row:
                     rec[field] = row[columns.get(field, field)]
             rec["images"] = [save_image_bytes(b, image_dir) for b in image_bytes(row.get(image_col), where)]

@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 import cli
+from checkpoint import by_saved_step, trained_step
 from cli import UserError, at_least, check_choices, choice, parse_config
 from data import IMG_CONTEXT, THINK_START, DataError, Tokenizer, check_prompts, encode_prompt, read_jsonl
-from logs import plot_curves, trained_step
+from logs import plot_curves
 from model import R1VConfig, token_logprobs_and_entropy
 from parallel import LayoutFlags, load, setup
 from rewards import accuracy_reward
@@ -265,9 +266,7 @@ def expand_ckpts(patterns) -> list:
     """Shell-style patterns -> checkpoint dirs, in the order the patterns are given (`out/sft "out/grpo/step_*"`:
     the pipeline's order; steps restart with each run), each glob's matches ordered by saved step. An unmatched
     pattern stays (and reports not found)."""
-    def by_step(p):
-        return (trained_step(p) is None, trained_step(p) or 0, p)
-    paths = [p for pat in patterns for p in (sorted(glob.glob(pat), key=by_step) if glob.has_magic(pat) else [pat])
+    paths = [p for pat in patterns for p in (sorted(glob.glob(pat), key=by_saved_step) if glob.has_magic(pat) else [pat])
              or [pat]]
     return list(dict.fromkeys(paths))
 

@@ -32,11 +32,11 @@ from typing import Callable, NamedTuple
 import torch
 from tqdm import tqdm
 
-from checkpoint import latest_checkpoint, resume, save_checkpoint
+from checkpoint import latest_checkpoint, resume, save_checkpoint, trained_step
 import cli
 from cli import at_least, choice, parse_config
 from data import Tokenizer, check_prompts, encode_prompt, make_visual_task, parse_columns, read_records, shuffled_indices
-from logs import FlatWatch, MetricsLog, changed_fields, keep_last, plot_curves, prepare_run, trained_step, truncation_rate
+from logs import FlatWatch, MetricsLog, changed_fields, keep_last, plot_curves, prepare_run, truncation_rate
 from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
 from parallel import Context, LayoutFlags, autocast, barrier, load, mean_over_ranks, setup

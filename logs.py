@@ -10,6 +10,7 @@ import time
 import warnings
 from dataclasses import MISSING, asdict, fields
 
+from checkpoint import by_saved_step, trained_step
 from cli import UserError
 
 
@@ -47,18 +48,6 @@ def read_metrics(path: str) -> list:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run directories: never overwrite a previous run by accident; say what the run was started with
-
-def trained_step(ckpt_dir: str):
-    """The step a checkpoint was saved at, from its training state (train_state/trainer_state.json, written by
-    checkpoint.save_checkpoint), or None (a release checkpoint, or not a checkpoint). Never the directory's name:
-    `my-sft3` is not step 3."""
-    path = os.path.join(ckpt_dir, "train_state", "trainer_state.json")
-    try:
-        with open(path) as f:
-            return int(json.load(f)["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
 
 def describe(path: str) -> str:
     """What a run's file or directory holds, in a few words: `metrics.jsonl (65 lines)`, `step_000020`, ..."""
@@ -163,12 +152,12 @@ def config_changes(old: dict, new: dict, step=None, schedule=(), lr_at=None) -> 
 
 
 def keep_last(out_dir: str, n: int, pattern: str = "step_*") -> list:
-    """--keep-last N: delete all but the newest n checkpoints out_dir/pattern (ordered by their saved step, then
-    name) -> the deleted paths. n <= 0 keeps everything. Call it after a save has completed (the newest is whole)."""
+    """--keep-last N: delete all but the newest n checkpoints out_dir/pattern (checkpoint.by_saved_step's order)
+    -> the deleted paths. n <= 0 keeps everything. Call it after a save has completed (the newest is whole)."""
     if n <= 0:
         return []
     dirs = [p for p in glob.glob(os.path.join(out_dir, pattern)) if os.path.isdir(p) and not p.endswith(".partial")]
-    dirs.sort(key=lambda p: (trained_step(p) if trained_step(p) is not None else -1, p))
+    dirs.sort(key=by_saved_step)
     gone = dirs[:-n]
     for p in gone:
         shutil.rmtree(p)

@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 import cli
-from checkpoint import resume, save_checkpoint, save_state_dict
+from checkpoint import resume, save_checkpoint, save_state_dict, trained_step
 from cli import at_least, parse_config
 from data import (MAX_PROBLEMS, THINK_PREFIX, THINK_START, DataError, Tokenizer, encode_chat, image_tiles,
-                  make_visual_task, read_jsonl, read_records, reasoning_trace, shuffled_indices, tile_count,
-                  train_tokenizer)
-from logs import MetricsLog, plot_curves, prepare_run, trained_step
+                  make_visual_task, parse_columns, read_jsonl, read_records, reasoning_trace, shuffled_indices,
+                  tile_count, train_tokenizer)
+from logs import MetricsLog, plot_curves, prepare_run
 from model import R1VConfig, SkyworkR1V, token_logprobs_and_entropy
 from optim import clip_grads, lr_at, make_optimizer, parse_train_spec
 from parallel import Context, LayoutFlags, all_reduce_sum, autocast, barrier, load, setup
@@ -49,8 +49,9 @@ from tp import make_decoder, tp_fits
 class SFTConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
     # model and data
     ckpt: str = ""                # starting checkpoint (release format); "" = a tiny random one in out/tiny-init
-    data: str = ""                # training JSONL; "" = synthetic cold-start data written to synthetic_dir
+    data: str = ""                # training JSONL or parquet (file or folder); "" = synthetic cold-start data
     eval_data: str = ""           # held-out JSONL; "" = the synthetic held-out split, or n_eval samples cut from --data
+    columns: str = ""             # parquet column names, e.g. question=problem,response=solution,images=image
     synthetic_dir: str = "out/sft-data"  # where the synthetic data is written (without --data)
     n_train: int = 1000           # synthetic training problems
     n_eval: int = 64              # held-out samples (synthetic, or cut from --data when there is no --eval-data)
@@ -89,6 +90,7 @@ class SFTConfig(LayoutFlags):  # + --replicate, --tp-size (parallel.py)
                  "max_new_tokens", "logprob_chunk", "n_train")
         at_least(self, 0, "n_eval", "save_every", "gen_eval", "warmup", "lr", "weight_decay")
         parse_train_spec(self.train)  # a typo in --train fails now, not after the data is prepared
+        parse_columns(self.columns)
         for flag, path in (("--data", self.data), ("--eval-data", self.eval_data)):
             if path and not os.path.exists(path):  # a file, or a folder of parquet files
                 raise ValueError(f"{flag} {path}: no such file")
@@ -433,7 +435,7 @@ def load_sft(path: str, tok: Tokenizer, cfg: SFTConfig, config: R1VConfig):
     so a bad one fails now with its file:line rather than hours into the run, and every problem of the file is
     reported at once. Untagged and dropped samples are skipped (that is the documented behaviour), listed by line.
     """
-    records = read_records(path, need=())  # JSONL, or parquet rows
+    records = read_records(path, need=(), columns=parse_columns(cfg.columns))  # JSONL, or parquet rows
     examples, problems = [], []
     stats = {"samples": len(records), "untagged": 0, "untagged_at": [], "truncated": 0, "dropped": 0, "dropped_at": []}
     for rec in records:

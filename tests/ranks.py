@@ -18,14 +18,16 @@ import torch.multiprocessing as mp
 WORLD = 2
 
 
-def spawn(fn, *args, world: int = WORLD, node: int = None, fork: bool = False):
+def spawn(fn, *args, world: int = WORLD, node: int = None):
     """fn(rank, *args) on `world` new processes with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-    LOCAL_WORLD_SIZE = `node` ranks a node, MASTER_*). fn joins the group itself (parallel.setup or
-    init_process_group). fork=True skips re-importing torch in each rank (safe: the parent holds no process group
-    and runs torch single-threaded, conftest)."""
+    LOCAL_WORLD_SIZE = `node` ranks a node, MASTER_*); fn joins the group itself (parallel.setup or
+    init_process_group). The ranks are forked, as torch's own gloo tests fork theirs: a spawned rank re-imports
+    torch and the project (2-5 s a rank on a 2-core machine, most of a multi-rank test's time). Forking is safe
+    here: the parent holds no process group and runs torch single-threaded (conftest), and each rank leaves with
+    os._exit, running none of the parent's exit handlers."""
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
     mp.start_processes(_rank, args=(world, node or world, store.port, fn, args), nprocs=world, join=True,
-                       start_method="fork" if fork else "spawn")
+                       start_method="fork")
 
 
 def _rank(rank: int, world: int, node: int, port: int, fn, args: tuple):

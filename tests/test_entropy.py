@@ -270,7 +270,7 @@ def test_two_ranks_give_the_one_process_numbers(tiny_ckpt, tmp_path):
 
 def test_step_comes_from_the_saved_training_state(tmp_path):
     from entropy import expand_ckpts
-    from logs import trained_step as checkpoint_step
+    from checkpoint import trained_step as checkpoint_step
     for name, step in (("my-sft3", 110), ("step_000020", 20), ("step_000005", 5)):
         os.makedirs(tmp_path / name / "train_state")
         (tmp_path / name / "train_state" / "trainer_state.json").write_text(json.dumps({"step": step}))

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -355,3 +356,12 @@ def test_sft_reads_parquet(tiny_ckpt, tmp_path, monkeypatch):
                                    sft.SFTConfig(), R1VConfig.from_dir(tiny_ckpt))
     assert len(examples) == 1 and stats["untagged_at"] == [f"{tmp_path}/sft.parquet row 1"]
     assert examples[0].where == f"{tmp_path}/sft.parquet row 0" and os.path.isfile(examples[0].images[0])
+    # a hub set's own column names (--columns): the same example, token for token
+    renamed = [{"problem": r["question"], "solution": r["response"], "picture": r["image"]} for r in rows]
+    pq.write_table(pa.Table.from_pylist(renamed), tmp_path / "hub.parquet")
+    cfg = sft.SFTConfig(columns="question=problem,response=solution,images=picture")
+    again, _ = sft.load_sft(str(tmp_path / "hub.parquet"), data.Tokenizer.from_dir(tiny_ckpt), cfg,
+                            R1VConfig.from_dir(tiny_ckpt))
+    assert len(again) == 1 and torch.equal(again[0].ids, examples[0].ids)
+    with pytest.raises(ValueError, match="--columns 'prompt:problem'"):
+        sft.SFTConfig(columns="prompt:problem")

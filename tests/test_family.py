@@ -260,9 +260,7 @@ def check_tied_fsdp(ctx, ckpt, out):
 
 
 def test_fsdp_two_ranks_keep_a_tied_embedding_one_tensor(tied):
-    """2 gloo ranks as in test_fsdp.py, but forked rather than spawned: a spawned rank re-imports torch and the
-    model (5-10 s each on a busy 2-core machine, most of this test's time). Forking is safe here because the parent
-    has no process group and runs torch single-threaded (conftest), so there is no thread pool to inherit."""
+    """2 gloo ranks as in test_fsdp.py on a model whose lm_head is its embedding (InternVL3-1B/2B's tie)."""
     out = str(tied["root"] / "fsdp-step1")
-    spawn(tied_worker, tied["once"], out, fork=True)
+    spawn(tied_worker, tied["once"], out)
     shutil.rmtree(out)

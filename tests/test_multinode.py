@@ -115,7 +115,7 @@ def single_process_step(ckpt) -> tuple[dict, dict]:
 
 
 def check_step(ctx, ckpt, sharded, want: dict, want_metrics: dict):
-    """The sharded step on this rank's 2 samples == one process's step on all 8 (1e-4 relative, fp32)."""
+    """The sharded step on this rank's 2 samples == one process's step on all 8 (1e-5 relative, fp32)."""
     sharded.reshard()  # after the rollout's no-grad forward the root unit is still gathered (resharded_parameters)
     before = {n: full(p).detach().clone() for n, p in sharded.named_parameters()}
     metrics = grpo_step(ckpt, sharded, torch.optim.SGD(sharded.parameters(), lr=LR), ctx,
@@ -125,10 +125,10 @@ def check_step(ctx, ckpt, sharded, want: dict, want_metrics: dict):
     moved = 0
     for name, p in sharded.named_parameters():
         got, ref = full(p).detach() - before[name], want[name]
-        # 1e-4: the shards' gradients are summed in another order (reduce-scatter in the node, all-reduce across the
-        # replicas), and a LayerNorm weight's gradient sums terms that cancel: 1.1e-5 of the update measured on an
-        # AMD EPYC (a step that misses the replicas' reduction is off by tens of percent)
-        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), (ctx.rank, name)
+        # the relative error of the whole update (Frobenius norms), not of its largest element: the connector's
+        # LayerNorm weight sums per-token terms that cancel (GRPO's advantages sum to zero in a group), so its
+        # largest element alone shows the shards' other summation order at 1.1e-5 on an AMD EPYC (5e-6 in norm)
+        assert (got - ref).norm() <= 1e-5 * ref.norm(), (ctx.rank, name, ((got - ref).norm() / ref.norm()).item())
         moved += bool(ref.abs().max() > 0)
     assert moved > 20  # decoder and connector moved (the ViT has no gradient: its features are the step's)
     return {n: full(p).detach().clone() for n, p in sharded.named_parameters()}

@@ -12,8 +12,9 @@ import pytest
 
 import logs
 from cli import UserError
+from checkpoint import trained_step
 from logs import (FlatWatch, MetricsLog, format_config, keep_last, plot_curves, prepare_run, read_metrics, smooth,
-                  trained_step, truncation_rate)
+                  truncation_rate)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 from data import Tokenizer  # noqa: E402
 from model import R1VConfig, SkyworkR1V  # noqa: E402
@@ -237,24 +239,30 @@ def test_context_limit_is_exact(loaded):
         model.generate(torch.tensor([req.ids]), max_new_tokens=room + 1)
 
 
-@pytest.mark.parametrize("nproc, layout", [(2, []), (2, ["--no-tp"]), (4, ["--replicate", "2"])],
-                         ids=["2-ranks", "2-ranks-no-tp", "4-ranks-replicate-2"])
-def test_torchrun_prints_the_single_process_text(tiny_ckpt, tmp_path, nproc, layout):
-    """`torchrun --nproc_per_node 2 sample.py --greedy` (FSDP2 shards, tensor-parallel decode) prints exactly what
-    one process prints, for a prompt with an image; so do the decode from the FSDP shards (rank 1 steps along
-    without a row) and a job of 4 ranks as 2 HSDP replicas of 2 (two tensor-parallel groups, the second without a
-    row: the one prompt is rank 0's)."""
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+@pytest.fixture(scope="module")
+def one_process(tiny_ckpt, tmp_path_factory) -> tuple[list, str]:
+    """-> (sample.py's arguments for a prompt with an image, what `python sample.py --greedy` prints with them)."""
     args = ["sample.py", "--ckpt", tiny_ckpt, "--greedy", "--max-new-tokens", "12", "--image",
-            save_image(tmp_path / "a.png"), "--prompt", "<image>\nWhat is shown?"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+            save_image(tmp_path_factory.mktemp("img") / "a.png"), "--prompt", "<image>\nWhat is shown?"]
+    one = subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and one.stdout.strip(), one.stderr[-2000:]
+    return args, one.stdout
+
+
+@pytest.mark.parametrize("nproc, layout", [(2, []), (4, ["--replicate", "2"])], ids=["2-ranks", "4-ranks-replicate-2"])
+def test_torchrun_prints_the_single_process_text(one_process, nproc, layout):
+    """`torchrun --nproc_per_node 2 sample.py --greedy` (FSDP2 shards, tensor-parallel decode) prints exactly what
+    one process prints, for a prompt with an image; so does a job of 4 ranks as 2 HSDP replicas of 2 (two
+    tensor-parallel groups, the second without a row: the one prompt is rank 0's). The decode from the FSDP shards
+    (--no-tp) is checked on forked ranks below (test_torchrun_decodes_each_row_once)."""
+    args, one = one_process
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                          str(nproc), *args, *layout], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+                          str(nproc), *args, *layout], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
     errors = [line for line in two.stderr.splitlines() if re.search(r"error|terminate|abort|exception", line, re.I)]
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], errors[:20], two.stderr[-2000:])
-    assert one.stdout.strip() and two.stdout == one.stdout
+    assert two.returncode == 0, (errors[:20], two.stderr[-2000:])
+    assert two.stdout == one
 
 
 def ranks_worker(rank, argv, out_dir):
@@ -273,10 +281,13 @@ def ranks_worker(rank, argv, out_dir):
         json.dump(rows, f)
 
 
-def test_torchrun_decodes_each_row_once(tiny_ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("layout, rows", [([], [[2, 1], [2, 1]]), (["--no-tp"], [[1, 1], [1, 0]])],
+                         ids=["tensor-parallel", "no-tp"])
+def test_torchrun_decodes_each_row_once(tiny_ckpt, tmp_path, capsys, layout, rows):
     """2 ranks, 3 prompts in batches of 2: the prompts are split over the ranks, so the tensor-parallel pair decodes
-    2 rows, then 1 (each row once; before, every rank brought every prompt and 4, then 2 were decoded), and rank 0
-    prints one process's lines in the input's order."""
+    2 rows, then 1 (each row once; before, every rank brought every prompt and 4, then 2 were decoded); from the
+    FSDP shards (--no-tp) each rank decodes its own prompts, rank 1 steps along without a row in the second
+    batch. Rank 0 prints one process's lines in the input's order."""
     from ranks import spawn
     save_image(tmp_path / "a.png")
     records = [{"question": "Say hi."}, {"images": ["a.png"], "question": "What is it?"}, {"question": "Count."}]
@@ -285,9 +296,9 @@ def test_torchrun_decodes_each_row_once(tiny_ckpt, tmp_path, capsys):
             "--batch-size", "2"]
     rc, one, _ = run(capsys, *argv)
     assert rc == 0 and len(one.splitlines()) == 3
-    spawn(ranks_worker, argv, str(tmp_path))
+    spawn(ranks_worker, argv + layout, str(tmp_path))
     assert open(tmp_path / "stdout0").read() == one
-    assert [json.load(open(tmp_path / f"rows{r}")) for r in range(2)] == [[2, 1], [2, 1]]
+    assert [json.load(open(tmp_path / f"rows{r}")) for r in range(2)] == rows
 
 
 # ---------------------------------------------------------------------------------------------- issue 23

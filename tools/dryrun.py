@@ -66,13 +66,16 @@ class Shape:
 
 # ------------------------------------------------------------------------------------------------ the tracker
 def fake_group(world: int):
-    """Join a fake process group of `world` ranks as rank 0 (once per process: a process group is global state)."""
+    """Join a fake process group of `world` ranks as rank 0. A process group is global state: a fake one of another
+    size is left first (it holds no connections); a real one is refused."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    if dist.is_initialized() and dist.get_world_size() != world:
+        if dist.get_backend() != "fake":
+            raise RuntimeError(f"this process is already in a group of {dist.get_world_size()} ranks, not {world}")
+        dist.destroy_process_group()
     if not dist.is_initialized():
         dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
-    elif dist.get_world_size() != world:
-        raise RuntimeError(f"this process is already in a group of {dist.get_world_size()} ranks, not {world}")
 
 
 class PeakTracker(FSDPMemTracker):
