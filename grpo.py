@@ -434,7 +434,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
     ctx, tok, policy, opt, buffer, decoder = run.ctx, run.tok, run.policy, run.opt, run.buffer, None
     for step in tqdm(range(run.step + 1, cfg.steps + 1), initial=run.step, total=cfg.steps, desc="grpo",
                      disable=not ctx.is_main):
-        t0, gen = time.perf_counter(), step_generator(cfg, ctx, step)
+        t0, gen = time.perf_counter(), step_generator(cfg, ctx, step, "sampling")
         set_lr(opt, cfg, step)
         idxs = prompt_indices(step, len(run.problems), cfg.prompts_per_step, cfg.seed)[ctx.rank::ctx.world]
         prompts = encode_problems(run.problems, idxs, tok, policy, cfg, ctx)                   # the ViT, once
@@ -455,7 +455,7 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
         batch = make_batch(mixed, mixed_adv, prompts, tok.pad_id, policy.config.img_context_token_id, run.vit_frozen)
         batch.old_logp = old_logprobs(policy, batch, cfg, ctx)                                             # 3
         batch.ref_logp = ref_logprobs(run.ref, batch, cfg, ctx)
-        metrics = optimise(policy, opt, batch, cfg, ctx, gen)                                             # 4
+        metrics = optimise(policy, opt, batch, cfg, ctx, step_generator(cfg, ctx, step, "minibatches"))   # 4
         metrics.update(stats, flat_frac=flat_frac, buffer_mixed=n_mixed, buffer_size=len(buffer),         # 5
                        lr=opt.param_groups[0]["lr"], rollout_time=t_rollout, refresh_time=t_copy,
                        vit_tiles=sum(p.vit.shape[0] for p in prompts.values()))
@@ -571,10 +571,15 @@ def prompt_indices(step: int, n: int, k: int, seed: int) -> list[int]:
     return shuffled_indices((step - 1) * k, k, n, seed)
 
 
-def step_generator(cfg: GRPOConfig, ctx, step: int) -> torch.Generator:
-    """The generator every random choice of the step (sampling, minibatch order) comes from, seeded by (seed, step,
-    rank): a resumed run makes exactly the same choices."""
-    return torch.Generator(ctx.device).manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx.rank)
+STREAMS = {"sampling": 0, "minibatches": 1 << 40}  # one random stream per use, apart by far more than any seed
+
+
+def step_generator(cfg: GRPOConfig, ctx, step: int, use: str) -> torch.Generator:
+    """The generator of one use ("sampling" the rollout, or the "minibatches" order of the update) in a step,
+    seeded by (seed, step, rank, use): a resumed run makes exactly the same choices. One stream per use because how
+    many numbers the rollout draws depends on where its rows finish and how often the host checks
+    (generate.CHECK_EVERY): a shared stream let that knob reshuffle the update."""
+    return torch.Generator(ctx.device).manual_seed(cfg.seed * 1_000_003 + step * 1_009 + ctx.rank + STREAMS[use])
 
 
 def set_lr(opt, cfg: GRPOConfig, step: int):

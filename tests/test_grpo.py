@@ -377,6 +377,27 @@ def test_resume_matches_uninterrupted(tiny_ckpt, tmp_path):
     assert strip(rows) == strip(full)                       # the log reads as one run
 
 
+def test_update_does_not_depend_on_how_many_numbers_the_rollout_drew(tiny_ckpt, tmp_path, monkeypatch):
+    """How many random numbers a rollout draws depends on where its rows finish and how often the host checks
+    (generate.CHECK_EVERY); it must not move the update. The minibatch order has its own stream, so a rollout that
+    draws more (the same samples) gives the same step. With one shared stream the shuffles moved: a CHECK_EVERY of
+    1 vs 8 changed the default run's losses from its first step."""
+    import grpo
+    task = text_task(tmp_path, 2)
+    kw = dict(data=task, steps=1, ppo_epochs=2, minibatch_size=4, micro_batch_size=4, group_size=4)
+    want = train(small_cfg(tiny_ckpt, tmp_path / "a", **kw), vowel_reward)
+    real = grpo.sample_groups
+
+    def drawing_more(m, tok, prompts, cfg, ctx, gen, decoder=None):
+        groups = real(m, tok, prompts, cfg, ctx, gen, decoder)
+        torch.rand(7, generator=gen)  # e.g. 7 steps sampled past the last row's end before the host looked
+        return groups
+    monkeypatch.setattr(grpo, "sample_groups", drawing_more)
+    got = train(small_cfg(tiny_ckpt, tmp_path / "b", **kw), vowel_reward)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(got) == strip(want)
+
+
 def test_synthetic_task_with_kl(tiny_ckpt, tmp_path):
     """The default run's path (synthetic images, held-out eval, checkpoint) with the k3 KL term on."""
     cfg = small_cfg(tiny_ckpt, tmp_path / "run", steps=1, prompts_per_step=1, group_size=2, max_new_tokens=4,
