@@ -6,6 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from sft import write_tiny_checkpoint  # noqa: E402  (at the top: a wrong import fails collection on CPU, in CI)
 
 collect_ignore = ["nccl_worker.py"]  # run by torchrun from test_gpu.py, not a test module
 
@@ -22,5 +23,4 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def small_ckpt(tmp_path_factory):
     """tiny_configs/small.json (a 199M model: decoder 8 x 512 with the real 151,674-row vocabulary), random weights."""
-    from model import write_tiny_checkpoint
     return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "small"), "small", max_shard_bytes=2**30)
