@@ -8,6 +8,23 @@ from sft import write_tiny_checkpoint
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests that read a slow job (tests/early.py) run last, so the job has the whole suite to finish in."""
+    import early
+    items.sort(key=lambda item: bool(early.JOBS.keys() & set(getattr(item, "fixturenames", ()))))  # stable
+
+
+def pytest_collection_finish(session):
+    """Start the slow jobs (tests/early.py) that the selected tests will read, beside the rest of the suite."""
+    import early
+    early.start({name for item in session.items for name in getattr(item, "fixturenames", ())})
+
+
+def pytest_sessionfinish(session):
+    import early
+    early.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """One random-weight tiny checkpoint in the release format, shared by the whole session (read-only)."""

@@ -6,8 +6,6 @@
 A process group is global per process: the fake and the real groups each live in processes of their own."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from model import R1VConfig, SkyworkR1V
 from optim import clip_grads, make_optimizer
 from tools.plan import tp_copy_bytes
 from sft import sft_loss
+import early
 from ranks import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,19 +117,17 @@ print(json.dumps(out))
 """.replace("WORLD", str(WORLD))
 
 
+early.job("fake_run", FAKE_RUN)  # started with the suite (tests/early.py): its results are bytes, not times
+
+
 @pytest.fixture(scope="module")
 def fake_run() -> dict:
     """One process on fake groups (a process group is global: none of them real): peaks() of RECIPES on 2 ranks,
     plan.trace of tiny_configs/proxy.json on 2 ranks, and its GRPO recipe on 2 nodes of 2, HSDP and full FSDP."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
-    p = subprocess.run([sys.executable, "-c", FAKE_RUN], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=180)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return early.result("fake_run")
 
 
 def test_fake_trace_matches_real_gloo_ranks_within_5_percent(fake_run, tmp_path):
-    # (the fake run first, alone: gloo ranks sharing the 2 cores with it slow down several-fold)
     spawn(gloo_worker, str(tmp_path / "real.json"), world=WORLD)
     fake_peaks, real_peaks = fake_run["peaks"], json.loads((tmp_path / "real.json").read_text())
     assert sorted(fake_peaks) == sorted(real_peaks) == ["GRPO/rollout", "GRPO/train", "SFT/train"]
