@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import early
 from sft import write_tiny_checkpoint
 
 # Tiny models are all per-op overhead: a second thread only adds a wake-up wait (measured 20 ms per SDPA call on a
@@ -10,18 +11,15 @@ torch.set_num_threads(1)
 
 def pytest_collection_modifyitems(config, items):
     """The tests that read a slow job (tests/early.py) run last, so the job has the whole suite to finish in."""
-    import early
     items.sort(key=lambda item: bool(early.JOBS.keys() & set(getattr(item, "fixturenames", ()))))  # stable
 
 
 def pytest_collection_finish(session):
     """Start the slow jobs (tests/early.py) that the selected tests will read, beside the rest of the suite."""
-    import early
     early.start({name for item in session.items for name in getattr(item, "fixturenames", ())})
 
 
 def pytest_sessionfinish(session):
-    import early
     early.stop()
 
 
