@@ -701,8 +701,8 @@ def save_image_bytes(data: bytes, image_dir: str) -> str:
 def read_parquet_records(path, need=("question",), columns=None, image_dir="out/parquet-images"):
     """Parquet file or folder of question / answer / image-bytes rows -> records shaped like read_jsonl's:
     Records {"question", "answer", "response", "images": [paths], ...the other columns}, `where` = "FILE row N".
-    columns renames: {"question": "problem", "answer": "solution", "images": "image"}; by default the images are in "images" or
-    "image", whichever exists (none: a text-only set)."""
+    columns renames: {"question": "problem", "answer": "solution", "images": "image"}; by default the images are in
+    "images" or "image", whichever exists (none: a text-only set)."""
     columns, records = dict(columns or {}), []
     for file in parquet_files(path):
         rows = read_parquet(file)

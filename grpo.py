@@ -461,7 +461,6 @@ def train(cfg: GRPOConfig, reward_fn=None) -> list[dict]:
                        vit_tiles=sum(p.vit.shape[0] for p in prompts.values()))
         run.rollouts.write_rows(step, rollout_rows(run, idxs, groups, rewards))                 # as text
         end_step(run, step, metrics, t0, decoder)
-    finish(run)
     return run.history
 
 
@@ -600,13 +599,12 @@ def rollout_copy(run: Run, decoder=None) -> tuple[object, float]:
 
 def evaluate(run: Run, step: int, decoder=None) -> float:
     """Held-out accuracy with greedy decoding (rollout.heldout_accuracy), from a rollout copy of the current policy;
-    the answers go to heldout_answers.jsonl and the curves are redrawn (a killed run keeps them)."""
+    the answers go to heldout_answers.jsonl."""
     decoder, _ = rollout_copy(run, decoder)
     ev = heldout_accuracy(run.policy, run.tok, run.heldout, run.ctx, max_new_tokens=run.cfg.max_new_tokens,
                           batch_size=run.cfg.rollout_batch_size, max_tiles=run.cfg.max_tiles, decoder=decoder,
                           compile=run.cfg.compile)
     run.answers.write_rows(step, ev["answers"])
-    draw_curves(run)
     return ev["accuracy"]
 
 
@@ -622,7 +620,8 @@ def rollout_rows(run: Run, idxs: list, groups: list, rewards: torch.Tensor) -> l
 
 
 def end_step(run: Run, step: int, metrics: dict, t0: float, decoder=None):
-    """Average the step's metrics over ranks, evaluate / log / save when due."""
+    """Average the step's metrics over ranks, evaluate / log / save when due; the curves are redrawn after each
+    evaluation and at the end, from the log with this step in it (a killed run keeps them)."""
     cfg = run.cfg
     metrics = mean_over_ranks(metrics)
     metrics.update(tokens_per_s=metrics["tokens"] / metrics["rollout_time"], step_time=time.perf_counter() - t0)
@@ -631,6 +630,8 @@ def end_step(run: Run, step: int, metrics: dict, t0: float, decoder=None):
         metrics["heldout_accuracy"] = evaluate(run, step, decoder)
     run.log.write(step, metrics)
     run.history.append({"step": step, **metrics})
+    if "heldout_accuracy" in metrics or step == cfg.steps:
+        draw_curves(run)
     if step % cfg.save_every == 0 or step == cfg.steps:
         save_checkpoint(os.path.join(cfg.out_dir, f"step_{step:06d}"), run.policy, run.opt, step,
                         extra={"config": asdict(cfg)},
@@ -647,10 +648,6 @@ CURVES = ["reward", "accuracy", "heldout_accuracy", "format", "response_len", "t
 def draw_curves(run: Run):
     if run.ctx.is_main:
         plot_curves(run.log.path, os.path.join(run.cfg.out_dir, "curves.png"), CURVES)
-
-
-def finish(run: Run):
-    draw_curves(run)
 
 
 def parse_args(argv=None) -> GRPOConfig:
