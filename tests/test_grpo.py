@@ -277,6 +277,11 @@ def test_sample_buffer_state_roundtrip():
 TIMING = ("step_time", "tokens_per_s", "rollout_time", "refresh_time")  # wall-clock: differ run to run
 
 
+def strip(rows: list) -> list:
+    """Metric rows without their wall-clock figures (TIMING)."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # the tiny model's ops take microseconds: with 2 intra-op threads on 2 shared cores they spend most of their
@@ -370,7 +375,6 @@ def test_resume_matches_uninterrupted(tiny_ckpt, tmp_path):
     full = train(small_cfg(tiny_ckpt, tmp_path / "a", steps=3, **kw), coin)
     train(small_cfg(tiny_ckpt, tmp_path / "b", steps=1, **kw), coin)
     resumed = train(small_cfg(tiny_ckpt, tmp_path / "b", steps=3, resume=True, **kw), coin)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
     assert full[1]["buffer_size"] > 0 and sum(h["buffer_mixed"] for h in full[2:]) > 0
     assert strip(resumed) == strip(full[2:])                # steps 2, 3 (full[0] is the step-0 evaluation)
     rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
@@ -394,7 +398,6 @@ def test_update_does_not_depend_on_how_many_numbers_the_rollout_drew(tiny_ckpt, 
         return groups
     monkeypatch.setattr(grpo, "sample_groups", drawing_more)
     got = train(small_cfg(tiny_ckpt, tmp_path / "b", **kw), vowel_reward)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
     assert strip(got) == strip(want)
 
 
