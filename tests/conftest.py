@@ -32,4 +32,3 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # again, for each test: a tool run in-process may have raised it (tests/ranks.py forks)

@@ -8,6 +8,7 @@
   gloo worker thread that is still releasing a finished collective's tensors asks for the GIL, and asking for it
   while the interpreter finalizes aborts the process ("terminate called without an active exception",
   docs/notes.md). A rank that raises still reports its traceback through torch.multiprocessing."""
+import multiprocessing
 import os
 import sys
 
@@ -16,18 +17,22 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
+# imported once by the fork server (below), so each rank forks with them loaded
+PRELOAD = ["torch", "torch.distributed", "checkpoint", "model", "parallel", "tp", "grpo", "sft"]
 
 
 def spawn(fn, *args, world: int = WORLD, node: int = None):
     """fn(rank, *args) on `world` new processes with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
     LOCAL_WORLD_SIZE = `node` ranks a node, MASTER_*); fn joins the group itself (parallel.setup or
-    init_process_group). The ranks are forked, as torch's own gloo tests fork theirs: a spawned rank re-imports
-    torch and the project (2-5 s a rank on a 2-core machine, most of a multi-rank test's time). Forking is safe
-    here: the parent holds no process group and runs torch single-threaded (conftest), and each rank leaves with
-    os._exit, running none of the parent's exit handlers."""
+    init_process_group). The ranks come from a fork server: a process started once, single-threaded, that has
+    imported torch and the project (PRELOAD) and forks each rank from itself. A spawned rank would re-import them
+    (2-5 s a rank on a 2-core machine, most of a multi-rank test's time); a rank forked from pytest itself inherits
+    locks held by pytest's other threads (the store's server thread among them) and can hang on one forever (seen:
+    a rank stuck in glibc's resolver lock)."""
+    multiprocessing.set_forkserver_preload(PRELOAD)  # (read when the server starts: the first call)
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
     mp.start_processes(_rank, args=(world, node or world, store.port, fn, args), nprocs=world, join=True,
-                       start_method="fork")
+                       start_method="forkserver")
 
 
 def _rank(rank: int, world: int, node: int, port: int, fn, args: tuple):
